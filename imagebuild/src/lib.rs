@@ -1,0 +1,1 @@
+//! The builder: board + image definition → image.

@@ -1,0 +1,2 @@
+//! Root filesystem trees: overlays and (later) Alpine packages.
+pub mod tree;
