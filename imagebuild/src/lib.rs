@@ -1,1 +1,2 @@
 //! The builder: board + image definition → image.
+pub mod verity;
