@@ -83,18 +83,17 @@ pub fn build(data: &[u8], salt: [u8; SALT_LEN], uuid: [u8; 16]) -> VerityTree {
 
     // Level 0: one digest per data block.
     let mut level: Vec<u8> = Vec::with_capacity(data_blocks.div_ceil(HASHES_PER_BLOCK) * BLOCK);
-    let mut padded = [0u8; BLOCK];
     for i in 0..data_blocks {
-        let start = i * BLOCK;
+        let start = (i * BLOCK).min(data.len());
         let end = (start + BLOCK).min(data.len());
-        let block: &[u8] = if end - start == BLOCK {
-            &data[start..end]
+        if end - start == BLOCK {
+            level.extend_from_slice(&salted(&salt, &data[start..end]));
         } else {
-            padded = [0u8; BLOCK];
+            // The last, partial block is hashed zero-padded (the partition reads as such).
+            let mut padded = [0u8; BLOCK];
             padded[..end - start].copy_from_slice(&data[start..end]);
-            &padded
-        };
-        level.extend_from_slice(&salted(&salt, block));
+            level.extend_from_slice(&salted(&salt, &padded));
+        }
     }
     pad_to_block(&mut level);
 
