@@ -1,2 +1,3 @@
 //! The builder: board + image definition → image.
+pub mod bmap;
 pub mod verity;
