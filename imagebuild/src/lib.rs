@@ -1,3 +1,4 @@
 //! The builder: board + image definition → image.
 pub mod bmap;
+pub mod bundle;
 pub mod verity;
