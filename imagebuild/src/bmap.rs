@@ -39,12 +39,108 @@ pub struct Range {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Bmap {
     pub image_size: u64,
+    pub block_size: u64,
     pub ranges: Vec<Range>,
 }
 
 impl Bmap {
     pub fn blocks_count(&self) -> u64 {
-        self.image_size.div_ceil(BLOCK_SIZE)
+        self.image_size.div_ceil(self.block_size)
+    }
+
+    /// Byte range `[start, end)` of a block range, clipped at the image size.
+    pub fn byte_range(&self, r: &Range) -> (u64, u64) {
+        (
+            r.first * self.block_size,
+            ((r.last + 1) * self.block_size).min(self.image_size),
+        )
+    }
+
+    /// Parse a bmap file (bmaptool's format 1.4/2.x with sha256), checking
+    /// its own checksum and that its ranges are ordered and inside the image.
+    pub fn parse(xml: &str) -> Result<Bmap, BmapParseError> {
+        let err = |m: String| BmapParseError(m);
+        let version = between(xml, "<bmap version=\"", "\"")
+            .ok_or_else(|| err("no <bmap version>".into()))?;
+        let major: u32 = version
+            .split('.')
+            .next()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        if !(major == 2 || version == "1.4") {
+            return Err(err(format!(
+                "bmap version {version} is not supported (1.4 or 2.x)"
+            )));
+        }
+        let num = |tag: &str| -> Result<u64, BmapParseError> {
+            between(xml, &format!("<{tag}>"), &format!("</{tag}>"))
+                .and_then(|v| v.trim().parse().ok())
+                .ok_or_else(|| err(format!("missing or bad <{tag}>")))
+        };
+        let image_size = num("ImageSize")?;
+        let block_size = num("BlockSize")?;
+        if block_size == 0 || block_size % 512 != 0 {
+            return Err(err(format!(
+                "block size {block_size} is not a multiple of 512"
+            )));
+        }
+        if num("BlocksCount")? != image_size.div_ceil(block_size) {
+            return Err(err(
+                "BlocksCount does not match ImageSize / BlockSize".into()
+            ));
+        }
+        let ctype = between(xml, "<ChecksumType>", "</ChecksumType>").map(str::trim);
+        if ctype != Some("sha256") {
+            return Err(err(format!(
+                "checksum type {ctype:?} is not supported (sha256)"
+            )));
+        }
+        let stored = between(xml, "<BmapFileChecksum>", "</BmapFileChecksum>")
+            .map(str::trim)
+            .ok_or_else(|| err("no <BmapFileChecksum>".into()))?;
+        let zeroed = xml.replacen(stored, &"0".repeat(stored.len()), 1);
+        if crate::verity::hex(&Sha256::digest(zeroed.as_bytes())) != stored {
+            return Err(err(
+                "the bmap file's own checksum does not match: it is corrupt".into(),
+            ));
+        }
+        let mut ranges: Vec<Range> = Vec::new();
+        let mut rest = xml;
+        while let Some(i) = rest.find("<Range") {
+            rest = &rest[i..];
+            let end = rest
+                .find("</Range>")
+                .ok_or_else(|| err("unterminated <Range>".into()))?;
+            let item = &rest[..end];
+            rest = &rest[end..];
+            let sha256 = between(item, "chksum=\"", "\"")
+                .filter(|s| s.len() == 64)
+                .ok_or_else(|| err("a <Range> has no sha256 chksum".into()))?
+                .to_string();
+            let body = item.rsplit('>').next().unwrap_or("").trim();
+            let (a, b) = body.split_once('-').unwrap_or((body, body));
+            let (Ok(first), Ok(last)) = (a.trim().parse::<u64>(), b.trim().parse::<u64>()) else {
+                return Err(err(format!("bad range {body:?}")));
+            };
+            if last < first || last >= image_size.div_ceil(block_size) {
+                return Err(err(format!("range {body} is outside the image")));
+            }
+            if let Some(prev) = ranges.last()
+                && first <= prev.last
+            {
+                return Err(err(format!("range {body} overlaps or is out of order")));
+            }
+            ranges.push(Range {
+                first,
+                last,
+                sha256,
+            });
+        }
+        Ok(Bmap {
+            image_size,
+            block_size,
+            ranges,
+        })
     }
 
     pub fn mapped_blocks(&self) -> u64 {
@@ -64,7 +160,10 @@ impl Bmap {
                 "    <ImageSize> {} </ImageSize>\n",
                 self.image_size
             ));
-            s.push_str(&format!("    <BlockSize> {BLOCK_SIZE} </BlockSize>\n"));
+            s.push_str(&format!(
+                "    <BlockSize> {} </BlockSize>\n",
+                self.block_size
+            ));
             s.push_str(&format!(
                 "    <BlocksCount> {} </BlocksCount>\n",
                 self.blocks_count()
@@ -98,6 +197,16 @@ impl Bmap {
         let sum = crate::verity::hex(&Sha256::digest(with(&zeros).as_bytes()));
         with(&sum)
     }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("bad bmap: {0}")]
+pub struct BmapParseError(pub String);
+
+fn between<'a>(s: &'a str, start: &str, end: &str) -> Option<&'a str> {
+    let i = s.find(start)? + start.len();
+    let j = s[i..].find(end)? + i;
+    Some(&s[i..j])
 }
 
 /// Byte ranges `[start, end)` of `file` that hold data (not holes).
@@ -165,7 +274,11 @@ pub fn create(path: &Path) -> Result<Bmap, BmapError> {
             sha256: crate::verity::hex(&h.finalize()),
         });
     }
-    Ok(Bmap { image_size, ranges })
+    Ok(Bmap {
+        image_size,
+        block_size: BLOCK_SIZE,
+        ranges,
+    })
 }
 
 #[cfg(test)]
@@ -196,6 +309,20 @@ mod tests {
             expect[off as usize..off as usize + len].fill(byte);
         }
         expect
+    }
+
+    #[test]
+    fn parse_round_trip_and_corruption() {
+        let d = tmpdir("parse");
+        let img = d.join("a.img");
+        sparse_image(&img);
+        let b = create(&img).unwrap();
+        let xml = b.to_xml();
+        assert_eq!(Bmap::parse(&xml).unwrap(), b);
+        assert!(Bmap::parse(&xml.replacen("<ImageSize> ", "<ImageSize> 1", 1)).is_err());
+        assert!(Bmap::parse(&xml.replace("sha256 </Ch", "md5 </Ch")).is_err());
+        assert!(Bmap::parse("").is_err());
+        std::fs::remove_dir_all(&d).ok();
     }
 
     #[test]

@@ -2,4 +2,5 @@
 pub mod bmap;
 pub mod bundle;
 pub mod devices;
+pub mod flash;
 pub mod verity;
