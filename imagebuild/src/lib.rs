@@ -3,4 +3,5 @@ pub mod bmap;
 pub mod bundle;
 pub mod devices;
 pub mod flash;
+pub mod outputs;
 pub mod verity;
