@@ -4,4 +4,5 @@ pub mod bundle;
 pub mod devices;
 pub mod flash;
 pub mod outputs;
+pub mod run;
 pub mod verity;
