@@ -1,1 +1,8 @@
 //! The builder: board + image definition → image.
+//!
+//! `build::build` runs the pipeline; each step is a module named after its
+//! concept (DESIGN.md vocabulary): board, imagedef, modules, initramfs,
+//! rootfs additions (root), squashfs, esp, data, disk.
+pub mod board;
+pub mod imagedef;
+pub mod modules;
