@@ -4,5 +4,10 @@
 //! concept (DESIGN.md vocabulary): board, imagedef, modules, initramfs,
 //! rootfs additions (root), squashfs, esp, data, disk.
 pub mod board;
+pub mod cpio;
+pub mod esp;
 pub mod imagedef;
+pub mod initramfs;
 pub mod modules;
+pub mod root;
+pub mod squashfs;
