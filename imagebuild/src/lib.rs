@@ -4,7 +4,10 @@
 //! concept (DESIGN.md vocabulary): board, imagedef, modules, initramfs,
 //! rootfs additions (root), squashfs, esp, data, disk.
 pub mod board;
+pub mod build;
 pub mod cpio;
+pub mod data;
+pub mod disk;
 pub mod esp;
 pub mod imagedef;
 pub mod initramfs;
