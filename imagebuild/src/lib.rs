@@ -6,9 +6,12 @@
 //! verity, outputs (.img.zst, .bmap, SHA256SUMS), bundle, flash, devices, run.
 pub mod bmap;
 pub mod board;
+pub mod build;
 pub mod bundle;
 pub mod cpio;
+pub mod data;
 pub mod devices;
+pub mod disk;
 pub mod esp;
 pub mod flash;
 pub mod imagedef;
