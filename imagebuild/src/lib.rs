@@ -16,6 +16,7 @@ pub mod esp;
 pub mod flash;
 pub mod imagedef;
 pub mod initramfs;
+pub mod inject;
 pub mod modules;
 pub mod outputs;
 pub mod root;
