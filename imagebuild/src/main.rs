@@ -1,14 +1,19 @@
 //! `basalt`: builds Basalt images. Argument parsing only; the work is in the library.
 
-use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use basalt_imagebuild::build::{BuildOptions, build};
+use basalt_imagebuild::{bundle, devices, flash, inject, outputs, run};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "basalt", version, about = "Build Basalt images")]
+#[command(
+    name = "basalt",
+    version,
+    about = "Build, flash and update Basalt images"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -23,7 +28,7 @@ enum Cmd {
         /// Board whose default definition to build (only without a definition).
         #[arg(long, conflicts_with = "definition")]
         board: Option<String>,
-        /// Output directory; the image is <out>/<name>.img.
+        /// Output directory; the image is <out>/<name>.img, beside .img.zst, .bmap, SHA256SUMS.
         #[arg(long, default_value = "out")]
         out: PathBuf,
         /// The init binary (static, for the board's architecture); else $BASALT_INIT.
@@ -32,7 +37,116 @@ enum Cmd {
         /// A node config to put on the ESP as node.toml.
         #[arg(long)]
         node_config: Option<PathBuf>,
+        /// Extra output format: `qcow2` (needs qemu-img).
+        #[arg(long, value_parser = ["qcow2"])]
+        format: Option<String>,
+        /// Only the raw .img (no .img.zst, .bmap, SHA256SUMS).
+        #[arg(long)]
+        raw_only: bool,
     },
+    /// Write an image to an SD card, disk or file, then put a node config on it.
+    Flash {
+        /// Image: .img, .img.zst or .img.xz; a path or an http(s) URL.
+        image: String,
+        /// Target: a whole block device (/dev/sdX, /dev/mmcblkN) or a file.
+        target: PathBuf,
+        /// Node config to inject: a node.toml, or a directory of cloud-init files.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Set the node's hostname in the injected config.
+        #[arg(long)]
+        hostname: Option<String>,
+        /// Skip reading back and checking what was written.
+        #[arg(long)]
+        no_verify: bool,
+        /// Do not ask for confirmation.
+        #[arg(long, short = 'y')]
+        yes: bool,
+        /// Allow a non-removable disk (never the system disk).
+        #[arg(long)]
+        force: bool,
+    },
+    /// List removable disks (candidate flash targets).
+    Devices {
+        /// Show every disk, not just removable ones.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Boot an image in QEMU with the serial console attached.
+    Run {
+        image: PathBuf,
+        #[arg(long, default_value = "x86_64")]
+        arch: String,
+        #[arg(long, default_value_t = 2048)]
+        memory: u32,
+        #[arg(long, default_value_t = 2)]
+        cpus: u32,
+        /// Host port forwarded to the node's Kubernetes API (6443).
+        #[arg(long, default_value_t = 6443)]
+        api_port: u16,
+        /// Host port forwarded to the node's SSH (22).
+        #[arg(long, default_value_t = 2222)]
+        ssh_port: u16,
+        /// Write to the image (default: a throw-away overlay).
+        #[arg(long)]
+        persist: bool,
+    },
+    /// Node config tools.
+    Config {
+        #[command(subcommand)]
+        cmd: ConfigCmd,
+    },
+    /// Make an Ed25519 signing key pair for bundles: <prefix>.key and <prefix>.pub.
+    Keygen { prefix: PathBuf },
+    /// Update bundles.
+    Bundle {
+        #[command(subcommand)]
+        cmd: BundleCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigCmd {
+    /// Write a node config into an image's (or flashed device's) config partition.
+    Inject {
+        image: PathBuf,
+        /// A node.toml, or a directory of cloud-init files.
+        config: Option<PathBuf>,
+        #[arg(long)]
+        hostname: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum BundleCmd {
+    /// Check a bundle's signature and every payload hash; exit 0 only if it would install.
+    Verify {
+        bundle: PathBuf,
+        /// Trusted public key(s) (minisign .pub files).
+        #[arg(long, required = true)]
+        pubkey: Vec<PathBuf>,
+    },
+}
+
+fn source_date_epoch() -> Result<Option<u64>> {
+    match std::env::var("SOURCE_DATE_EPOCH") {
+        Ok(v) if !v.is_empty() => {
+            Ok(Some(v.trim().parse::<u64>().with_context(|| {
+                format!("SOURCE_DATE_EPOCH={v:?} is not a number of seconds")
+            })?))
+        }
+        _ => Ok(None),
+    }
+}
+
+fn confirm(question: &str) -> Result<bool> {
+    eprint!("{question} [y/N] ");
+    std::io::stderr().flush().ok();
+    let mut answer = String::new();
+    std::io::stdin()
+        .read_line(&mut answer)
+        .context("reading the answer")?;
+    Ok(matches!(answer.trim(), "y" | "Y" | "yes"))
 }
 
 fn main() -> Result<()> {
@@ -44,19 +158,15 @@ fn main() -> Result<()> {
             out,
             init,
             node_config,
+            format,
+            raw_only,
         } => {
-            let source_date_epoch = match std::env::var("SOURCE_DATE_EPOCH") {
-                Ok(v) if !v.is_empty() => Some(v.trim().parse::<u64>().with_context(|| {
-                    format!("SOURCE_DATE_EPOCH={v:?} is not a number of seconds")
-                })?),
-                _ => None,
-            };
             let opts = BuildOptions {
                 definition,
                 board,
                 out,
                 init,
-                source_date_epoch,
+                source_date_epoch: source_date_epoch()?,
                 node_config,
                 progress: std::io::stderr().is_terminal(),
             };
@@ -69,7 +179,215 @@ fn main() -> Result<()> {
                 report.initramfs_bytes / 1024,
                 report.modules.len()
             );
+            if !raw_only {
+                let threads = std::thread::available_parallelism()
+                    .map(|n| n.get() as u32)
+                    .unwrap_or(1);
+                let files = outputs::write_all(&report.image, format.is_some(), threads)
+                    .context("writing the image outputs")?;
+                for f in &files[1..] {
+                    println!("{}", f.display());
+                }
+            }
+            Ok(())
+        }
+        Cmd::Flash {
+            image,
+            target,
+            config,
+            hostname,
+            no_verify,
+            yes,
+            force,
+        } => flash_cmd(
+            &image,
+            &target,
+            config.as_deref(),
+            hostname.as_deref(),
+            !no_verify,
+            yes,
+            force,
+        ),
+        Cmd::Devices { all } => {
+            let disks = devices::list_disks(&devices::HostPaths::default());
+            let shown: Vec<_> = disks.iter().filter(|d| all || d.removable).collect();
+            if shown.is_empty() {
+                eprintln!(
+                    "no removable disks found{}",
+                    if all { "" } else { " (--all shows every disk)" }
+                );
+            }
+            for d in shown {
+                println!("{}", d.describe());
+            }
+            Ok(())
+        }
+        Cmd::Run {
+            image,
+            arch,
+            memory,
+            cpus,
+            api_port,
+            ssh_port,
+            persist,
+        } => {
+            let assets = std::env::var_os("BASALT_ASSETS").map(PathBuf::from);
+            let opts = run::RunOptions {
+                image,
+                arch,
+                memory_mib: memory,
+                cpus,
+                api_port,
+                ssh_port,
+                persist,
+                vars: None,
+                extra: Vec::new(),
+            };
+            let mut cmd = run::command(&opts, assets.as_deref())?;
+            eprintln!(
+                "basalt: booting {} (Kubernetes API on 127.0.0.1:{api_port}, SSH on 127.0.0.1:{ssh_port}; Ctrl-A X quits)",
+                opts.image.display()
+            );
+            let st = cmd.status().context("starting QEMU")?;
+            if !st.success() {
+                bail!("QEMU exited with {st}");
+            }
+            Ok(())
+        }
+        Cmd::Config {
+            cmd:
+                ConfigCmd::Inject {
+                    image,
+                    config,
+                    hostname,
+                },
+        } => {
+            if config.is_none() && hostname.is_none() {
+                bail!(
+                    "nothing to inject: give a config (node.toml or cloud-init directory) or --hostname"
+                );
+            }
+            let files = inject::config_files(config.as_deref(), hostname.as_deref())?;
+            inject::inject(&image, &files, source_date_epoch()?.unwrap_or(0))
+                .with_context(|| format!("injecting the node config into {}", image.display()))?;
+            for (name, _) in &files {
+                println!("{}: wrote {name}", image.display());
+            }
+            Ok(())
+        }
+        Cmd::Keygen { prefix } => {
+            let (key, pubkey) = bundle::keygen(&prefix)?;
+            println!(
+                "secret key: {} (keep it offline)\npublic key: {}",
+                key.display(),
+                pubkey.display()
+            );
+            Ok(())
+        }
+        Cmd::Bundle {
+            cmd: BundleCmd::Verify { bundle, pubkey },
+        } => {
+            let mut keys = Vec::new();
+            for p in &pubkey {
+                keys.push(
+                    std::fs::read_to_string(p)
+                        .with_context(|| format!("reading {}", p.display()))?,
+                );
+            }
+            let f = std::fs::File::open(&bundle)
+                .with_context(|| format!("opening {}", bundle.display()))?;
+            let mut r = std::io::BufReader::new(f);
+            let m = basalt_init::bundle::verify_stream(&mut r, &keys)
+                .with_context(|| format!("bundle {} is not valid", bundle.display()))?;
+            println!(
+                "{}: OK (board {}, version {}, {} payloads)",
+                bundle.display(),
+                m.board,
+                m.os_version,
+                m.payloads.len()
+            );
             Ok(())
         }
     }
+}
+
+fn flash_cmd(
+    image: &str,
+    target: &Path,
+    config: Option<&Path>,
+    hostname: Option<&str>,
+    verify: bool,
+    yes: bool,
+    force: bool,
+) -> Result<()> {
+    let source = flash::ImageSource::parse(image);
+    // Check the config before touching the target: a bad config must lose nothing.
+    let files = if config.is_some() || hostname.is_some() {
+        Some(inject::config_files(config, hostname)?)
+    } else {
+        None
+    };
+    let meta = std::fs::metadata(target).ok();
+    let is_block = meta
+        .as_ref()
+        .map(|m| std::os::unix::fs::FileTypeExt::is_block_device(&m.file_type()))
+        .unwrap_or(false);
+    if is_block {
+        let real = std::fs::canonicalize(target).unwrap_or_else(|_| target.to_path_buf());
+        let name = real
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let size = source.known_size().unwrap_or(0);
+        let disk = devices::check_target(&devices::HostPaths::default(), &name, size, force)
+            .with_context(|| format!("refusing to write {}", target.display()))?;
+        if !yes {
+            if !std::io::stdin().is_terminal() {
+                bail!(
+                    "refusing to write {} without confirmation: no terminal to ask on (pass --yes)",
+                    target.display()
+                );
+            }
+            eprintln!("{}", disk.describe());
+            if !confirm(&format!(
+                "Erase everything on {} and write {image}?",
+                target.display()
+            ))? {
+                bail!("not confirmed: nothing written");
+            }
+        }
+    } else if let Some(m) = &meta
+        && !m.is_file()
+    {
+        bail!(
+            "{} is neither a block device nor a regular file",
+            target.display()
+        );
+    }
+    let quiet = !std::io::stderr().is_terminal() && std::env::var_os("CI").is_some();
+    let started = std::time::Instant::now();
+    let report = flash::flash(&source, target, verify, quiet)
+        .with_context(|| format!("flashing {image} to {}", target.display()))?;
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "{}: wrote {} of {} ({}) in {secs:.1} s{}{}",
+        target.display(),
+        devices::human_size(report.bytes_written),
+        devices::human_size(report.image_size),
+        if report.used_bmap {
+            "bmap"
+        } else {
+            "zero blocks skipped where possible"
+        },
+        if report.direct_io { ", O_DIRECT" } else { "" },
+        if report.verified { ", verified" } else { "" }
+    );
+    if let Some(files) = files {
+        inject::inject(target, &files, source_date_epoch()?.unwrap_or(0))
+            .with_context(|| format!("injecting the node config into {}", target.display()))?;
+        for (name, _) in &files {
+            println!("{}: wrote {name}", target.display());
+        }
+    }
+    Ok(())
 }
