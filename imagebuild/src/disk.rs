@@ -27,11 +27,7 @@ pub enum DiskError {
     #[error("partition table: {0}")]
     Gpt(#[from] gptman::Error),
     #[error("image file: {what}: {err}")]
-    Io {
-        what: String,
-        #[source]
-        err: io::Error,
-    },
+    Io { what: String, err: io::Error },
     #[error(
         "{part} content is {size} bytes but the partition holds {cap} (board partitions.{key})"
     )]

@@ -24,11 +24,7 @@ pub enum EspError {
         err: hadris_fat::Error,
     },
     #[error("ESP: {what}: {err}")]
-    Io {
-        what: String,
-        #[source]
-        err: io::Error,
-    },
+    Io { what: String, err: io::Error },
     #[error("ESP of {mib} MiB is too small for FAT32 (needs 65525 clusters)")]
     TooSmall { mib: u64 },
 }
