@@ -32,6 +32,9 @@ enum Cmd {
         /// A node config to put on the ESP as node.toml.
         #[arg(long)]
         node_config: Option<PathBuf>,
+        /// Print how long each step took (to stderr).
+        #[arg(long, short)]
+        verbose: bool,
     },
 }
 
@@ -44,6 +47,7 @@ fn main() -> Result<()> {
             out,
             init,
             node_config,
+            verbose,
         } => {
             let source_date_epoch = match std::env::var("SOURCE_DATE_EPOCH") {
                 Ok(v) if !v.is_empty() => Some(v.trim().parse::<u64>().with_context(|| {
@@ -61,6 +65,11 @@ fn main() -> Result<()> {
                 progress: std::io::stderr().is_terminal(),
             };
             let report = build(&opts).context("basalt build failed")?;
+            if verbose {
+                for (step, took) in &report.steps {
+                    eprintln!("{:>8.2} s  {step}", took.as_secs_f64());
+                }
+            }
             println!(
                 "{} ({} MiB; root {} KiB, initramfs {} KiB with {} modules)",
                 report.image.display(),
