@@ -317,12 +317,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
         &disk::uuid_text(&disk::derived_uuid(&seed, "data-hash-seed")),
         epoch,
     )?;
-    let ext4_bytes = std::fs::read(&ext4).map_err(|err| BuildError::Io {
-        what: "reading",
-        path: ext4.clone(),
-        err,
-    })?;
-    disk::write_part(&mut f, &d, "data_mib", &ext4_bytes)?;
+    disk::copy_part(&mut f, &d, "data_mib", &ext4)?;
 
     p.step("writing root-a");
     disk::write_part(&mut f, &layout.root_a(), "root_mib", &rootfs)?;

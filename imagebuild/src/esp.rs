@@ -150,6 +150,8 @@ pub fn format(
         .volume_label(LABEL)
         .fat_type(FatTypeSelection::Fat32)
         .sectors_per_cluster(spc)
+        // Like `mkfs.vfat --offset`: the partition's first sector on the disk.
+        .hidden_sectors(u32::try_from(start / 512).unwrap_or(0))
         .volume_id(volume_id);
     let params = FatVolumeFormatter::calculate_params(&options).map_err(fat_err("layout"))?;
     let region = Region::new(file, start, len);
