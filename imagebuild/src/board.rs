@@ -89,7 +89,6 @@ pub enum BoardError {
     #[error("board file {file}: {err}")]
     Parse {
         file: String,
-        #[source]
         err: Box<toml::de::Error>,
     },
     #[error("board file {file}: key `{key}`: {why}")]
@@ -99,11 +98,7 @@ pub enum BoardError {
         why: String,
     },
     #[error("cannot read board file {file}: {err}")]
-    Read {
-        file: PathBuf,
-        #[source]
-        err: std::io::Error,
-    },
+    Read { file: PathBuf, err: std::io::Error },
     #[error(
         "unknown board {name:?}: boards shipped with basalt are {known}; or give a path to a board file"
     )]

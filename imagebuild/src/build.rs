@@ -73,7 +73,6 @@ pub enum BuildError {
     Io {
         what: &'static str,
         path: PathBuf,
-        #[source]
         err: std::io::Error,
     },
     #[error(
@@ -161,6 +160,21 @@ impl Progress {
             b.finish_and_clear();
         }
         self.steps
+    }
+}
+
+/// Removes a failed build's temporary files (the partial image, the work
+/// directory) unless the build got to the end.
+struct Cleanup {
+    paths: Vec<PathBuf>,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        for p in &self.paths {
+            let _ = std::fs::remove_dir_all(p);
+            let _ = std::fs::remove_file(p);
+        }
     }
 }
 
@@ -258,6 +272,10 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
     })?;
     let image = opts.out.join(format!("{name}.img"));
     let tmp = opts.out.join(format!(".{name}.img.partial"));
+    let work = opts.out.join(format!(".{name}.work"));
+    let mut cleanup = Cleanup {
+        paths: vec![tmp.clone(), work.clone()],
+    };
     let layout = disk::Layout::new(&board.partitions);
     let mut f = disk::create(&tmp, &layout, &seed)?;
 
@@ -286,7 +304,6 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
     esp::add_files(&f, e.start, e.len, &files, epoch)?;
 
     p.step("writing the data partition (mke2fs)");
-    let work = opts.out.join(format!(".{name}.work"));
     std::fs::create_dir_all(&work).map_err(|err| BuildError::Io {
         what: "creating a work directory",
         path: work.clone(),
@@ -300,13 +317,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
         &disk::uuid_text(&disk::derived_uuid(&seed, "data-hash-seed")),
         epoch,
     )?;
-    let ext4_bytes = std::fs::read(&ext4).map_err(|err| BuildError::Io {
-        what: "reading",
-        path: ext4.clone(),
-        err,
-    })?;
-    disk::write_part(&mut f, &d, "data_mib", &ext4_bytes)?;
-    let _ = std::fs::remove_dir_all(&work);
+    disk::copy_part(&mut f, &d, "data_mib", &ext4)?;
 
     p.step("writing root-a");
     disk::write_part(&mut f, &layout.root_a(), "root_mib", &rootfs)?;
@@ -323,6 +334,8 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
         path: image.clone(),
         err,
     })?;
+    cleanup.paths.retain(|p| *p != tmp);
+    drop(cleanup);
     Ok(BuildReport {
         image,
         size: layout.total,

@@ -18,15 +18,10 @@ const DIRS: &[&str] = &["lib", "lib/basalt"];
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
     #[error("data partition: {what}: {err}")]
-    Io {
-        what: String,
-        #[source]
-        err: std::io::Error,
-    },
+    Io { what: String, err: std::io::Error },
     #[error("data partition: cannot run {tool} ({err}); install e2fsprogs")]
     Missing {
         tool: &'static str,
-        #[source]
         err: std::io::Error,
     },
     #[error("data partition: {tool} failed ({status}): {stderr}")]

@@ -27,11 +27,7 @@ pub enum DiskError {
     #[error("partition table: {0}")]
     Gpt(#[from] gptman::Error),
     #[error("image file: {what}: {err}")]
-    Io {
-        what: String,
-        #[source]
-        err: io::Error,
-    },
+    Io { what: String, err: io::Error },
     #[error(
         "{part} content is {size} bytes but the partition holds {cap} (board partitions.{key})"
     )]
@@ -203,6 +199,54 @@ pub fn write_part(
             .map_err(io(format!("writing partition {}", part.name)))?;
     }
     Ok(())
+}
+
+/// Copy the file at `src` into `part` in 1 MiB pieces, sparse like [`write_part`].
+pub fn copy_part(
+    f: &mut File,
+    part: &Part,
+    key: &'static str,
+    src: &std::path::Path,
+) -> Result<(), DiskError> {
+    use std::io::Read;
+    let io = |what: String| move |err| DiskError::Io { what, err };
+    let mut r = File::open(src).map_err(io(format!("opening {}", src.display())))?;
+    let size = r
+        .metadata()
+        .map_err(io(format!("reading {}", src.display())))?
+        .len();
+    if size > part.len {
+        return Err(DiskError::TooBig {
+            part: part.name,
+            key,
+            size,
+            cap: part.len,
+        });
+    }
+    let mut buf = vec![0u8; MIB as usize];
+    let mut at = 0u64;
+    loop {
+        let mut n = 0;
+        while n < buf.len() {
+            let k = r
+                .read(&mut buf[n..])
+                .map_err(io(format!("reading {}", src.display())))?;
+            if k == 0 {
+                break;
+            }
+            n += k;
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        let sub = Part {
+            start: part.start + at,
+            len: n as u64,
+            ..*part
+        };
+        write_part(f, &sub, key, &buf[..n])?;
+        at += n as u64;
+    }
 }
 
 #[cfg(test)]

@@ -24,11 +24,7 @@ pub enum EspError {
         err: hadris_fat::Error,
     },
     #[error("ESP: {what}: {err}")]
-    Io {
-        what: String,
-        #[source]
-        err: io::Error,
-    },
+    Io { what: String, err: io::Error },
     #[error("ESP of {mib} MiB is too small for FAT32 (needs 65525 clusters)")]
     TooSmall { mib: u64 },
 }
@@ -154,6 +150,8 @@ pub fn format(
         .volume_label(LABEL)
         .fat_type(FatTypeSelection::Fat32)
         .sectors_per_cluster(spc)
+        // Like `mkfs.vfat --offset`: the partition's first sector on the disk.
+        .hidden_sectors(u32::try_from(start / 512).unwrap_or(0))
         .volume_id(volume_id);
     let params = FatVolumeFormatter::calculate_params(&options).map_err(fat_err("layout"))?;
     let region = Region::new(file, start, len);

@@ -135,15 +135,10 @@ pub enum NodeConfigSource {
 #[derive(Debug, thiserror::Error)]
 pub enum ImageDefError {
     #[error("cannot read image definition {file}: {err}")]
-    Read {
-        file: PathBuf,
-        #[source]
-        err: std::io::Error,
-    },
+    Read { file: PathBuf, err: std::io::Error },
     #[error("image definition {file}: {err}")]
     Parse {
         file: String,
-        #[source]
         err: Box<toml::de::Error>,
     },
     #[error("image definition {file}: key `{key}`: {why}")]

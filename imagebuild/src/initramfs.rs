@@ -28,7 +28,6 @@ pub enum InitramfsError {
     Read {
         what: &'static str,
         path: String,
-        #[source]
         err: std::io::Error,
     },
     #[error("module {path} is not a regular file in the root tree")]

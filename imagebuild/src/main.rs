@@ -43,6 +43,9 @@ enum Cmd {
         /// Only the raw .img (no .img.zst, .bmap, SHA256SUMS).
         #[arg(long)]
         raw_only: bool,
+        /// Print how long each step took (to stderr).
+        #[arg(long, short)]
+        verbose: bool,
     },
     /// Write an image to an SD card, disk or file, then put a node config on it.
     Flash {
@@ -171,6 +174,11 @@ fn main() -> Result<()> {
                 progress: std::io::stderr().is_terminal(),
             };
             let report = build(&opts).context("basalt build failed")?;
+            if verbose {
+                for (step, took) in &report.steps {
+                    eprintln!("{:>8.2} s  {step}", took.as_secs_f64());
+                }
+            }
             println!(
                 "{} ({} MiB; root {} KiB, initramfs {} KiB with {} modules)",
                 report.image.display(),

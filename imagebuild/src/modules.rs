@@ -36,11 +36,7 @@ pub enum ModulesError {
         dir: String,
     },
     #[error("cannot read module {path}: {err}")]
-    Read {
-        path: String,
-        #[source]
-        err: std::io::Error,
-    },
+    Read { path: String, err: std::io::Error },
     #[error("module {path}: {why}")]
     Elf { path: String, why: String },
     #[error("module dependency cycle through {name}")]

@@ -21,16 +21,11 @@ pub enum RootError {
     #[error(transparent)]
     Overlay(#[from] OverlayError),
     #[error("root tree: {what}: {err}")]
-    Tree {
-        what: String,
-        #[source]
-        err: TreeError,
-    },
+    Tree { what: String, err: TreeError },
     #[error("cannot read {what} {path}: {err}")]
     Read {
         what: &'static str,
         path: PathBuf,
-        #[source]
         err: std::io::Error,
     },
     #[error("overlay {source_path}: busybox_links: {why}")]
@@ -51,7 +46,6 @@ pub enum RootError {
     #[error("serialising {what}: {err}")]
     Toml {
         what: &'static str,
-        #[source]
         err: toml::ser::Error,
     },
 }

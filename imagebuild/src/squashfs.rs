@@ -14,7 +14,6 @@ pub enum SquashfsError {
     #[error("squashfs: adding {path}: {err}")]
     Add {
         path: String,
-        #[source]
         err: backhand::BackhandError,
     },
     #[error("squashfs: {path}: mode {mode:#o} or mtime {mtime} does not fit squashfs fields")]

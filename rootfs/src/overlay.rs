@@ -43,7 +43,6 @@ pub enum OverlayError {
     Io {
         source_path: PathBuf,
         path: PathBuf,
-        #[source]
         err: io::Error,
     },
     #[error(
@@ -62,7 +61,6 @@ pub enum OverlayError {
     Tree {
         source_path: PathBuf,
         path: String,
-        #[source]
         err: TreeError,
     },
     #[error("overlay {source_path}: `modes` names {path:?}, which the overlay does not contain")]
