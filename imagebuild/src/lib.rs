@@ -1,4 +1,5 @@
 //! The builder: board + image definition → image.
 pub mod bmap;
 pub mod bundle;
+pub mod mbr;
 pub mod verity;
