@@ -470,14 +470,17 @@ impl TrialReboot {
     }
 }
 
-/// The method this boot uses: the board's, except that a tryboot board whose bootloader
-/// reports capabilities without both tryboot bits (an EEPROM older than 2022-10-18,
-/// §1.6) falls back to `reboot N`. Stage 1 and the update agent both ask this, so they
-/// agree on whether a trial marker is in play.
+/// The method this boot uses. When the bootloader publishes its capabilities they
+/// decide: both tryboot bits → tryboot, otherwise `reboot N` (an EEPROM older than
+/// 2022-10-18, §1.6, on a tryboot board; or a 32-bit image on a Pi 4 with a current
+/// EEPROM, which gets tryboot although its board says `reboot N`). Without the property
+/// (Pi 3 and older never publish it) the board's method stands. Stage 1 and the update
+/// agent both ask this, so they agree on whether a trial marker is in play.
 pub fn effective_method(board: BootMethod, capabilities: Option<Capabilities>) -> BootMethod {
-    match (board, capabilities) {
-        (BootMethod::Tryboot, Some(caps)) if !caps.tryboot_a_b() => BootMethod::RebootPartition,
-        (method, _) => method,
+    match capabilities {
+        Some(caps) if caps.tryboot_a_b() => BootMethod::Tryboot,
+        Some(_) => BootMethod::RebootPartition,
+        None => board,
     }
 }
 
@@ -1464,7 +1467,12 @@ mod tests {
             (BootMethod::Tryboot, caps(0x08), partition_b.clone()),
             (BootMethod::Tryboot, caps(0x00), partition_b.clone()),
             (BootMethod::RebootPartition, none, partition_b.clone()),
-            (BootMethod::RebootPartition, caps(0xff), partition_b.clone()),
+            (
+                BootMethod::RebootPartition,
+                caps(0xff),
+                TrialReboot::Tryboot,
+            ),
+            (BootMethod::RebootPartition, caps(0x03), partition_b.clone()),
         ];
         for (method, info, want) in table {
             assert_eq!(
@@ -1777,6 +1785,11 @@ mod tests {
                     partition_survives_watchdog: true,
                     ..pi3
                 },
+            ),
+            (
+                "32-bit reboot-N image on a pi4 with a current EEPROM",
+                BootMethod::RebootPartition,
+                pi4(),
             ),
             (
                 "zero 2 w with inert tryboot flag",
