@@ -90,6 +90,13 @@ pub enum RpiError {
     MarkerSyntax { line: usize, what: String },
     #[error("commit of slot {booted}: autoboot.txt already names slot {booted} as primary")]
     AlreadyPrimary { booted: &'static str },
+    #[error(
+        "update refused: slot {booted} is running but autoboot.txt names slot {primary} as primary"
+    )]
+    NotPrimary {
+        booted: &'static str,
+        primary: &'static str,
+    },
     #[error("writing {path}: {source}")]
     Write { path: PathBuf, source: io::Error },
     #[error("renaming {from} to {to}: {source}")]
@@ -425,6 +432,51 @@ pub fn commit(dir: &Path, booted: Slot) -> Result<Autoboot, RpiError> {
     let new = current.swapped();
     write_autoboot(dir, new)?;
     Ok(new)
+}
+
+// ---------------------------------------------------------------------------------------
+// Update: the order in which the inactive slot is written
+
+/// One step of writing a slot during an update, in [`slot_write_order`]'s order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SlotWrite {
+    /// Zero the first sector (the FAT boot sector) of the slot's boot partition: from
+    /// now on the firmware does not see a FAT there, so it is not bootable.
+    InvalidateBoot { partition: u8 },
+    /// Stream the root filesystem (and its verity tree) into the root partition; fsync.
+    Root { partition: u8 },
+    /// Stream the boot FAT image except its first sector; fsync.
+    BootBody { partition: u8 },
+    /// Write the boot FAT's first sector last; fsync. Only now is the slot bootable.
+    BootFirstSector { partition: u8 },
+}
+
+/// How the update agent writes `target`: a boot partition the firmware can boot always
+/// sits over a complete root, whatever instant the power is cut (the model's
+/// power-cut tests check this, and show that skipping the first step breaks it on
+/// firmware that boots the first bootable partition).
+pub fn slot_write_order(target: Slot) -> [SlotWrite; 4] {
+    let (boot, root) = (boot_partition(target), root_partition(target));
+    [
+        SlotWrite::InvalidateBoot { partition: boot },
+        SlotWrite::Root { partition: root },
+        SlotWrite::BootBody { partition: boot },
+        SlotWrite::BootFirstSector { partition: boot },
+    ]
+}
+
+/// The slot an update may overwrite: the other one, and only while the booted slot is
+/// the primary that `autoboot.txt` names (never during a trial, never on a slot the
+/// firmware picked without `autoboot.txt`).
+pub fn update_target(config_dir: &Path, booted: Slot) -> Result<Slot, RpiError> {
+    let autoboot = read_autoboot(config_dir)?;
+    if autoboot.primary != booted {
+        return Err(RpiError::NotPrimary {
+            booted: booted.name(),
+            primary: autoboot.primary.name(),
+        });
+    }
+    Ok(booted.other())
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1122,14 +1174,23 @@ pub mod model {
         pub fn update(&mut self, version: u32) -> Result<(), PowerCut> {
             let primary = self.disk.primary().unwrap_or(Slot::A);
             let target = primary.other();
-            // Zero the boot FAT's first sector before touching the root, so that a
-            // bootable boot FAT always implies a complete root.
-            if !self.skip_invalidate {
-                self.write(Write::Boot(target, Content::Invalid))?;
+            for step in slot_write_order(target) {
+                match step {
+                    SlotWrite::InvalidateBoot { .. } if self.skip_invalidate => {}
+                    SlotWrite::InvalidateBoot { .. } => {
+                        self.write(Write::Boot(target, Content::Invalid))?
+                    }
+                    SlotWrite::Root { .. } => {
+                        self.write(Write::Root(target, Content::Invalid))?;
+                        self.write(Write::Root(target, Content::Good(version)))?;
+                    }
+                    // The body leaves the boot FAT as unbootable as before.
+                    SlotWrite::BootBody { .. } => {}
+                    SlotWrite::BootFirstSector { .. } => {
+                        self.write(Write::Boot(target, Content::Good(version)))?
+                    }
+                }
             }
-            self.write(Write::Root(target, Content::Invalid))?;
-            self.write(Write::Root(target, Content::Good(version)))?;
-            self.write(Write::Boot(target, Content::Good(version)))?;
             let info = BootloaderInfo {
                 partition: Some(boot_partition(primary).into()),
                 tryboot: Some(0),
@@ -1443,6 +1504,27 @@ mod tests {
         let missing = temp_dir("commit-missing");
         let err = commit(&missing, Slot::B).unwrap_err().to_string();
         assert!(err.contains("autoboot.txt"), "{err}");
+    }
+
+    #[test]
+    fn update_target_and_write_order() {
+        let dir = temp_dir("update");
+        write_autoboot(&dir, Autoboot { primary: Slot::A }).unwrap();
+        assert_eq!(update_target(&dir, Slot::A).unwrap(), Slot::B);
+        let err = update_target(&dir, Slot::B).unwrap_err().to_string();
+        assert!(
+            err.contains("slot b is running") && err.contains("names slot a"),
+            "{err}"
+        );
+        assert_eq!(
+            slot_write_order(Slot::B),
+            [
+                SlotWrite::InvalidateBoot { partition: 3 },
+                SlotWrite::Root { partition: 6 },
+                SlotWrite::BootBody { partition: 3 },
+                SlotWrite::BootFirstSector { partition: 3 },
+            ]
+        );
     }
 
     #[test]
