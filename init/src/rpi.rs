@@ -765,7 +765,16 @@ pub fn stage1_plan(booted: Slot, primary: Option<Slot>, marker: Option<TrialMark
             ),
             _ => redirect(primary),
         },
-        // From here the marker names the non-primary slot: a trial.
+        // From here the marker names the non-primary slot. A redirect there is stale
+        // (the primary changed since): drop it and apply the rules without a marker.
+        Some(m) if m.kind == MarkerKind::Redirect => {
+            if booted == primary {
+                cont(MarkerChange::Remove, Stage1Report::StaleMarker)
+            } else {
+                redirect(primary)
+            }
+        }
+        // A trial of the non-primary slot.
         Some(m) if booted == m.slot && m.attempts == 0 && m.kind == MarkerKind::Trial => {
             Stage1Plan::Continue {
                 marker: MarkerChange::Write(TrialMarker { attempts: 1, ..m }),
@@ -1748,6 +1757,19 @@ mod tests {
                 None,
                 Some(m(Trial, B, 0)),
                 cont(MarkerChange::Keep, Stage1Report::PrimaryUnknown),
+            ),
+            // A redirect marker naming the non-primary slot is stale.
+            (
+                A,
+                Some(A),
+                Some(m(Redirect, B, 1)),
+                cont(MarkerChange::Remove, Stage1Report::StaleMarker),
+            ),
+            (
+                B,
+                Some(A),
+                Some(m(Redirect, B, 1)),
+                reboot(MarkerChange::Write(m(Redirect, A, 1)), 2),
             ),
         ];
         for (booted, primary, marker, want) in table {
