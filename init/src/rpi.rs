@@ -504,6 +504,24 @@ pub enum BootMethod {
     RebootPartition,
 }
 
+impl BootMethod {
+    /// The board file's `boot_method` value.
+    pub fn name(self) -> &'static str {
+        match self {
+            BootMethod::Tryboot => "tryboot",
+            BootMethod::RebootPartition => "reboot-partition",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<BootMethod> {
+        match s {
+            "tryboot" => Some(BootMethod::Tryboot),
+            "reboot-partition" => Some(BootMethod::RebootPartition),
+            _ => None,
+        }
+    }
+}
+
 /// The reboot a trial of `target` needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TrialReboot {
@@ -1534,6 +1552,27 @@ mod tests {
                 SlotWrite::BootFirstSector { partition: 3 },
             ]
         );
+    }
+
+    #[test]
+    fn boot_method_names_match_the_board_files() {
+        for m in [BootMethod::Tryboot, BootMethod::RebootPartition] {
+            assert_eq!(BootMethod::parse(m.name()), Some(m));
+        }
+        assert_eq!(BootMethod::parse("systemd-boot"), None);
+        let boards = Path::new(env!("CARGO_MANIFEST_DIR")).join("../boards");
+        for (board, want) in [
+            ("rpi4", BootMethod::Tryboot),
+            ("rpi5", BootMethod::Tryboot),
+            ("rpi3", BootMethod::RebootPartition),
+            ("rpi-armv7", BootMethod::RebootPartition),
+        ] {
+            let text = fs::read_to_string(boards.join(format!("{board}.toml"))).unwrap();
+            let table: toml::Table = toml::from_str(&text).unwrap();
+            let method = table["boot_method"].as_str().unwrap();
+            assert_eq!(BootMethod::parse(method), Some(want), "{board}");
+            assert_eq!(table["partition_table"].as_str(), Some("mbr"), "{board}");
+        }
     }
 
     #[test]
