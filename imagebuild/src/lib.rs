@@ -17,6 +17,7 @@ pub mod flash;
 pub mod imagedef;
 pub mod initramfs;
 pub mod inject;
+pub mod mbr;
 pub mod modules;
 pub mod outputs;
 pub mod root;

@@ -163,6 +163,7 @@ fn main() -> Result<()> {
             node_config,
             format,
             raw_only,
+            verbose,
         } => {
             let opts = BuildOptions {
                 definition,

@@ -8,4 +8,5 @@
 //! kernel command line, node config) live here, in modules the builder uses.
 
 pub mod bundle;
+pub mod rpi;
 pub mod slot;
