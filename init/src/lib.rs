@@ -6,5 +6,16 @@
 //!
 //! Formats that the builder writes and this crate reads (slot naming, the
 //! kernel command line, node config) live here, in modules the builder uses.
+//! All `unsafe` code is in `sys`.
+#![deny(unsafe_code)]
 
+pub mod blockdev;
+pub mod cmdline;
+pub mod console;
+pub mod gpt;
+pub mod modules;
+pub mod mounts;
+pub mod service;
 pub mod slot;
+#[allow(unsafe_code)]
+pub mod sys;
