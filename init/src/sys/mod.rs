@@ -297,3 +297,38 @@ pub fn statfs_blocks(path: &Path) -> Result<(u64, u64), Errno> {
     let st = nix::sys::statfs::statfs(path)?;
     Ok((st.block_size() as u64, st.blocks()))
 }
+
+/// Whether `path` is on the initramfs (ramfs or tmpfs): the only kind of
+/// root stage 1 may delete files from before `switch_root`.
+pub fn is_ramfs(path: &Path) -> bool {
+    // RAMFS_MAGIC from linux/magic.h (not exported by libc).
+    const RAMFS_MAGIC: i64 = 0x8584_58f6;
+    // The casts are no-ops on 64-bit targets but not on 32-bit ARM, where
+    // the statfs type field is narrower.
+    #[allow(clippy::unnecessary_cast)]
+    nix::sys::statfs::statfs(path).is_ok_and(|s| {
+        let t = s.filesystem_type().0 as i64;
+        t == RAMFS_MAGIC || t == libc::TMPFS_MAGIC as i64
+    })
+}
+
+/// Make `cmd`'s child start with an empty signal mask. PID 1 blocks the
+/// signals it reads through its signalfd, and std's `Command` passes the
+/// mask on to children (it no longer resets it), so without this a service
+/// could not be stopped with SIGTERM.
+pub fn unblock_signals_in_child(cmd: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the hook runs in the forked child before exec, where only
+    // async-signal-safe calls are allowed: sigemptyset and pthread_sigmask
+    // (sigprocmask) are; the closure captures nothing and allocates nothing.
+    unsafe {
+        cmd.pre_exec(|| {
+            let mut set = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
+            libc::sigemptyset(set.as_mut_ptr());
+            if libc::pthread_sigmask(libc::SIG_SETMASK, set.as_ptr(), std::ptr::null_mut()) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
