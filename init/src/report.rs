@@ -4,7 +4,6 @@
 
 use std::fmt::Write as _;
 use std::path::Path;
-use std::time::Instant;
 
 /// Milliseconds since the kernel started, from a `/proc/uptime` text.
 pub fn parse_uptime_ms(text: &str) -> Option<u64> {
@@ -16,17 +15,17 @@ pub fn parse_uptime_ms(text: &str) -> Option<u64> {
     Some(secs * 1000 + ms)
 }
 
-/// `/proc/uptime` now, in ms; 0 if unreadable (reported once by the caller).
+/// The `/proc/uptime` instant now, in ms since the kernel started. Read from
+/// `CLOCK_BOOTTIME` (the same clock, at ms resolution); the file under
+/// `proc_dir` is the fallback.
 pub fn uptime_ms(proc_dir: &Path) -> u64 {
-    std::fs::read_to_string(proc_dir.join("uptime"))
-        .ok()
-        .and_then(|t| parse_uptime_ms(&t))
-        .unwrap_or(0)
-}
-
-/// Convert a monotonic instant to uptime ms, given uptime and `Instant` now.
-pub fn instant_to_uptime_ms(at: Instant, now: Instant, uptime_now_ms: u64) -> u64 {
-    uptime_now_ms.saturating_sub(now.saturating_duration_since(at).as_millis() as u64)
+    match crate::sys::boottime_ms() {
+        0 => std::fs::read_to_string(proc_dir.join("uptime"))
+            .ok()
+            .and_then(|t| parse_uptime_ms(&t))
+            .unwrap_or(0),
+        ms => ms,
+    }
 }
 
 /// `VmRSS` in KiB from a `/proc/<pid>/status` text.

@@ -140,11 +140,8 @@ fn supervise(ctx: Context) -> Option<ShutdownKind> {
 
 /// The `basalt: ready {json}` object (docs/boot-protocol.md "Console lines").
 pub fn ready_report(ctx: &Context, sup: &Supervisor, proc_dir: &Path) -> Json {
-    let now = Instant::now();
-    let up = report::uptime_ms(proc_dir);
     let k = service::KUBERNETES_SERVICE;
     let (exec_at, ready_at) = sup.milestones(k);
-    let to_ms = |t: Option<Instant>| t.map(|t| report::instant_to_uptime_ms(t, now, up));
     Json::Obj(vec![
         ("slot", Json::str(&ctx.handoff.slot)),
         ("hostname", Json::str(&ctx.hostname)),
@@ -166,8 +163,8 @@ pub fn ready_report(ctx: &Context, sup: &Supervisor, proc_dir: &Path) -> Json {
             Json::Obj(vec![
                 ("stage1", Json::Num(ctx.handoff.stage1_end_ms)),
                 ("stage2", Json::Num(ctx.stage2_end_ms)),
-                ("kubernetes_exec", Json::opt_num(to_ms(exec_at))),
-                ("kubernetes_ready", Json::opt_num(to_ms(ready_at))),
+                ("kubernetes_exec", Json::opt_num(exec_at)),
+                ("kubernetes_ready", Json::opt_num(ready_at)),
             ]),
         ),
     ])
@@ -185,12 +182,11 @@ fn read_handoff(ctx: &mut Context) -> Result<(), Stage2Error> {
     Ok(())
 }
 
+/// Whether `path` is a mount point, from the kernel's mount table (a bind
+/// mount of a directory onto itself has the same device as its parent).
 fn is_mount_point(path: &Path) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    let (Ok(m), Some(parent)) = (std::fs::metadata(path), path.parent()) else {
-        return false;
-    };
-    std::fs::metadata(parent).is_ok_and(|p| p.dev() != m.dev() || p.ino() == m.ino())
+    let text = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    mounts::parse_mount_points(&text).iter().any(|p| p == path)
 }
 
 fn kernel_mounts(_ctx: &mut Context) -> Result<(), Stage2Error> {

@@ -97,8 +97,9 @@ struct Unit {
     failures: u32,
     restarts: u32,
     ready: bool,
-    first_exec: Option<Instant>,
-    first_ready: Option<Instant>,
+    /// Uptime ms of the first start and first readiness (boot report).
+    first_exec: Option<u64>,
+    first_ready: Option<u64>,
     next_check: Instant,
     check_pid: Option<i32>,
     stop: Option<Stop>,
@@ -219,8 +220,8 @@ impl Supervisor {
         self.unit(name).and_then(|u| u.pid)
     }
 
-    /// When the named service was first started and first ready.
-    pub fn milestones(&self, name: &str) -> (Option<Instant>, Option<Instant>) {
+    /// Uptime ms at which the named service was first started and first ready.
+    pub fn milestones(&self, name: &str) -> (Option<u64>, Option<u64>) {
         self.unit(name)
             .map_or((None, None), |u| (u.first_exec, u.first_ready))
     }
@@ -302,7 +303,7 @@ impl Supervisor {
             if let Some(i) = self.units.iter().position(|u| u.pid == Some(r.pid)) {
                 self.on_exit(i, r.status, now);
             } else if let Some(i) = self.units.iter().position(|u| u.check_pid == Some(r.pid)) {
-                self.on_check_exit(i, r.status, now);
+                self.on_check_exit(i, r.status);
             }
         }
     }
@@ -393,10 +394,10 @@ impl Supervisor {
                 u.started_at = now;
                 u.ready = false;
                 u.next_check = now;
-                u.first_exec.get_or_insert(now);
+                u.first_exec.get_or_insert_with(sys::boottime_ms);
                 say!("service {} started pid {pid}", u.def.name);
                 if u.def.ready.is_none() {
-                    self.mark_ready(i, now);
+                    self.mark_ready(i);
                 }
             }
             Err(e) => {
@@ -409,10 +410,10 @@ impl Supervisor {
         }
     }
 
-    fn mark_ready(&mut self, i: usize, now: Instant) {
+    fn mark_ready(&mut self, i: usize) {
         let u = &mut self.units[i];
         u.ready = true;
-        u.first_ready.get_or_insert(now);
+        u.first_ready.get_or_insert_with(sys::boottime_ms);
         say!("service {} ready", u.def.name);
     }
 
@@ -517,15 +518,15 @@ impl Supervisor {
             }
         };
         if ok {
-            self.mark_ready(i, now);
+            self.mark_ready(i);
         }
     }
 
-    fn on_check_exit(&mut self, i: usize, status: ExitStatus, now: Instant) {
+    fn on_check_exit(&mut self, i: usize, status: ExitStatus) {
         let u = &mut self.units[i];
         u.check_pid = None;
         if status.success() && u.state == State::Running && !u.ready && u.stop.is_none() {
-            self.mark_ready(i, now);
+            self.mark_ready(i);
         }
     }
 

@@ -332,3 +332,12 @@ pub fn unblock_signals_in_child(cmd: &mut std::process::Command) {
         });
     }
 }
+
+/// Milliseconds since the kernel started (`CLOCK_BOOTTIME`, the clock behind
+/// `/proc/uptime`, at millisecond instead of centisecond resolution).
+pub fn boottime_ms() -> u64 {
+    use nix::time::{ClockId, clock_gettime};
+    clock_gettime(ClockId::CLOCK_BOOTTIME).map_or(0, |t| {
+        (t.tv_sec() as u64).saturating_mul(1000) + (t.tv_nsec() as u64) / 1_000_000
+    })
+}
