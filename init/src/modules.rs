@@ -84,7 +84,11 @@ pub struct KernelModules;
 impl ModuleLoader for KernelModules {
     fn load(&mut self, path: &Path) -> Result<(), LoadError> {
         let f = std::fs::File::open(path).map_err(|e| LoadError::Open(path.to_path_buf(), e))?;
-        crate::sys::finit_module(&f).map_err(|e| LoadError::Kernel(path.to_path_buf(), e))
+        let compressed = path
+            .extension()
+            .is_some_and(|e| e == "gz" || e == "xz" || e == "zst");
+        crate::sys::finit_module(&f, compressed)
+            .map_err(|e| LoadError::Kernel(path.to_path_buf(), e))
     }
 }
 

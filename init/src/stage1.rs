@@ -17,7 +17,7 @@ use crate::blockdev::{self, BlockDevices, KernelBlockDevices, Partition};
 use crate::cmdline;
 use crate::console::{self, guarded};
 use crate::gpt::{self, GrowOutcome};
-use crate::modules::{self, InitramfsSettings, KernelModules};
+use crate::modules::{self, InitramfsSettings, KernelModules, ModuleLoader};
 use crate::mounts::{self, KernelMounts, Mounts};
 use crate::report;
 use crate::say;
@@ -62,13 +62,26 @@ pub enum Stage1Error {
     },
 }
 
-const NEWROOT: &str = "/newroot";
-/// The tmpfs that becomes `/etc`, filled here before it is moved into place.
-const NEWETC: &str = "/newetc";
-const DEV: &str = "/dev";
-const CLASS_BLOCK: &str = "/sys/class/block";
 const WAIT_DEVICES: Duration = Duration::from_secs(10);
 const WAIT_POLL: Duration = Duration::from_millis(20);
+
+/// Where stage 1 works and what it works through. On a device `root` is `/`
+/// and the seams are the kernel's; tests point `root` at a fixture tree
+/// (`proc/cmdline`, `sys/class/block`, `newroot/etc`, ...) and pass fakes.
+pub struct Env<'a> {
+    pub root: PathBuf,
+    pub mounts: &'a mut dyn Mounts,
+    pub modules: &'a mut dyn ModuleLoader,
+    pub block: &'a mut dyn BlockDevices,
+    /// Reopen stdio on `<root>/dev/console` (not in tests).
+    pub reopen_console: bool,
+}
+
+impl Env<'_> {
+    fn path(&self, abs: &str) -> PathBuf {
+        self.root.join(abs.trim_start_matches('/'))
+    }
+}
 
 /// Per-step timer for the handoff's `steps_ms`.
 struct Steps {
@@ -91,7 +104,31 @@ impl Steps {
 pub fn run() -> ! {
     console::install_panic_hook();
     say!("stage1 start");
-    let m: &mut dyn Mounts = &mut KernelMounts;
+    let mut env = Env {
+        root: PathBuf::from("/"),
+        mounts: &mut KernelMounts,
+        modules: &mut KernelModules,
+        block: &mut KernelBlockDevices,
+        reopen_console: true,
+    };
+    let handoff = prepare_root(&mut env);
+    write_handoff(&env.path("/newroot/run/basalt/stage1.toml"), &handoff);
+
+    // 8. Into the real root.
+    for api in ["/dev", "/proc", "/sys"] {
+        let (from, to) = (env.path(api), env.path("/newroot").join(&api[1..]));
+        if let Err(e) = mounts::move_mount(env.mounts, &from, &to) {
+            console::error("move-mount", e);
+        }
+    }
+    switch_root(env.mounts, Path::new("/newroot"));
+    let err = std::process::Command::new(ROOT_INIT_PATH).exec();
+    stay_alive("exec-stage2", format_args!("{ROOT_INIT_PATH} ({err})"))
+}
+
+/// Steps 1 to 7 of docs/boot-protocol.md "Stage 1": everything up to the
+/// handoff, leaving the real root assembled at `<root>/newroot`.
+pub fn prepare_root(env: &mut Env<'_>) -> Handoff {
     let mut steps = Steps {
         at: Instant::now(),
         ms: BTreeMap::new(),
@@ -99,35 +136,22 @@ pub fn run() -> ! {
     let mut handoff = Handoff::default();
 
     // 1. Kernel filesystems, then the console as stdio.
-    mount_kernel_filesystems(m);
-    handoff.kernel_start_to_stage1_ms = report::uptime_ms(Path::new("/proc"));
-    match std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/console")
-    {
-        Ok(c) => {
-            if let Err(e) = sys::reopen_stdio(&c) {
-                console::error("console", format_args!("/dev/console ({e})"));
-            }
-        }
-        Err(e) => console::error("console", format_args!("/dev/console ({e})")),
+    mount_kernel_filesystems(env);
+    handoff.kernel_start_to_stage1_ms = report::uptime_ms(&env.path("/proc"));
+    if env.reopen_console {
+        reopen_console(&env.path("/dev/console"));
     }
     steps.done("mounts");
 
     // 2. Modules, in the order the builder resolved.
-    match InitramfsSettings::load(Path::new(INITRAMFS_MARKER)) {
+    match InitramfsSettings::load(&env.path(INITRAMFS_MARKER)) {
         Ok(settings) => {
-            let report =
-                modules::load_in_order(&mut KernelModules, &settings.module_paths(Path::new("/")));
+            let paths = settings.module_paths(&env.root);
+            let report = modules::load_in_order(env.modules, &paths);
             if !report.failed.is_empty() {
                 console::error(
                     "modules",
-                    format_args!(
-                        "{} of {} failed",
-                        report.failed.len(),
-                        settings.modules.len()
-                    ),
+                    format_args!("{} of {} failed", report.failed.len(), paths.len()),
                 );
             }
         }
@@ -136,54 +160,56 @@ pub fn run() -> ! {
     steps.done("modules");
 
     // 3. Which slot booted, and its partitions.
-    let slot = booted_slot(Path::new("/proc/cmdline"));
+    let slot = booted_slot(&env.path("/proc/cmdline"));
     handoff.slot = slot.name().to_string();
-    let parts = wait_for_partitions(slot);
+    let parts = wait_for_partitions(&env.path("/sys/class/block"), slot);
     steps.done("wait_devices");
 
     // 4. The slot's root, read-only.
-    let root = &parts[slot.root_partition_name()];
-    handoff.root_device = root.dev_path(Path::new(DEV)).display().to_string();
-    mount_or_stay(
-        m,
-        &handoff.root_device,
-        Path::new(NEWROOT),
-        "squashfs",
-        MsFlags::MS_RDONLY,
-        None,
-    );
+    let dev = env.path("/dev");
+    let newroot = env.path("/newroot");
+    if let Some(root) = parts.get(slot.root_partition_name()) {
+        handoff.root_device = root.dev_path(&dev).display().to_string();
+        mount_or_stay(
+            env.mounts,
+            &handoff.root_device,
+            &newroot,
+            "squashfs",
+            MsFlags::MS_RDONLY,
+        );
+    }
     steps.done("mount_root");
 
     // 5. The data partition: grow on first boot, mount at /var, grow ext4.
     if let Some(data) = parts.get(DATA_PARTITION_NAME) {
-        handoff.data_device = data.dev_path(Path::new(DEV)).display().to_string();
-        let grown = guarded("grow-data", || {
-            grow_data_partition(&mut KernelBlockDevices, data, Path::new(DEV))
-        });
+        handoff.data_device = data.dev_path(&dev).display().to_string();
+        let block = &mut *env.block;
+        let grown = guarded("grow-data", || grow_data_partition(block, data, &dev));
         let size_bytes = match grown {
             Some(Ok(Some(bytes))) => {
                 handoff.data_grown = true;
                 bytes
             }
-            Some(Ok(None)) => data.size_512 * 512,
             Some(Err(e)) => {
                 console::error("grow-data", e);
                 data.size_512 * 512
             }
-            None => data.size_512 * 512,
+            Some(Ok(None)) | None => data.size_512 * 512,
         };
         steps.done("grow_data");
-        let var = Path::new(NEWROOT).join("var");
+        let var = newroot.join("var");
         match mounts::mount_fs(
-            m,
+            env.mounts,
             &handoff.data_device,
             &var,
             "ext4",
             MsFlags::MS_NOATIME,
             None,
         ) {
+            // Every boot: a no-op when the filesystem already fills the
+            // partition, and it finishes a growth a power cut interrupted.
             Ok(()) => {
-                if let Err(e) = KernelBlockDevices.grow_ext4(&var, size_bytes) {
+                if let Err(e) = env.block.grow_ext4(&var, size_bytes) {
                     console::error("grow-ext4", e);
                 }
             }
@@ -193,18 +219,18 @@ pub fn run() -> ! {
     }
 
     // 6. /etc: a tmpfs seeded from the image's /etc.
-    if let Err(e) = seed_etc(m) {
+    if let Err(e) = seed_etc(env) {
         console::error("seed-etc", e);
     }
     steps.done("etc");
 
-    // 7. /boot (the ESP), /run, and the handoff file.
+    // 7. /boot (the ESP) and /run; the caller writes the handoff into /run.
     if let Some(esp) = parts.get(ESP_PARTITION_NAME) {
-        handoff.boot_device = esp.dev_path(Path::new(DEV)).display().to_string();
+        handoff.boot_device = esp.dev_path(&dev).display().to_string();
         let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
-        let boot = Path::new(NEWROOT).join("boot");
+        let boot = newroot.join("boot");
         if let Err(e) = mounts::mount_fs(
-            m,
+            env.mounts,
             &handoff.boot_device,
             &boot,
             "vfat",
@@ -214,28 +240,39 @@ pub fn run() -> ! {
             console::error("mount-boot", e);
         }
     }
-    let run = Path::new(NEWROOT).join("run");
     let run_flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
-    if let Err(e) = mounts::mount_fs(m, "tmpfs", &run, "tmpfs", run_flags, Some("mode=0755")) {
+    if let Err(e) = mounts::mount_fs(
+        env.mounts,
+        "tmpfs",
+        &newroot.join("run"),
+        "tmpfs",
+        run_flags,
+        Some("mode=0755"),
+    ) {
         console::error("mount-run", e);
     }
     steps.done("boot_run");
-    handoff.steps_ms = steps.ms.clone();
-    handoff.stage1_end_ms = report::uptime_ms(Path::new("/proc"));
-    write_handoff(&run.join("basalt/stage1.toml"), &handoff);
-
-    // 8. Into the real root.
-    for api in ["/dev", "/proc", "/sys"] {
-        if let Err(e) = mounts::move_mount(m, Path::new(api), &Path::new(NEWROOT).join(&api[1..])) {
-            console::error("move-mount", e);
-        }
-    }
-    switch_root(m, Path::new(NEWROOT));
-    let err = std::process::Command::new(ROOT_INIT_PATH).exec();
-    stay_alive("exec-stage2", format_args!("{ROOT_INIT_PATH} ({err})"))
+    handoff.steps_ms = steps.ms;
+    handoff.stage1_end_ms = report::uptime_ms(&env.path("/proc"));
+    handoff
 }
 
-fn mount_kernel_filesystems(m: &mut dyn Mounts) {
+fn reopen_console(path: &Path) {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+    {
+        Ok(c) => {
+            if let Err(e) = sys::reopen_stdio(&c) {
+                console::error("console", format_args!("{} ({e})", path.display()));
+            }
+        }
+        Err(e) => console::error("console", format_args!("{} ({e})", path.display())),
+    }
+}
+
+fn mount_kernel_filesystems(env: &mut Env<'_>) {
     let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
     let list: [(&str, &str, &str, MsFlags, Option<&str>); 3] = [
         ("proc", "/proc", "proc", nosuid, None),
@@ -249,7 +286,8 @@ fn mount_kernel_filesystems(m: &mut dyn Mounts) {
         ),
     ];
     for (src, target, fs, flags, data) in list {
-        if let Err(e) = mounts::mount_fs(m, src, Path::new(target), fs, flags, data) {
+        let target = env.path(target);
+        if let Err(e) = mounts::mount_fs(env.mounts, src, &target, fs, flags, data) {
             console::error("mount", e);
         }
     }
@@ -277,18 +315,18 @@ pub fn booted_slot(cmdline_path: &Path) -> Slot {
 
 /// Wait for root, data and ESP partitions. Without the root there is nothing
 /// to boot: keep looking (and saying so) forever; the others may be missing.
-fn wait_for_partitions(slot: Slot) -> BTreeMap<String, Partition> {
+fn wait_for_partitions(class_block: &Path, slot: Slot) -> BTreeMap<String, Partition> {
     let names = [
         slot.root_partition_name(),
         DATA_PARTITION_NAME,
         ESP_PARTITION_NAME,
     ];
     loop {
-        match blockdev::wait_for(Path::new(CLASS_BLOCK), &names, WAIT_DEVICES, WAIT_POLL) {
+        match blockdev::wait_for(class_block, &names, WAIT_DEVICES, WAIT_POLL) {
             Ok(found) => return found,
             Err(e) => {
                 console::error("wait-devices", &e);
-                let found = blockdev::find(Path::new(CLASS_BLOCK), &names).unwrap_or_default();
+                let found = blockdev::find(class_block, &names).unwrap_or_default();
                 if found.contains_key(slot.root_partition_name()) {
                     return found;
                 }
@@ -299,16 +337,9 @@ fn wait_for_partitions(slot: Slot) -> BTreeMap<String, Partition> {
 
 /// Mount or retry every few seconds, forever: used for the root, without which
 /// stage 1 cannot go on.
-fn mount_or_stay(
-    m: &mut dyn Mounts,
-    dev: &str,
-    target: &Path,
-    fs: &str,
-    flags: MsFlags,
-    data: Option<&str>,
-) {
+fn mount_or_stay(m: &mut dyn Mounts, dev: &str, target: &Path, fs: &str, flags: MsFlags) {
     loop {
-        match mounts::mount_fs(m, dev, target, fs, flags, data) {
+        match mounts::mount_fs(m, dev, target, fs, flags, None) {
             Ok(()) => return,
             Err(e) => {
                 console::error("mount-root", e);
@@ -351,18 +382,22 @@ pub fn grow_data_partition(
     }
 }
 
-fn seed_etc(m: &mut dyn Mounts) -> Result<(), Box<dyn std::error::Error>> {
-    let newetc = Path::new(NEWETC);
+/// A tmpfs at `/newetc` (in the initramfs), filled from the image's `/etc`,
+/// then moved over `/newroot/etc`.
+fn seed_etc(env: &mut Env<'_>) -> Result<(), Box<dyn std::error::Error>> {
+    let newetc = env.path("/newetc");
+    let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
     mounts::mount_fs(
-        m,
+        env.mounts,
         "tmpfs",
-        newetc,
+        &newetc,
         "tmpfs",
-        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        flags,
         Some("mode=0755"),
     )?;
-    copy_tree(&Path::new(NEWROOT).join("etc"), newetc)?;
-    mounts::move_mount(m, newetc, &Path::new(NEWROOT).join("etc"))?;
+    let etc = env.path("/newroot/etc");
+    copy_tree(&etc, &newetc)?;
+    mounts::move_mount(env.mounts, &newetc, &etc)?;
     Ok(())
 }
 
@@ -508,6 +543,7 @@ mod tests {
     struct FileDisk {
         path: PathBuf,
         resized: Vec<(u32, u64, u64)>,
+        ext4: Vec<(PathBuf, u64)>,
     }
 
     impl BlockDevices for FileDisk {
@@ -535,37 +571,51 @@ mod tests {
             self.resized.push((n, s, l));
             Ok(())
         }
-        fn grow_ext4(&mut self, _: &Path, size: u64) -> Result<u64, blockdev::BlockError> {
+        fn grow_ext4(&mut self, at: &Path, size: u64) -> Result<u64, blockdev::BlockError> {
+            self.ext4.push((at.to_path_buf(), size));
             Ok(size / 4096)
         }
+    }
+
+    /// A GPT image made by sfdisk (independent of our writer), then
+    /// enlarged as if written to a bigger disk. False when sfdisk is missing.
+    fn make_image(img: &Path, script: &str, mib: u64, disk_mib: u64) -> bool {
+        let f = File::create(img).unwrap();
+        f.set_len(mib << 20).unwrap();
+        drop(f);
+        let mut c = match std::process::Command::new("sfdisk")
+            .arg("--quiet")
+            .arg(img)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+        {
+            Ok(c) => c,
+            Err(_) => return false,
+        };
+        std::io::Write::write_all(&mut c.stdin.take().unwrap(), script.as_bytes()).unwrap();
+        assert!(c.wait().unwrap().success());
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(img)
+            .unwrap()
+            .set_len(disk_mib << 20)
+            .unwrap();
+        true
     }
 
     #[test]
     fn grows_data_once_and_tells_the_kernel() {
         let t = tempfile::tempdir().unwrap();
         let img = t.path().join("disk.img");
-        let f = File::create(&img).unwrap();
-        f.set_len(16 << 20).unwrap();
-        drop(f);
-        let script = "label: gpt\nstart=2048, size=4096, name=\"esp\"\nstart=6144, size=4096, name=\"data\"\n";
-        let mut c = match std::process::Command::new("sfdisk")
-            .arg("--quiet")
-            .arg(&img)
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::null())
-            .spawn()
-        {
-            Ok(c) => c,
-            Err(_) => return,
-        };
-        std::io::Write::write_all(&mut c.stdin.take().unwrap(), script.as_bytes()).unwrap();
-        assert!(c.wait().unwrap().success());
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(&img)
-            .unwrap()
-            .set_len(32 << 20)
-            .unwrap();
+        if !make_image(
+            &img,
+            "label: gpt\nstart=2048, size=4096, name=\"esp\"\nstart=6144, size=4096, name=\"data\"\n",
+            16,
+            32,
+        ) {
+            return;
+        }
         let data = Partition {
             name: "data".into(),
             devname: "vda2".into(),
@@ -577,6 +627,7 @@ mod tests {
         let mut bd = FileDisk {
             path: img.clone(),
             resized: vec![],
+            ext4: vec![],
         };
         let grown = grow_data_partition(&mut bd, &data, Path::new("/dev")).unwrap();
         let total = (32u64 << 20) / 512;
@@ -588,6 +639,152 @@ mod tests {
             None
         );
         assert_eq!(bd.resized.len(), 1);
+    }
+
+    struct Recorder(Vec<String>);
+
+    impl ModuleLoader for Recorder {
+        fn load(&mut self, path: &Path) -> Result<(), modules::LoadError> {
+            self.0
+                .push(path.file_name().unwrap().to_string_lossy().into_owned());
+            Ok(())
+        }
+    }
+
+    /// An initramfs-like root: settings, cmdline, sysfs partitions named as
+    /// the builder names them, and the image's /etc under newroot.
+    fn fixture_root(root: &Path) {
+        let w = |p: &str, text: &str| {
+            let p = root.join(p);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, text).unwrap();
+        };
+        w(
+            "etc/basalt/initramfs.toml",
+            "board = \"x86_64\"\nkernel_version = \"6.1.0\"\nmodules = [\"kernel/a/virtio_blk.ko\", \"kernel/fs/squashfs.ko\"]\n",
+        );
+        w("proc/cmdline", "console=ttyS0,115200 basalt.slot=b\n");
+        w("newroot/etc/basalt/image.toml", "os_version = \"0.1.0\"\n");
+        w("newroot/etc/os-release", "ID=basalt\n");
+        let parts = [
+            (1, "esp", 2048, 8192),
+            (2, "root-a", 10240, 8192),
+            (3, "root-b", 18432, 8192),
+            (4, "data", 26624, 4096),
+        ];
+        for (n, name, start, size) in parts {
+            let dir = format!("sys/devices/vda/vda{n}");
+            w(
+                &format!("{dir}/uevent"),
+                &format!("DEVNAME=vda{n}\nDEVTYPE=partition\nPARTN={n}\nPARTNAME={name}\n"),
+            );
+            w(&format!("{dir}/start"), &format!("{start}\n"));
+            w(&format!("{dir}/size"), &format!("{size}\n"));
+            std::fs::create_dir_all(root.join("sys/class/block")).unwrap();
+            let link = root.join(format!("sys/class/block/vda{n}"));
+            std::os::unix::fs::symlink(format!("../../devices/vda/vda{n}"), link).unwrap();
+        }
+    }
+
+    #[test]
+    fn prepare_root_follows_the_boot_protocol() {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path().join("initramfs");
+        fixture_root(&root);
+        let img = t.path().join("disk.img");
+        if !make_image(
+            &img,
+            "label: gpt\nstart=2048, size=8192, name=\"esp\"\nstart=10240, size=8192, name=\"root-a\"\nstart=18432, size=8192, name=\"root-b\"\nstart=26624, size=4096, name=\"data\"\n",
+            16,
+            64,
+        ) {
+            return;
+        }
+        let mut mounts = crate::mounts::fake::FakeMounts::default();
+        let mut loader = Recorder(vec![]);
+        let mut disk = FileDisk {
+            path: img,
+            resized: vec![],
+            ext4: vec![],
+        };
+        let handoff = {
+            let mut env = Env {
+                root: root.clone(),
+                mounts: &mut mounts,
+                modules: &mut loader,
+                block: &mut disk,
+                reopen_console: false,
+            };
+            prepare_root(&mut env)
+        };
+        assert_eq!(loader.0, ["virtio_blk.ko", "squashfs.ko"]);
+        let r = root.display().to_string();
+        let kinds: Vec<String> = mounts
+            .calls
+            .iter()
+            .map(|c| {
+                c.replace(&r, "")
+                    .split(" MsFlags")
+                    .next()
+                    .unwrap()
+                    .to_string()
+            })
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                "mount proc /proc proc",
+                "mount sysfs /sys sysfs",
+                "mount devtmpfs /dev devtmpfs",
+                "mount /dev/vda3 /newroot squashfs",
+                "mount /dev/vda4 /newroot/var ext4",
+                "mount tmpfs /newetc tmpfs",
+                "mount /newetc /newroot/etc -",
+                "mount /dev/vda1 /newroot/boot vfat",
+                "mount tmpfs /newroot/run tmpfs",
+            ]
+        );
+        assert!(mounts.calls[3].contains("MS_RDONLY"));
+        assert!(mounts.calls[6].contains("MS_MOVE"));
+        assert_eq!(handoff.slot, "b");
+        assert!(handoff.root_device.ends_with("/dev/vda3"));
+        assert!(handoff.data_device.ends_with("/dev/vda4"));
+        assert!(handoff.boot_device.ends_with("/dev/vda1"));
+        assert!(handoff.data_grown);
+        for step in [
+            "mounts",
+            "modules",
+            "wait_devices",
+            "mount_root",
+            "grow_data",
+            "mount_data",
+            "etc",
+            "boot_run",
+        ] {
+            assert!(handoff.steps_ms.contains_key(step), "{step}");
+        }
+        let total = (64u64 << 20) / 512;
+        let len = (total - 34 - 26624 + 1) * 512;
+        assert_eq!(disk.resized, vec![(4, 26624 * 512, len)]);
+        assert_eq!(disk.ext4, vec![(root.join("newroot/var"), len)]);
+        assert_eq!(
+            std::fs::read_to_string(root.join("newetc/os-release")).unwrap(),
+            "ID=basalt\n"
+        );
+
+        // Second boot: nothing to grow, ext4 still asked to fill the partition.
+        let mut mounts = crate::mounts::fake::FakeMounts::default();
+        std::fs::remove_dir_all(root.join("newetc")).unwrap();
+        let handoff = prepare_root(&mut Env {
+            root: root.clone(),
+            mounts: &mut mounts,
+            modules: &mut loader,
+            block: &mut disk,
+            reopen_console: false,
+        });
+        assert!(!handoff.data_grown);
+        assert_eq!(disk.resized.len(), 1);
+        assert_eq!(disk.ext4.len(), 2);
     }
 
     #[test]

@@ -39,9 +39,18 @@ pub fn umount(target: &Path, flags: MntFlags) -> Result<(), Errno> {
     nix::mount::umount2(target, flags)
 }
 
-/// `finit_module(2)` with no parameters.
-pub fn finit_module(file: &File) -> Result<(), Errno> {
-    nix::kmod::finit_module(file.as_fd(), c"", nix::kmod::ModuleInitFlags::empty())
+/// `finit_module(2)` with no parameters. `compressed` asks the kernel to
+/// decompress the file itself (`MODULE_INIT_COMPRESSED_FILE`, Linux 6.4+,
+/// for `.ko.gz`/`.ko.xz`/`.ko.zst` as Alpine ships them).
+pub fn finit_module(file: &File, compressed: bool) -> Result<(), Errno> {
+    // MODULE_INIT_COMPRESSED_FILE from linux/module.h; nix has no name for it.
+    const MODULE_INIT_COMPRESSED_FILE: libc::c_uint = 4;
+    let flags = if compressed {
+        nix::kmod::ModuleInitFlags::from_bits_retain(MODULE_INIT_COMPRESSED_FILE)
+    } else {
+        nix::kmod::ModuleInitFlags::empty()
+    };
+    nix::kmod::finit_module(file.as_fd(), c"", flags)
 }
 
 /// How to leave the running system.
