@@ -82,6 +82,12 @@ const PHASES: &[(&str, Phase)] = &[
 pub fn run() -> ! {
     console::install_panic_hook();
     say!("stage2 start");
+    // Block PID 1's signals now so one sent during the phases stays pending
+    // for the supervisor's signalfd instead of being dropped (PID 1 has no
+    // default actions).
+    if let Err(e) = sys::Signals::open(crate::supervisor::SIGNALS) {
+        console::error("signals", e);
+    }
     let mut ctx = Context::default();
     for (name, phase) in PHASES {
         if let Some(Err(e)) = guarded(name, || phase(&mut ctx)) {

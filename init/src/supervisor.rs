@@ -117,6 +117,14 @@ struct Shutdown {
 /// Called once, when every service has been ready.
 pub type ReadyHook = Box<dyn FnOnce(&Supervisor)>;
 
+/// The signals PID 1 acts on: children exiting, reboot, poweroff.
+pub const SIGNALS: &[Signal] = &[
+    Signal::SIGCHLD,
+    Signal::SIGTERM,
+    Signal::SIGINT,
+    Signal::SIGUSR2,
+];
+
 /// How long a SIGKILLed process may take to disappear before it is given up on.
 const KILL_GRACE: Duration = Duration::from_secs(5);
 /// Longest sleep of the loop when no timer is due (a safety net, not a tick).
@@ -791,6 +799,42 @@ fn parse_status_code(status_line: &str) -> Option<u16> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Serve one canned response per connection, recording the request line.
+    fn canned_server(
+        response: &'static str,
+    ) -> (std::net::SocketAddr, std::sync::mpsc::Receiver<String>) {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for s in l.incoming().flatten() {
+                let mut line = String::new();
+                let mut r = BufReader::new(&s);
+                let _ = r.read_line(&mut line);
+                let _ = tx.send(line);
+                let _ = (&s).write_all(response.as_bytes());
+            }
+        });
+        (addr, rx)
+    }
+
+    #[test]
+    fn http_probe_wants_2xx() {
+        let t = Duration::from_millis(500);
+        let (ok, rx) = canned_server("HTTP/1.1 204 No Content\r\n\r\n");
+        assert!(http_ok(&ok, "127.0.0.1", "/healthz", t));
+        assert_eq!(rx.recv().unwrap(), "GET /healthz HTTP/1.0\r\n");
+        let (bad, _rx) = canned_server("HTTP/1.1 503 Service Unavailable\r\n\r\n");
+        assert!(!http_ok(&bad, "127.0.0.1", "/", t));
+        let (junk, _rx) = canned_server("SSH-2.0-x\r\n");
+        assert!(!http_ok(&junk, "127.0.0.1", "/", t));
+        let closed = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        assert!(!http_ok(&closed, "127.0.0.1", "/", t));
+    }
 
     #[test]
     fn http_status_lines() {
