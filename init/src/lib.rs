@@ -5,8 +5,87 @@
 //! everything. The same binary answers as `basaltctl` when called by that name.
 //!
 //! Formats that the builder writes and this crate reads (slot naming, the
-//! kernel command line, node config) live here, in modules the builder uses.
+//! kernel command line, image facts) live here, in modules the builder uses.
+//! All `unsafe` code is in `sys`.
+#![deny(unsafe_code)]
 
+pub mod blockdev;
 pub mod bundle;
+pub mod cmdline;
+pub mod console;
+pub mod control;
+pub mod gpt;
+pub mod image;
+pub mod modules;
+pub mod mounts;
+pub mod report;
 pub mod rpi;
+pub mod service;
 pub mod slot;
+pub mod stage1;
+pub mod stage2;
+pub mod supervisor;
+#[allow(unsafe_code)]
+pub mod sys;
+
+use std::path::Path;
+
+/// What this invocation of the binary is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Stage1,
+    Stage2,
+    Basaltctl,
+    /// Not PID 1 and not called `basaltctl`.
+    Refuse,
+}
+
+/// Stage selection (docs/boot-protocol.md): `basaltctl` by name; as PID 1,
+/// stage 1 when the initramfs marker exists, else stage 2.
+pub fn role(argv0: &str, pid: u32, marker_exists: bool) -> Role {
+    let name = Path::new(argv0)
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("");
+    if name == "basaltctl" {
+        Role::Basaltctl
+    } else if pid != 1 {
+        Role::Refuse
+    } else if marker_exists {
+        Role::Stage1
+    } else {
+        Role::Stage2
+    }
+}
+
+/// The binary's entry: returns an exit code only for `basaltctl` and refusals.
+pub fn entry(args: &[String]) -> i32 {
+    let argv0 = args.first().map(String::as_str).unwrap_or("init");
+    let marker = Path::new(slot::INITRAMFS_MARKER).exists();
+    match role(argv0, sys::getpid(), marker) {
+        Role::Stage1 => stage1::run(),
+        Role::Stage2 => stage2::run(),
+        Role::Basaltctl => control::main(args.get(1..).unwrap_or(&[])),
+        Role::Refuse => {
+            eprintln!(
+                "init: must run as PID 1 (or be called as basaltctl: status [--json] | reboot | poweroff)"
+            );
+            2
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stage_selection() {
+        assert_eq!(role("/init", 1, true), Role::Stage1);
+        assert_eq!(role("/usr/lib/basalt/init", 1, false), Role::Stage2);
+        assert_eq!(role("/sbin/init", 1, false), Role::Stage2);
+        assert_eq!(role("/usr/bin/basaltctl", 4242, false), Role::Basaltctl);
+        assert_eq!(role("basaltctl", 1, true), Role::Basaltctl);
+        assert_eq!(role("/init", 4242, true), Role::Refuse);
+    }
+}

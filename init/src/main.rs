@@ -1,1 +1,6 @@
-fn main() {}
+//! `init`: stage 1, stage 2 or `basaltctl`, chosen by `basalt_init::entry`.
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    std::process::exit(basalt_init::entry(&args));
+}

@@ -1,0 +1,359 @@
+//! Block devices: finding partitions by GPT name in sysfs (`PARTNAME=` in
+//! each `uevent`) and the operations the data-partition growth needs, behind
+//! the [`BlockDevices`] trait so the logic is tested on fixture trees and
+//! in-memory disks. The sysfs root is a parameter, never hard-coded below it.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::sys::Errno;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BlockError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("partitions {missing:?} did not appear in {dir} within {waited_ms} ms")]
+    Timeout {
+        missing: Vec<String>,
+        dir: PathBuf,
+        waited_ms: u128,
+    },
+    #[error("{what} on {device}: {errno}")]
+    Ioctl {
+        what: &'static str,
+        device: PathBuf,
+        errno: Errno,
+    },
+    #[error("opening {device}: {source}")]
+    Open {
+        device: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// One partition as sysfs describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Partition {
+    /// GPT partition name (`PARTNAME=`).
+    pub name: String,
+    /// Kernel name of the partition (`vda4`); the node is `/dev/<devname>`.
+    pub devname: String,
+    /// Partition number (`PARTN=`), 1-based.
+    pub number: u32,
+    /// Kernel name of the whole disk (`vda`).
+    pub disk: String,
+    /// Start and size in 512-byte units (sysfs always counts 512-byte sectors).
+    pub start_512: u64,
+    pub size_512: u64,
+}
+
+impl Partition {
+    pub fn dev_path(&self, dev: &Path) -> PathBuf {
+        dev.join(&self.devname)
+    }
+    pub fn disk_path(&self, dev: &Path) -> PathBuf {
+        dev.join(&self.disk)
+    }
+}
+
+fn uevent_fields(text: &str) -> BTreeMap<&str, &str> {
+    text.lines().filter_map(|l| l.split_once('=')).collect()
+}
+
+fn read_u64(path: &Path) -> Option<u64> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// Every named partition under `class_block` (normally `/sys/class/block`).
+/// Entries that are not partitions, or lack a name, are skipped.
+pub fn scan(class_block: &Path) -> Result<Vec<Partition>, BlockError> {
+    let rd = std::fs::read_dir(class_block).map_err(|source| BlockError::Read {
+        path: class_block.to_path_buf(),
+        source,
+    })?;
+    let mut out = Vec::new();
+    for entry in rd.flatten() {
+        let dir = entry.path();
+        let Ok(text) = std::fs::read_to_string(dir.join("uevent")) else {
+            continue;
+        };
+        let f = uevent_fields(&text);
+        if f.get("DEVTYPE") != Some(&"partition") {
+            continue;
+        }
+        let (Some(name), Some(devname)) = (f.get("PARTNAME"), f.get("DEVNAME")) else {
+            continue;
+        };
+        let Some(number) = f.get("PARTN").and_then(|n| n.parse().ok()) else {
+            continue;
+        };
+        // /sys/class/block/vda4 links to .../block/vda/vda4: the parent is the disk.
+        let Some(disk) = std::fs::canonicalize(&dir).ok().and_then(|p| {
+            p.parent()
+                .and_then(|d| d.file_name())
+                .map(|n| n.to_string_lossy().into_owned())
+        }) else {
+            continue;
+        };
+        out.push(Partition {
+            name: (*name).to_string(),
+            devname: (*devname).to_string(),
+            number,
+            disk,
+            start_512: read_u64(&dir.join("start")).unwrap_or(0),
+            size_512: read_u64(&dir.join("size")).unwrap_or(0),
+        });
+    }
+    out.sort_by(|a, b| a.devname.cmp(&b.devname));
+    Ok(out)
+}
+
+/// Find partitions by name; when a name exists on several disks the first
+/// (by kernel name) wins, which is the disk the firmware enumerated first.
+pub fn find(class_block: &Path, names: &[&str]) -> Result<BTreeMap<String, Partition>, BlockError> {
+    let mut found = BTreeMap::new();
+    for p in scan(class_block)? {
+        if names.contains(&p.name.as_str()) && !found.contains_key(&p.name) {
+            found.insert(p.name.clone(), p);
+        }
+    }
+    Ok(found)
+}
+
+/// Poll `class_block` every `every` until all `names` are present or
+/// `timeout` passes. Devices appear asynchronously after their driver loads.
+pub fn wait_for(
+    class_block: &Path,
+    names: &[&str],
+    timeout: Duration,
+    every: Duration,
+) -> Result<BTreeMap<String, Partition>, BlockError> {
+    let start = Instant::now();
+    loop {
+        let found = find(class_block, names).unwrap_or_default();
+        if names.iter().all(|n| found.contains_key(*n)) {
+            return Ok(found);
+        }
+        if start.elapsed() >= timeout {
+            return Err(BlockError::Timeout {
+                missing: names
+                    .iter()
+                    .filter(|n| !found.contains_key(**n))
+                    .map(|n| n.to_string())
+                    .collect(),
+                dir: class_block.to_path_buf(),
+                waited_ms: start.elapsed().as_millis(),
+            });
+        }
+        std::thread::sleep(every);
+    }
+}
+
+/// The block-device operations growing the data partition needs.
+pub trait BlockDevices {
+    /// Open a whole disk for reading and writing its partition table.
+    fn open_disk(&mut self, disk: &Path) -> Result<File, BlockError>;
+    fn size_bytes(&mut self, disk: &File, path: &Path) -> Result<u64, BlockError>;
+    fn sector_size(&mut self, disk: &File, path: &Path) -> Result<u32, BlockError>;
+    /// Tell the kernel about the partition's new extent.
+    fn resize_partition(
+        &mut self,
+        disk: &File,
+        path: &Path,
+        number: u32,
+        start_bytes: u64,
+        length_bytes: u64,
+    ) -> Result<(), BlockError>;
+    /// Grow the ext4 mounted at `mount_point` to `size_bytes`; returns the block count.
+    fn grow_ext4(&mut self, mount_point: &Path, size_bytes: u64) -> Result<u64, BlockError>;
+}
+
+/// The kernel's block layer.
+#[derive(Debug, Default)]
+pub struct KernelBlockDevices;
+
+impl BlockDevices for KernelBlockDevices {
+    fn open_disk(&mut self, disk: &Path) -> Result<File, BlockError> {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(disk)
+            .map_err(|source| BlockError::Open {
+                device: disk.to_path_buf(),
+                source,
+            })
+    }
+
+    fn size_bytes(&mut self, disk: &File, path: &Path) -> Result<u64, BlockError> {
+        crate::sys::block::size_bytes(disk).map_err(|errno| BlockError::Ioctl {
+            what: "BLKGETSIZE64",
+            device: path.to_path_buf(),
+            errno,
+        })
+    }
+
+    fn sector_size(&mut self, disk: &File, path: &Path) -> Result<u32, BlockError> {
+        crate::sys::block::logical_sector_size(disk).map_err(|errno| BlockError::Ioctl {
+            what: "BLKSSZGET",
+            device: path.to_path_buf(),
+            errno,
+        })
+    }
+
+    fn resize_partition(
+        &mut self,
+        disk: &File,
+        path: &Path,
+        number: u32,
+        start_bytes: u64,
+        length_bytes: u64,
+    ) -> Result<(), BlockError> {
+        crate::sys::block::resize_partition(disk, number, start_bytes, length_bytes).map_err(
+            |errno| BlockError::Ioctl {
+                what: "BLKPG_RESIZE_PARTITION",
+                device: path.to_path_buf(),
+                errno,
+            },
+        )
+    }
+
+    fn grow_ext4(&mut self, mount_point: &Path, size_bytes: u64) -> Result<u64, BlockError> {
+        let ioctl_err = |what, errno| BlockError::Ioctl {
+            what,
+            device: mount_point.to_path_buf(),
+            errno,
+        };
+        let (block_size, _) =
+            crate::sys::statfs_blocks(mount_point).map_err(|e| ioctl_err("statfs", e))?;
+        let blocks = size_bytes / block_size.max(1);
+        let dir = File::open(mount_point).map_err(|source| BlockError::Open {
+            device: mount_point.to_path_buf(),
+            source,
+        })?;
+        crate::sys::block::resize_ext4(&dir, blocks)
+            .map_err(|e| ioctl_err("EXT4_IOC_RESIZE_FS", e))?;
+        Ok(blocks)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Build a sysfs-like fixture: devices/<disk>/<part>/uevent and
+    /// class/block/<name> symlinks, as the kernel lays them out.
+    fn fixture(parts: &[(&str, &str, u32, Option<&str>)]) -> tempfile::TempDir {
+        let t = tempfile::tempdir().unwrap();
+        let class = t.path().join("class/block");
+        std::fs::create_dir_all(&class).unwrap();
+        let mut disks = std::collections::BTreeSet::new();
+        for (disk, dev, n, name) in parts {
+            let d = t.path().join("devices").join(disk).join(dev);
+            std::fs::create_dir_all(&d).unwrap();
+            let mut ue =
+                format!("MAJOR=254\nMINOR={n}\nDEVNAME={dev}\nDEVTYPE=partition\nPARTN={n}\n");
+            if let Some(name) = name {
+                ue.push_str(&format!("PARTNAME={name}\n"));
+            }
+            std::fs::write(d.join("uevent"), ue).unwrap();
+            std::fs::write(d.join("start"), format!("{}\n", 2048 * n)).unwrap();
+            std::fs::write(d.join("size"), "2048\n").unwrap();
+            std::os::unix::fs::symlink(format!("../../devices/{disk}/{dev}"), class.join(dev))
+                .unwrap();
+            disks.insert(*disk);
+        }
+        for disk in disks {
+            let d = t.path().join("devices").join(disk);
+            std::fs::write(d.join("uevent"), format!("DEVNAME={disk}\nDEVTYPE=disk\n")).unwrap();
+            std::os::unix::fs::symlink(format!("../../devices/{disk}"), class.join(disk)).unwrap();
+        }
+        t
+    }
+
+    #[test]
+    fn finds_partitions_by_gpt_name() {
+        let t = fixture(&[
+            ("vda", "vda1", 1, Some("esp")),
+            ("vda", "vda2", 2, Some("root-a")),
+            ("vda", "vda3", 3, Some("root-b")),
+            ("vda", "vda4", 4, Some("data")),
+            ("vdb", "vdb1", 1, None),
+        ]);
+        let class = t.path().join("class/block");
+        let found = find(&class, &["root-a", "data", "esp"]).unwrap();
+        assert_eq!(found.len(), 3);
+        let data = &found["data"];
+        assert_eq!(data.devname, "vda4");
+        assert_eq!(data.disk, "vda");
+        assert_eq!(data.number, 4);
+        assert_eq!(data.start_512, 8192);
+        assert_eq!(data.size_512, 2048);
+        assert_eq!(data.dev_path(Path::new("/dev")), PathBuf::from("/dev/vda4"));
+        assert_eq!(data.disk_path(Path::new("/dev")), PathBuf::from("/dev/vda"));
+        assert!(!find(&class, &["root-b"]).unwrap().is_empty());
+    }
+
+    #[test]
+    fn first_disk_wins_on_duplicate_names() {
+        let t = fixture(&[
+            ("vdb", "vdb2", 2, Some("root-a")),
+            ("vda", "vda2", 2, Some("root-a")),
+        ]);
+        let found = find(&t.path().join("class/block"), &["root-a"]).unwrap();
+        assert_eq!(found["root-a"].devname, "vda2");
+    }
+
+    #[test]
+    fn wait_times_out_naming_the_missing() {
+        let t = fixture(&[("vda", "vda2", 2, Some("root-a"))]);
+        let err = wait_for(
+            &t.path().join("class/block"),
+            &["root-a", "data"],
+            Duration::from_millis(60),
+            Duration::from_millis(20),
+        )
+        .unwrap_err();
+        match err {
+            BlockError::Timeout { missing, .. } => assert_eq!(missing, vec!["data".to_string()]),
+            e => panic!("{e}"),
+        }
+    }
+
+    #[test]
+    fn wait_sees_late_partitions() {
+        let t = fixture(&[("vda", "vda2", 2, Some("root-a"))]);
+        let class = t.path().join("class/block");
+        let root = t.path().to_path_buf();
+        let h = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(80));
+            let d = root.join("devices/vda/vda4");
+            std::fs::create_dir_all(&d).unwrap();
+            std::fs::write(
+                d.join("uevent"),
+                "DEVNAME=vda4\nDEVTYPE=partition\nPARTN=4\nPARTNAME=data\n",
+            )
+            .unwrap();
+            std::os::unix::fs::symlink("../../devices/vda/vda4", root.join("class/block/vda4"))
+                .unwrap();
+        });
+        let found = wait_for(
+            &class,
+            &["root-a", "data"],
+            Duration::from_secs(5),
+            Duration::from_millis(20),
+        )
+        .unwrap();
+        h.join().unwrap();
+        assert_eq!(found["data"].devname, "vda4");
+    }
+
+    #[test]
+    fn missing_dir_is_an_error() {
+        assert!(scan(Path::new("/nonexistent/class/block")).is_err());
+    }
+}

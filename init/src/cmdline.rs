@@ -1,0 +1,122 @@
+//! The kernel command line as stage 1 reads it (`/proc/cmdline`): which slot
+//! booted. Keys are listed in docs/boot-protocol.md; unknown `basalt.*` keys
+//! are reported and ignored, other keys belong to the kernel and are skipped.
+
+use crate::slot::{CMDLINE_SLOT, Slot};
+
+/// `basalt.*` keys this init understands.
+const KNOWN_KEYS: &[&str] = &[CMDLINE_SLOT, "basalt.verity"];
+
+/// What the command line tells init.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct BootArgs {
+    pub slot: Option<Slot>,
+    pub verity: Option<String>,
+    /// Problems to report as `basalt: error` lines (unknown keys, bad values).
+    pub problems: Vec<String>,
+}
+
+/// Split a command line into words, honouring double quotes the way the
+/// kernel does (`key="a b"` is one word, quotes removed).
+pub fn words(cmdline: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut quoted = false;
+    let mut any = false;
+    for c in cmdline.chars() {
+        match c {
+            '"' => {
+                quoted = !quoted;
+                any = true;
+            }
+            c if c.is_whitespace() && !quoted => {
+                if any {
+                    out.push(std::mem::take(&mut cur));
+                    any = false;
+                }
+            }
+            c => {
+                cur.push(c);
+                any = true;
+            }
+        }
+    }
+    if any {
+        out.push(cur);
+    }
+    out
+}
+
+pub fn parse(cmdline: &str) -> BootArgs {
+    let mut args = BootArgs::default();
+    for w in words(cmdline) {
+        let (key, value) = match w.split_once('=') {
+            Some((k, v)) => (k, Some(v)),
+            None => (w.as_str(), None),
+        };
+        if !key.starts_with("basalt.") {
+            continue;
+        }
+        if !KNOWN_KEYS.contains(&key) {
+            args.problems.push(format!("unknown key {key}"));
+            continue;
+        }
+        match (key, value) {
+            (CMDLINE_SLOT, Some(v)) => match Slot::parse(v) {
+                Some(s) => args.slot = Some(s),
+                None => args.problems.push(format!("bad value {key}={v}")),
+            },
+            ("basalt.verity", Some(v)) => {
+                if v.len() == 64 && v.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    args.verity = Some(v.to_ascii_lowercase());
+                } else {
+                    args.problems.push(format!("bad value {key}={v}"));
+                }
+            }
+            (k, None) => args.problems.push(format!("missing value for {k}")),
+            _ => {}
+        }
+    }
+    args
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table() {
+        let cases: &[(&str, Option<Slot>, usize)] = &[
+            ("console=ttyS0,115200 basalt.slot=a", Some(Slot::A), 0),
+            ("basalt.slot=b quiet\n", Some(Slot::B), 0),
+            ("basalt.slot=c", None, 1),
+            ("basalt.slot", None, 1),
+            ("root=/dev/x basalt.bogus=1 basalt.slot=a", Some(Slot::A), 1),
+            ("", None, 0),
+            ("init=\"/x y\" basalt.slot=b", Some(Slot::B), 0),
+            ("abasalt.slot=a", None, 0),
+            ("basalt.slot=a basalt.slot=b", Some(Slot::B), 0),
+        ];
+        for (line, slot, problems) in cases {
+            let a = parse(line);
+            assert_eq!(a.slot, *slot, "{line}");
+            assert_eq!(a.problems.len(), *problems, "{line}: {:?}", a.problems);
+        }
+    }
+
+    #[test]
+    fn quotes() {
+        assert_eq!(words("a=\"b c\" d"), vec!["a=b c", "d"]);
+        assert_eq!(words("  x  "), vec!["x"]);
+    }
+
+    #[test]
+    fn verity() {
+        let h = "A".repeat(64);
+        assert_eq!(
+            parse(&format!("basalt.verity={h}")).verity,
+            Some("a".repeat(64))
+        );
+        assert_eq!(parse("basalt.verity=abc").problems.len(), 1);
+    }
+}

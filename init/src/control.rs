@@ -1,0 +1,112 @@
+//! `basaltctl`: the client side of the control socket. One line out (the
+//! command and its arguments), the reply printed as is. The server side is
+//! in `supervisor`, inside PID 1's event loop.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::slot::CONTROL_SOCKET;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("usage: basaltctl status [--json] | reboot | poweroff")]
+    Usage,
+    #[error("connecting to init at {path}: {source}")]
+    Connect {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("talking to init at {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("init answered: {0}")]
+    Refused(String),
+}
+
+/// The socket path: `BASALT_CONTROL_SOCKET` if set (tests), else the contract's.
+pub fn socket_path() -> PathBuf {
+    std::env::var_os("BASALT_CONTROL_SOCKET")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(CONTROL_SOCKET))
+}
+
+/// Validate the arguments into the request line.
+pub fn request_line(args: &[String]) -> Result<String, ControlError> {
+    let words: Vec<&str> = args.iter().map(String::as_str).collect();
+    match words.as_slice() {
+        ["status"] | ["status", "--json"] | ["reboot"] | ["poweroff"] => Ok(words.join(" ")),
+        _ => Err(ControlError::Usage),
+    }
+}
+
+/// Send one request and return the reply.
+pub fn call(path: &Path, line: &str) -> Result<String, ControlError> {
+    let io = |source| ControlError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut s = UnixStream::connect(path).map_err(|source| ControlError::Connect {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(io)?;
+    s.write_all(format!("{line}\n").as_bytes()).map_err(io)?;
+    let mut reply = String::new();
+    s.read_to_string(&mut reply).map_err(io)?;
+    if let Some(rest) = reply.strip_prefix("error ") {
+        return Err(ControlError::Refused(rest.trim().to_string()));
+    }
+    Ok(reply)
+}
+
+/// `basaltctl <args>`: returns the process exit code.
+pub fn main(args: &[String]) -> i32 {
+    let result = request_line(args).and_then(|line| call(&socket_path(), &line));
+    match result {
+        Ok(reply) => {
+            print!("{reply}");
+            0
+        }
+        Err(ControlError::Usage) => {
+            eprintln!("{}", ControlError::Usage);
+            2
+        }
+        Err(e) => {
+            eprintln!("basaltctl: {e}");
+            1
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(a: &[&str]) -> Vec<String> {
+        a.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn requests() {
+        assert_eq!(request_line(&args(&["status"])).unwrap(), "status");
+        assert_eq!(
+            request_line(&args(&["status", "--json"])).unwrap(),
+            "status --json"
+        );
+        assert_eq!(request_line(&args(&["poweroff"])).unwrap(), "poweroff");
+        assert!(request_line(&args(&[])).is_err());
+        assert!(request_line(&args(&["reboot", "now"])).is_err());
+        assert!(request_line(&args(&["status\nreboot"])).is_err());
+    }
+
+    #[test]
+    fn missing_socket_names_the_path() {
+        let e = call(Path::new("/nonexistent/control.sock"), "status").unwrap_err();
+        assert!(e.to_string().contains("/nonexistent/control.sock"), "{e}");
+    }
+}

@@ -1,0 +1,490 @@
+//! A small GPT reader/writer, just enough to grow the last partition (the
+//! data partition) to the end of its disk on first boot (UEFI spec §5.3,
+//! "GUID Partition Table Disk Layout"). Works on any `Read + Write + Seek`, so
+//! it is tested on in-memory disks and image files checked by sfdisk/sgdisk.
+//!
+//! Power-cut safety: the new backup table is written first, into space no
+//! table or partition uses yet, then the primary; until the primary is
+//! rewritten the old, still intact tables describe the disk, and the next
+//! boot simply grows again. Only after both does the old backup header (now
+//! inside the grown partition, never part of its filesystem yet) get zeroed.
+
+use std::io::{Read, Seek, SeekFrom, Write};
+
+#[derive(Debug, thiserror::Error)]
+pub enum GptError {
+    #[error("reading GPT at LBA {lba}: {source}")]
+    Io { lba: u64, source: std::io::Error },
+    #[error("no GPT signature at LBA {0}")]
+    NoSignature(u64),
+    #[error("GPT header at LBA {lba} is corrupt: {why}")]
+    Corrupt { lba: u64, why: &'static str },
+    #[error("no partition named {0:?}")]
+    NotFound(String),
+    #[error("partition {name:?} is not the last one (partition {other} lies after it)")]
+    NotLast { name: String, other: usize },
+    #[error(
+        "partition {name:?} ends at LBA {end}, beyond the disk's last usable LBA {last_usable}"
+    )]
+    BeyondEnd {
+        name: String,
+        end: u64,
+        last_usable: u64,
+    },
+    #[error("disk of {0} bytes is too small for a GPT")]
+    TooSmall(u64),
+}
+
+/// CRC-32 (IEEE 802.3, reflected), the checksum GPT headers and entry arrays carry.
+pub fn crc32(data: &[u8]) -> u32 {
+    const TABLE: [u32; 256] = {
+        let mut t = [0u32; 256];
+        let mut i = 0;
+        while i < 256 {
+            let mut c = i as u32;
+            let mut k = 0;
+            while k < 8 {
+                c = if c & 1 != 0 {
+                    0xEDB8_8320 ^ (c >> 1)
+                } else {
+                    c >> 1
+                };
+                k += 1;
+            }
+            t[i] = c;
+            i += 1;
+        }
+        t
+    };
+    let mut c = 0xFFFF_FFFFu32;
+    for b in data {
+        c = TABLE[((c ^ *b as u32) & 0xFF) as usize] ^ (c >> 8);
+    }
+    c ^ 0xFFFF_FFFF
+}
+
+fn le32(b: &[u8], off: usize) -> u32 {
+    let mut a = [0u8; 4];
+    a.copy_from_slice(&b[off..off + 4]);
+    u32::from_le_bytes(a)
+}
+
+fn le64(b: &[u8], off: usize) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[off..off + 8]);
+    u64::from_le_bytes(a)
+}
+
+fn put32(b: &mut [u8], off: usize, v: u32) {
+    b[off..off + 4].copy_from_slice(&v.to_le_bytes());
+}
+
+fn put64(b: &mut [u8], off: usize, v: u64) {
+    b[off..off + 8].copy_from_slice(&v.to_le_bytes());
+}
+
+// Header field offsets.
+const H_CRC: usize = 16;
+const H_MY_LBA: usize = 24;
+const H_ALT_LBA: usize = 32;
+const H_FIRST_USABLE: usize = 40;
+const H_LAST_USABLE: usize = 48;
+const H_ENTRIES_LBA: usize = 72;
+const H_NUM_ENTRIES: usize = 80;
+const H_ENTRY_SIZE: usize = 84;
+const H_ENTRIES_CRC: usize = 88;
+// Entry field offsets.
+const E_FIRST_LBA: usize = 32;
+const E_LAST_LBA: usize = 40;
+const E_NAME: usize = 56;
+const E_NAME_LEN: usize = 72;
+
+/// A GPT as read from the disk: one header and the entry array.
+#[derive(Debug, Clone)]
+pub struct Gpt {
+    pub sector: u64,
+    header: Vec<u8>,
+    entries: Vec<u8>,
+}
+
+/// One used partition entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// Index in the entry array; the kernel's partition number is `index + 1`.
+    pub index: usize,
+    pub name: String,
+    pub first_lba: u64,
+    pub last_lba: u64,
+}
+
+fn read_at<D: Read + Seek>(
+    d: &mut D,
+    sector: u64,
+    lba: u64,
+    len: usize,
+) -> Result<Vec<u8>, GptError> {
+    let io = |source| GptError::Io { lba, source };
+    d.seek(SeekFrom::Start(lba * sector)).map_err(io)?;
+    let mut buf = vec![0u8; len];
+    d.read_exact(&mut buf).map_err(io)?;
+    Ok(buf)
+}
+
+fn write_at<D: Write + Seek>(
+    d: &mut D,
+    sector: u64,
+    lba: u64,
+    data: &[u8],
+) -> Result<(), GptError> {
+    let io = |source| GptError::Io { lba, source };
+    d.seek(SeekFrom::Start(lba * sector)).map_err(io)?;
+    d.write_all(data).map_err(io)?;
+    d.flush().map_err(io)
+}
+
+impl Gpt {
+    /// Read and verify the primary GPT (header at LBA 1 and its entries).
+    pub fn read<D: Read + Seek>(d: &mut D, sector: u64) -> Result<Gpt, GptError> {
+        let header = read_at(d, sector, 1, sector as usize)?;
+        if &header[0..8] != b"EFI PART" {
+            return Err(GptError::NoSignature(1));
+        }
+        let corrupt = |why| GptError::Corrupt { lba: 1, why };
+        let hsize = le32(&header, 12) as usize;
+        if hsize < 92 || hsize > sector as usize {
+            return Err(corrupt("header size"));
+        }
+        let mut h = header[..hsize].to_vec();
+        put32(&mut h, H_CRC, 0);
+        if crc32(&h) != le32(&header, H_CRC) {
+            return Err(corrupt("header CRC"));
+        }
+        let n = le32(&header, H_NUM_ENTRIES) as usize;
+        let esize = le32(&header, H_ENTRY_SIZE) as usize;
+        if esize < 128 || n == 0 || n * esize > 1 << 20 {
+            return Err(corrupt("entry array size"));
+        }
+        let entries = read_at(d, sector, le64(&header, H_ENTRIES_LBA), n * esize)?;
+        if crc32(&entries) != le32(&header, H_ENTRIES_CRC) {
+            return Err(corrupt("entry array CRC"));
+        }
+        Ok(Gpt {
+            sector,
+            header,
+            entries,
+        })
+    }
+
+    fn entry_size(&self) -> usize {
+        le32(&self.header, H_ENTRY_SIZE) as usize
+    }
+
+    pub fn alternate_lba(&self) -> u64 {
+        le64(&self.header, H_ALT_LBA)
+    }
+
+    pub fn first_usable(&self) -> u64 {
+        le64(&self.header, H_FIRST_USABLE)
+    }
+
+    pub fn last_usable(&self) -> u64 {
+        le64(&self.header, H_LAST_USABLE)
+    }
+
+    /// Used entries (non-zero type GUID).
+    pub fn partitions(&self) -> Vec<Entry> {
+        let es = self.entry_size();
+        self.entries
+            .chunks_exact(es)
+            .enumerate()
+            .filter(|(_, e)| e[0..16].iter().any(|b| *b != 0))
+            .map(|(index, e)| {
+                let units: Vec<u16> = e[E_NAME..E_NAME + E_NAME_LEN]
+                    .chunks_exact(2)
+                    .map(|c| u16::from_le_bytes([c[0], c[1]]))
+                    .take_while(|u| *u != 0)
+                    .collect();
+                Entry {
+                    index,
+                    name: String::from_utf16_lossy(&units),
+                    first_lba: le64(e, E_FIRST_LBA),
+                    last_lba: le64(e, E_LAST_LBA),
+                }
+            })
+            .collect()
+    }
+
+    fn entries_sectors(&self) -> u64 {
+        (self.entries.len() as u64).div_ceil(self.sector)
+    }
+
+    /// Where tables and the last usable LBA sit on a disk of `total_lbas`.
+    fn layout_for(&self, total_lbas: u64) -> (u64, u64, u64) {
+        let backup_header = total_lbas - 1;
+        let backup_entries = backup_header - self.entries_sectors();
+        (backup_header, backup_entries, backup_entries - 1)
+    }
+
+    /// The header for `my_lba`, with checksums, as a full sector.
+    fn header_sector(&self, my_lba: u64, alt_lba: u64, entries_lba: u64) -> Vec<u8> {
+        let mut h = self.header.clone();
+        put64(&mut h, H_MY_LBA, my_lba);
+        put64(&mut h, H_ALT_LBA, alt_lba);
+        put64(&mut h, H_ENTRIES_LBA, entries_lba);
+        put32(&mut h, H_ENTRIES_CRC, crc32(&self.entries));
+        put32(&mut h, H_CRC, 0);
+        let hsize = le32(&h, 12) as usize;
+        let c = crc32(&h[..hsize]);
+        put32(&mut h, H_CRC, c);
+        h
+    }
+}
+
+/// What [`grow_last_partition`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GrowOutcome {
+    /// The partition already ends at the last usable LBA and the backup
+    /// table is at the disk's end.
+    AlreadyFull(Entry),
+    Grown {
+        before: Entry,
+        after: Entry,
+    },
+}
+
+/// Grow the partition named `name` to the disk's last usable LBA, moving the
+/// backup table to the end of a disk of `disk_bytes`. Only the last partition
+/// on the disk may be grown.
+pub fn grow_last_partition<D: Read + Write + Seek>(
+    d: &mut D,
+    sector: u64,
+    disk_bytes: u64,
+    name: &str,
+) -> Result<GrowOutcome, GptError> {
+    let mut gpt = Gpt::read(d, sector)?;
+    let total = disk_bytes / sector;
+    if total < 2 * gpt.entries_sectors() + 4 {
+        return Err(GptError::TooSmall(disk_bytes));
+    }
+    let (backup_header, backup_entries, last_usable) = gpt.layout_for(total);
+    let parts = gpt.partitions();
+    let before = parts
+        .iter()
+        .find(|p| p.name == name)
+        .cloned()
+        .ok_or_else(|| GptError::NotFound(name.to_string()))?;
+    if let Some(other) = parts.iter().find(|p| p.first_lba > before.last_lba) {
+        return Err(GptError::NotLast {
+            name: name.to_string(),
+            other: other.index + 1,
+        });
+    }
+    if before.last_lba > last_usable {
+        return Err(GptError::BeyondEnd {
+            name: name.to_string(),
+            end: before.last_lba,
+            last_usable,
+        });
+    }
+    if before.last_lba == last_usable
+        && gpt.alternate_lba() == backup_header
+        && gpt.last_usable() == last_usable
+    {
+        return Ok(GrowOutcome::AlreadyFull(before));
+    }
+    let old_alternate = gpt.alternate_lba();
+
+    let es = gpt.entry_size();
+    let off = before.index * es;
+    put64(&mut gpt.entries[off..off + es], E_LAST_LBA, last_usable);
+    put64(&mut gpt.header, H_LAST_USABLE, last_usable);
+
+    let primary_entries = le64(&gpt.header, H_ENTRIES_LBA);
+    let backup = gpt.header_sector(backup_header, 1, backup_entries);
+    let primary = gpt.header_sector(1, backup_header, primary_entries);
+    write_at(d, sector, backup_entries, &gpt.entries)?;
+    write_at(d, sector, backup_header, &backup)?;
+    write_at(d, sector, primary_entries, &gpt.entries)?;
+    write_at(d, sector, 1, &primary)?;
+    if old_alternate != backup_header && old_alternate > 1 && old_alternate < total {
+        write_at(d, sector, old_alternate, &vec![0u8; sector as usize])?;
+    }
+    let after = Entry {
+        last_lba: last_usable,
+        ..before.clone()
+    };
+    Ok(GrowOutcome::Grown { before, after })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Cursor;
+    use std::process::Command;
+
+    #[test]
+    fn crc32_known_vector() {
+        assert_eq!(crc32(b"123456789"), 0xCBF4_3926);
+        assert_eq!(crc32(b""), 0);
+    }
+
+    /// An image laid out like the builder's (docs/boot-protocol.md "Disk"),
+    /// made by sfdisk, an independent GPT implementation.
+    fn sfdisk_image(path: &std::path::Path, mib: u64) -> bool {
+        let f = std::fs::File::create(path).unwrap();
+        f.set_len(mib << 20).unwrap();
+        drop(f);
+        let script = "label: gpt\nunit: sectors\n\
+            start=2048, size=8192, type=C12A7328-F81F-11D2-BA4B-00A0C93EC93B, name=\"esp\"\n\
+            start=10240, size=8192, type=0FC63DAF-8483-4772-8E79-3D69D8477DE4, name=\"root-a\"\n\
+            start=18432, size=8192, type=0FC63DAF-8483-4772-8E79-3D69D8477DE4, name=\"root-b\"\n\
+            start=26624, size=4096, type=0FC63DAF-8483-4772-8E79-3D69D8477DE4, name=\"data\"\n";
+        let mut child = match Command::new("sfdisk")
+            .arg("--quiet")
+            .arg(path)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+        {
+            Ok(c) => c,
+            Err(_) => return false,
+        };
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(script.as_bytes())
+            .unwrap();
+        child.wait().unwrap().success()
+    }
+
+    fn sfdisk_dump(path: &std::path::Path) -> String {
+        let out = Command::new("sfdisk").arg("-d").arg(path).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    #[test]
+    fn grows_in_memory_then_on_file_checked_by_sfdisk_and_sgdisk() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("disk.img");
+        if !sfdisk_image(&img, 16) {
+            eprintln!("sfdisk not available; skipping");
+            return;
+        }
+        // The user wrote the 16 MiB image to a 48 MiB disk.
+        let mut bytes = std::fs::read(&img).unwrap();
+        bytes.resize(48 << 20, 0);
+        let disk_bytes = bytes.len() as u64;
+        let mut disk = Cursor::new(bytes);
+
+        let before = Gpt::read(&mut disk, 512).unwrap();
+        let names: Vec<_> = before.partitions().iter().map(|p| p.name.clone()).collect();
+        assert_eq!(names, ["esp", "root-a", "root-b", "data"]);
+        assert_eq!(before.alternate_lba(), (16 << 20) / 512 - 1);
+
+        let out = grow_last_partition(&mut disk, 512, disk_bytes, "data").unwrap();
+        let total = disk_bytes / 512;
+        let GrowOutcome::Grown { before: b, after } = out else {
+            panic!("expected growth, got {out:?}");
+        };
+        assert_eq!(b.last_lba, 26624 + 4096 - 1);
+        assert_eq!(after.first_lba, 26624);
+        assert_eq!(after.last_lba, total - 34); // 32 entry sectors + header + last LBA
+        assert_eq!(after.index, 3);
+
+        // Re-read: CRCs valid, backup moved, second run is a no-op.
+        let g = Gpt::read(&mut disk, 512).unwrap();
+        assert_eq!(g.alternate_lba(), total - 1);
+        assert_eq!(g.last_usable(), total - 34);
+        assert!(matches!(
+            grow_last_partition(&mut disk, 512, disk_bytes, "data").unwrap(),
+            GrowOutcome::AlreadyFull(_)
+        ));
+        // The old backup header is gone.
+        let old = (16u64 << 20) / 512 - 1;
+        assert!(
+            disk.get_ref()[(old * 512) as usize..(old * 512 + 8) as usize]
+                .iter()
+                .all(|b| *b == 0)
+        );
+
+        // Independent checks on the written image.
+        std::fs::write(&img, disk.get_ref()).unwrap();
+        let dump = sfdisk_dump(&img);
+        assert!(
+            dump.contains(&format!("last-lba: {}", total - 34)),
+            "{dump}"
+        );
+        let data_line = dump.lines().find(|l| l.contains("name=\"data\"")).unwrap();
+        let field = |k: &str| -> u64 {
+            let rest = &data_line[data_line.find(k).unwrap() + k.len()..];
+            rest.trim_start()
+                .split(',')
+                .next()
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap()
+        };
+        assert_eq!(field("start="), 26624, "{data_line}");
+        assert_eq!(field("size="), total - 34 - 26624 + 1, "{data_line}");
+        if let Ok(v) = Command::new("sgdisk").arg("-v").arg(&img).output() {
+            let text = String::from_utf8_lossy(&v.stdout);
+            assert!(text.contains("No problems found"), "sgdisk -v: {text}");
+        }
+    }
+
+    #[test]
+    fn grows_within_same_size_disk_and_rejects_non_last() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("disk.img");
+        if !sfdisk_image(&img, 16) {
+            return;
+        }
+        let bytes = std::fs::read(&img).unwrap();
+        let n = bytes.len() as u64;
+        let mut disk = Cursor::new(bytes);
+        assert!(matches!(
+            grow_last_partition(&mut disk, 512, n, "root-a"),
+            Err(GptError::NotLast { other: 3, .. })
+        ));
+        assert!(matches!(
+            grow_last_partition(&mut disk, 512, n, "nope"),
+            Err(GptError::NotFound(_))
+        ));
+        // Same-size disk: data grows into the free tail; backup stays put.
+        let out = grow_last_partition(&mut disk, 512, n, "data").unwrap();
+        assert!(matches!(out, GrowOutcome::Grown { .. }));
+        std::fs::write(&img, disk.get_ref()).unwrap();
+        assert!(sfdisk_dump(&img).contains("name=\"data\""));
+    }
+
+    #[test]
+    fn rejects_corruption() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("disk.img");
+        if !sfdisk_image(&img, 16) {
+            return;
+        }
+        let mut bytes = std::fs::read(&img).unwrap();
+        bytes[512 + 60] ^= 0xFF; // inside the disk GUID: header CRC breaks
+        let n = bytes.len() as u64;
+        assert!(matches!(
+            grow_last_partition(&mut Cursor::new(bytes.clone()), 512, n, "data"),
+            Err(GptError::Corrupt {
+                why: "header CRC",
+                ..
+            })
+        ));
+        bytes[512..520].copy_from_slice(b"NOTAGPT!");
+        assert!(matches!(
+            Gpt::read(&mut Cursor::new(bytes), 512),
+            Err(GptError::NoSignature(1))
+        ));
+    }
+}

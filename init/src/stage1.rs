@@ -1,0 +1,871 @@
+//! Stage 1: PID 1 in the initramfs. `run` reads top to bottom in the order
+//! of docs/boot-protocol.md "Stage 1": kernel filesystems, modules, find the
+//! slot's partitions, mount the root, grow and mount the data partition,
+//! seed `/etc`, mount `/boot` and `/run`, hand off, `switch_root`, exec
+//! stage 2. It never exits: on a fatal error it reports and stays alive
+//! (PID 1 exiting panics the kernel).
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::blockdev::{self, BlockDevices, KernelBlockDevices, Partition};
+use crate::cmdline;
+use crate::console::{self, guarded};
+use crate::gpt::{self, GrowOutcome};
+use crate::modules::{self, InitramfsSettings, KernelModules, ModuleLoader};
+use crate::mounts::{self, KernelMounts, Mounts};
+use crate::report;
+use crate::say;
+use crate::slot::{
+    DATA_PARTITION_NAME, ESP_PARTITION_NAME, INITRAMFS_MARKER, ROOT_INIT_PATH, Slot,
+};
+use crate::sys::{self, MsFlags};
+
+/// `/run/basalt/stage1.toml`: what stage 1 tells stage 2.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Handoff {
+    pub slot: String,
+    pub kernel_start_to_stage1_ms: u64,
+    pub stage1_end_ms: u64,
+    pub data_grown: bool,
+    pub root_device: String,
+    pub data_device: String,
+    pub boot_device: String,
+    pub steps_ms: BTreeMap<String, u64>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Stage1Error {
+    #[error(transparent)]
+    Block(#[from] blockdev::BlockError),
+    #[error("growing the data partition on {disk}: {source}")]
+    Gpt {
+        disk: PathBuf,
+        source: gpt::GptError,
+    },
+    #[error("syncing {disk}: {source}")]
+    Sync {
+        disk: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("copying {from} to {to}: {source}")]
+    Copy {
+        from: PathBuf,
+        to: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+const WAIT_DEVICES: Duration = Duration::from_secs(10);
+const WAIT_POLL: Duration = Duration::from_millis(20);
+
+/// Where stage 1 works and what it works through. On a device `root` is `/`
+/// and the seams are the kernel's; tests point `root` at a fixture tree
+/// (`proc/cmdline`, `sys/class/block`, `newroot/etc`, ...) and pass fakes.
+pub struct Env<'a> {
+    pub root: PathBuf,
+    pub mounts: &'a mut dyn Mounts,
+    pub modules: &'a mut dyn ModuleLoader,
+    pub block: &'a mut dyn BlockDevices,
+    /// Reopen stdio on `<root>/dev/console` (not in tests).
+    pub reopen_console: bool,
+}
+
+impl Env<'_> {
+    fn path(&self, abs: &str) -> PathBuf {
+        self.root.join(abs.trim_start_matches('/'))
+    }
+}
+
+/// Per-step timer for the handoff's `steps_ms`.
+struct Steps {
+    at: Instant,
+    ms: BTreeMap<String, u64>,
+}
+
+impl Steps {
+    fn done(&mut self, name: &str) {
+        let now = Instant::now();
+        self.ms.insert(
+            name.to_string(),
+            now.duration_since(self.at).as_millis() as u64,
+        );
+        self.at = now;
+    }
+}
+
+/// Run stage 1. Never returns.
+pub fn run() -> ! {
+    console::install_panic_hook();
+    say!("stage1 start");
+    let mut env = Env {
+        root: PathBuf::from("/"),
+        mounts: &mut KernelMounts,
+        modules: &mut KernelModules,
+        block: &mut KernelBlockDevices,
+        reopen_console: true,
+    };
+    let handoff = prepare_root(&mut env);
+    write_handoff(&env.path("/newroot/run/basalt/stage1.toml"), &handoff);
+
+    // 8. Into the real root.
+    for api in ["/dev", "/proc", "/sys"] {
+        let (from, to) = (env.path(api), env.path("/newroot").join(&api[1..]));
+        if let Err(e) = mounts::move_mount(env.mounts, &from, &to) {
+            console::error("move-mount", e);
+        }
+    }
+    switch_root(env.mounts, Path::new("/newroot"));
+    let err = std::process::Command::new(ROOT_INIT_PATH).exec();
+    stay_alive("exec-stage2", format_args!("{ROOT_INIT_PATH} ({err})"))
+}
+
+/// Steps 1 to 7 of docs/boot-protocol.md "Stage 1": everything up to the
+/// handoff, leaving the real root assembled at `<root>/newroot`.
+pub fn prepare_root(env: &mut Env<'_>) -> Handoff {
+    let mut steps = Steps {
+        at: Instant::now(),
+        ms: BTreeMap::new(),
+    };
+    let mut handoff = Handoff::default();
+
+    // 1. Kernel filesystems, then the console as stdio.
+    mount_kernel_filesystems(env);
+    handoff.kernel_start_to_stage1_ms = report::uptime_ms(&env.path("/proc"));
+    if env.reopen_console {
+        reopen_console(&env.path("/dev/console"));
+    }
+    steps.done("mounts");
+
+    // 2. Modules, in the order the builder resolved.
+    match InitramfsSettings::load(&env.path(INITRAMFS_MARKER)) {
+        Ok(settings) => {
+            let paths = settings.module_paths(&env.root);
+            let report = modules::load_in_order(env.modules, &paths);
+            if !report.failed.is_empty() {
+                console::error(
+                    "modules",
+                    format_args!("{} of {} failed", report.failed.len(), paths.len()),
+                );
+            }
+        }
+        Err(e) => console::error("initramfs-settings", e),
+    }
+    steps.done("modules");
+
+    // 3. Which slot booted, and its partitions.
+    let slot = booted_slot(&env.path("/proc/cmdline"));
+    handoff.slot = slot.name().to_string();
+    let parts = wait_for_partitions(&env.path("/sys/class/block"), slot);
+    steps.done("wait_devices");
+
+    // 4. The slot's root, read-only.
+    let dev = env.path("/dev");
+    let newroot = env.path("/newroot");
+    if let Some(root) = parts.get(slot.root_partition_name()) {
+        handoff.root_device = root.dev_path(&dev).display().to_string();
+        mount_or_stay(
+            env.mounts,
+            &handoff.root_device,
+            &newroot,
+            "squashfs",
+            MsFlags::MS_RDONLY,
+        );
+    }
+    steps.done("mount_root");
+
+    // 5. The data partition: grow on first boot, mount at /var, grow ext4.
+    if let Some(data) = parts.get(DATA_PARTITION_NAME) {
+        handoff.data_device = data.dev_path(&dev).display().to_string();
+        let block = &mut *env.block;
+        let grown = guarded("grow-data", || grow_data_partition(block, data, &dev));
+        let size_bytes = match grown {
+            Some(Ok(Some(bytes))) => {
+                handoff.data_grown = true;
+                bytes
+            }
+            Some(Err(e)) => {
+                console::error("grow-data", e);
+                data.size_512 * 512
+            }
+            Some(Ok(None)) | None => data.size_512 * 512,
+        };
+        steps.done("grow_data");
+        let var = newroot.join("var");
+        match mounts::mount_fs(
+            env.mounts,
+            &handoff.data_device,
+            &var,
+            "ext4",
+            MsFlags::MS_NOATIME,
+            None,
+        ) {
+            // Every boot: a no-op when the filesystem already fills the
+            // partition, and it finishes a growth a power cut interrupted.
+            Ok(()) => {
+                if let Err(e) = env.block.grow_ext4(&var, size_bytes) {
+                    console::error("grow-ext4", e);
+                }
+            }
+            Err(e) => console::error("mount-data", e),
+        }
+        steps.done("mount_data");
+    }
+
+    // 6. /etc: a tmpfs seeded from the image's /etc.
+    if let Err(e) = seed_etc(env) {
+        console::error("seed-etc", e);
+    }
+    steps.done("etc");
+
+    // 7. /boot (the ESP) and /run; the caller writes the handoff into /run.
+    if let Some(esp) = parts.get(ESP_PARTITION_NAME) {
+        handoff.boot_device = esp.dev_path(&dev).display().to_string();
+        let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+        let boot = newroot.join("boot");
+        if let Err(e) = mounts::mount_fs(
+            env.mounts,
+            &handoff.boot_device,
+            &boot,
+            "vfat",
+            flags,
+            Some("umask=0077"),
+        ) {
+            console::error("mount-boot", e);
+        }
+    }
+    let run_flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+    if let Err(e) = mounts::mount_fs(
+        env.mounts,
+        "tmpfs",
+        &newroot.join("run"),
+        "tmpfs",
+        run_flags,
+        Some("mode=0755"),
+    ) {
+        console::error("mount-run", e);
+    }
+    steps.done("boot_run");
+    handoff.steps_ms = steps.ms;
+    handoff.stage1_end_ms = report::uptime_ms(&env.path("/proc"));
+    handoff
+}
+
+fn reopen_console(path: &Path) {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+    {
+        Ok(c) => {
+            if let Err(e) = sys::reopen_stdio(&c) {
+                console::error("console", format_args!("{} ({e})", path.display()));
+            }
+        }
+        Err(e) => console::error("console", format_args!("{} ({e})", path.display())),
+    }
+}
+
+fn mount_kernel_filesystems(env: &mut Env<'_>) {
+    let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    let list: [(&str, &str, &str, MsFlags, Option<&str>); 3] = [
+        ("proc", "/proc", "proc", nosuid, None),
+        ("sysfs", "/sys", "sysfs", nosuid, None),
+        (
+            "devtmpfs",
+            "/dev",
+            "devtmpfs",
+            MsFlags::MS_NOSUID,
+            Some("mode=0755"),
+        ),
+    ];
+    for (src, target, fs, flags, data) in list {
+        let target = env.path(target);
+        if let Err(e) = mounts::mount_fs(env.mounts, src, &target, fs, flags, data) {
+            console::error("mount", e);
+        }
+    }
+}
+
+/// The slot named on the kernel command line; slot a (reported) when absent,
+/// so a hand-edited loader entry still boots.
+pub fn booted_slot(cmdline_path: &Path) -> Slot {
+    let text = match std::fs::read_to_string(cmdline_path) {
+        Ok(t) => t,
+        Err(e) => {
+            console::error("cmdline", format_args!("{} ({e})", cmdline_path.display()));
+            String::new()
+        }
+    };
+    let args = cmdline::parse(&text);
+    for p in &args.problems {
+        console::error("cmdline", p);
+    }
+    args.slot.unwrap_or_else(|| {
+        console::error("cmdline", "no basalt.slot, using slot a");
+        Slot::A
+    })
+}
+
+/// Wait for root, data and ESP partitions. Without the root there is nothing
+/// to boot: keep looking (and saying so) forever; the others may be missing.
+fn wait_for_partitions(class_block: &Path, slot: Slot) -> BTreeMap<String, Partition> {
+    let names = [
+        slot.root_partition_name(),
+        DATA_PARTITION_NAME,
+        ESP_PARTITION_NAME,
+    ];
+    loop {
+        match blockdev::wait_for(class_block, &names, WAIT_DEVICES, WAIT_POLL) {
+            Ok(found) => return found,
+            Err(e) => {
+                console::error("wait-devices", &e);
+                let found = blockdev::find(class_block, &names).unwrap_or_default();
+                if found.contains_key(slot.root_partition_name()) {
+                    return found;
+                }
+            }
+        }
+    }
+}
+
+/// Mount or retry every few seconds, forever: used for the root, without which
+/// stage 1 cannot go on.
+fn mount_or_stay(m: &mut dyn Mounts, dev: &str, target: &Path, fs: &str, flags: MsFlags) {
+    loop {
+        match mounts::mount_fs(m, dev, target, fs, flags, None) {
+            Ok(()) => return,
+            Err(e) => {
+                console::error("mount-root", e);
+                std::thread::sleep(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+/// Grow the data partition to the end of its disk if it does not reach it:
+/// rewrite the GPT (backup moved to the end), then tell the kernel. Returns
+/// the new size in bytes when it grew.
+pub fn grow_data_partition(
+    bd: &mut dyn BlockDevices,
+    data: &Partition,
+    dev: &Path,
+) -> Result<Option<u64>, Stage1Error> {
+    let disk_path = data.disk_path(dev);
+    let mut disk = bd.open_disk(&disk_path)?;
+    let size = bd.size_bytes(&disk, &disk_path)?;
+    let sector = bd.sector_size(&disk, &disk_path)? as u64;
+    let outcome = gpt::grow_last_partition(&mut disk, sector, size, DATA_PARTITION_NAME).map_err(
+        |source| Stage1Error::Gpt {
+            disk: disk_path.clone(),
+            source,
+        },
+    )?;
+    match outcome {
+        GrowOutcome::AlreadyFull(_) => Ok(None),
+        GrowOutcome::Grown { after, .. } => {
+            disk.sync_all().map_err(|source| Stage1Error::Sync {
+                disk: disk_path.clone(),
+                source,
+            })?;
+            let start = after.first_lba * sector;
+            let length = (after.last_lba - after.first_lba + 1) * sector;
+            bd.resize_partition(&disk, &disk_path, after.index as u32 + 1, start, length)?;
+            Ok(Some(length))
+        }
+    }
+}
+
+/// A tmpfs at `/newetc` (in the initramfs), filled from the image's `/etc`,
+/// then moved over `/newroot/etc`.
+fn seed_etc(env: &mut Env<'_>) -> Result<(), Box<dyn std::error::Error>> {
+    let newetc = env.path("/newetc");
+    let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+    mounts::mount_fs(
+        env.mounts,
+        "tmpfs",
+        &newetc,
+        "tmpfs",
+        flags,
+        Some("mode=0755"),
+    )?;
+    let etc = env.path("/newroot/etc");
+    copy_tree(&etc, &newetc)?;
+    mounts::move_mount(env.mounts, &newetc, &etc)?;
+    Ok(())
+}
+
+/// Copy a directory tree with modes, owners and symlinks (what `/etc` needs;
+/// device nodes and sockets there are skipped and reported).
+pub fn copy_tree(from: &Path, to: &Path) -> Result<(), Stage1Error> {
+    use std::os::unix::fs::{PermissionsExt, lchown, symlink};
+    let err = |f: &Path, t: &Path| {
+        let (f, t) = (f.to_path_buf(), t.to_path_buf());
+        move |source| Stage1Error::Copy {
+            from: f,
+            to: t,
+            source,
+        }
+    };
+    let rd = std::fs::read_dir(from).map_err(err(from, to))?;
+    for entry in rd {
+        let entry = entry.map_err(err(from, to))?;
+        let src = entry.path();
+        let dst = to.join(entry.file_name());
+        let meta = std::fs::symlink_metadata(&src).map_err(err(&src, &dst))?;
+        let ft = meta.file_type();
+        if ft.is_symlink() {
+            let target = std::fs::read_link(&src).map_err(err(&src, &dst))?;
+            symlink(&target, &dst).map_err(err(&src, &dst))?;
+        } else if ft.is_dir() {
+            std::fs::create_dir_all(&dst).map_err(err(&src, &dst))?;
+            copy_tree(&src, &dst)?;
+        } else if ft.is_file() {
+            std::fs::copy(&src, &dst).map_err(err(&src, &dst))?;
+        } else {
+            console::error(
+                "seed-etc",
+                format_args!(
+                    "{} (not a file, directory or symlink; skipped)",
+                    src.display()
+                ),
+            );
+            continue;
+        }
+        // Owner first: chown clears set-id bits, so the mode goes last.
+        if let Err(e) = lchown(&dst, Some(meta.uid()), Some(meta.gid())) {
+            // Unprivileged (tests): keeping our own uid is the best we can do.
+            if e.kind() != std::io::ErrorKind::PermissionDenied {
+                return Err(err(&src, &dst)(e));
+            }
+        }
+        if !ft.is_symlink() {
+            std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(meta.mode() & 0o7777))
+                .map_err(err(&src, &dst))?;
+        }
+    }
+    Ok(())
+}
+
+fn write_handoff(path: &Path, handoff: &Handoff) {
+    let text = match toml::to_string(handoff) {
+        Ok(t) => t,
+        Err(e) => {
+            console::error("handoff", format_args!("{} ({e})", path.display()));
+            return;
+        }
+    };
+    if let Some(dir) = path.parent()
+        && let Err(e) = std::fs::create_dir_all(dir)
+    {
+        console::error("handoff", format_args!("{} ({e})", dir.display()));
+        return;
+    }
+    if let Err(e) = std::fs::write(path, text) {
+        console::error("handoff", format_args!("{} ({e})", path.display()));
+    }
+}
+
+/// `switch_root`: free the initramfs' memory by deleting its files (only on
+/// a ramfs/tmpfs root, never crossing into other mounts), make `newroot` the
+/// root, chroot into it.
+fn switch_root(m: &mut dyn Mounts, newroot: &Path) {
+    if let Err(e) = std::env::set_current_dir(newroot) {
+        stay_alive(
+            "switch-root",
+            format_args!("chdir {} ({e})", newroot.display()),
+        );
+    }
+    if sys::is_ramfs(Path::new("/")) {
+        if let Ok(meta) = std::fs::metadata("/") {
+            delete_same_device(Path::new("/"), meta.dev());
+        }
+    } else {
+        console::error(
+            "switch-root",
+            "/ is not an initramfs; not deleting its files",
+        );
+    }
+    if let Err(e) = m.mount(Some("."), Path::new("/"), None, MsFlags::MS_MOVE, None) {
+        stay_alive("switch-root", format_args!("mount --move . / ({e})"));
+    }
+    if let Err(e) = sys::chroot(Path::new(".")) {
+        stay_alive("switch-root", format_args!("chroot . ({e})"));
+    }
+    if let Err(e) = std::env::set_current_dir("/") {
+        console::error("switch-root", format_args!("chdir / ({e})"));
+    }
+}
+
+/// Remove everything under `dir` that lives on device `dev`.
+pub fn delete_same_device(dir: &Path, dev: u64) {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in rd.flatten() {
+        let p = entry.path();
+        let Ok(meta) = std::fs::symlink_metadata(&p) else {
+            continue;
+        };
+        if meta.dev() != dev {
+            continue; // a mount point (e.g. /newroot): not ours to delete
+        }
+        if meta.is_dir() {
+            delete_same_device(&p, dev);
+            let _ = std::fs::remove_dir(&p);
+        } else {
+            let _ = std::fs::remove_file(&p);
+        }
+    }
+}
+
+/// Report and keep PID 1 alive forever (reaping, so nothing piles up).
+fn stay_alive(what: &str, location: std::fmt::Arguments<'_>) -> ! {
+    console::error(what, location);
+    loop {
+        while sys::reap_one().is_some() {}
+        std::thread::sleep(Duration::from_secs(10));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs::File;
+
+    /// A fake block layer over an image file; records what the kernel is told.
+    struct FileDisk {
+        path: PathBuf,
+        resized: Vec<(u32, u64, u64)>,
+        ext4: Vec<(PathBuf, u64)>,
+    }
+
+    impl BlockDevices for FileDisk {
+        fn open_disk(&mut self, _disk: &Path) -> Result<File, blockdev::BlockError> {
+            Ok(std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&self.path)
+                .unwrap())
+        }
+        fn size_bytes(&mut self, disk: &File, _: &Path) -> Result<u64, blockdev::BlockError> {
+            Ok(disk.metadata().unwrap().len())
+        }
+        fn sector_size(&mut self, _: &File, _: &Path) -> Result<u32, blockdev::BlockError> {
+            Ok(512)
+        }
+        fn resize_partition(
+            &mut self,
+            _: &File,
+            _: &Path,
+            n: u32,
+            s: u64,
+            l: u64,
+        ) -> Result<(), blockdev::BlockError> {
+            self.resized.push((n, s, l));
+            Ok(())
+        }
+        fn grow_ext4(&mut self, at: &Path, size: u64) -> Result<u64, blockdev::BlockError> {
+            self.ext4.push((at.to_path_buf(), size));
+            Ok(size / 4096)
+        }
+    }
+
+    /// A GPT image made by sfdisk (independent of our writer), then
+    /// enlarged as if written to a bigger disk. False when sfdisk is missing.
+    fn make_image(img: &Path, script: &str, mib: u64, disk_mib: u64) -> bool {
+        let f = File::create(img).unwrap();
+        f.set_len(mib << 20).unwrap();
+        drop(f);
+        let mut c = match std::process::Command::new("sfdisk")
+            .arg("--quiet")
+            .arg(img)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+        {
+            Ok(c) => c,
+            Err(_) => return false,
+        };
+        std::io::Write::write_all(&mut c.stdin.take().unwrap(), script.as_bytes()).unwrap();
+        assert!(c.wait().unwrap().success());
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(img)
+            .unwrap()
+            .set_len(disk_mib << 20)
+            .unwrap();
+        true
+    }
+
+    #[test]
+    fn grows_data_once_and_tells_the_kernel() {
+        let t = tempfile::tempdir().unwrap();
+        let img = t.path().join("disk.img");
+        if !make_image(
+            &img,
+            "label: gpt\nstart=2048, size=4096, name=\"esp\"\nstart=6144, size=4096, name=\"data\"\n",
+            16,
+            32,
+        ) {
+            return;
+        }
+        let data = Partition {
+            name: "data".into(),
+            devname: "vda2".into(),
+            number: 2,
+            disk: "vda".into(),
+            start_512: 6144,
+            size_512: 4096,
+        };
+        let mut bd = FileDisk {
+            path: img.clone(),
+            resized: vec![],
+            ext4: vec![],
+        };
+        let grown = grow_data_partition(&mut bd, &data, Path::new("/dev")).unwrap();
+        let total = (32u64 << 20) / 512;
+        let expect_len = (total - 34 - 6144 + 1) * 512;
+        assert_eq!(grown, Some(expect_len));
+        assert_eq!(bd.resized, vec![(2, 6144 * 512, expect_len)]);
+        assert_eq!(
+            grow_data_partition(&mut bd, &data, Path::new("/dev")).unwrap(),
+            None
+        );
+        assert_eq!(bd.resized.len(), 1);
+    }
+
+    struct Recorder(Vec<String>);
+
+    impl ModuleLoader for Recorder {
+        fn load(&mut self, path: &Path) -> Result<(), modules::LoadError> {
+            self.0
+                .push(path.file_name().unwrap().to_string_lossy().into_owned());
+            Ok(())
+        }
+    }
+
+    /// An initramfs-like root: settings, cmdline, sysfs partitions named as
+    /// the builder names them, and the image's /etc under newroot.
+    fn fixture_root(root: &Path) {
+        let w = |p: &str, text: &str| {
+            let p = root.join(p);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, text).unwrap();
+        };
+        w(
+            "etc/basalt/initramfs.toml",
+            "board = \"x86_64\"\nkernel_version = \"6.1.0\"\nmodules = [\"kernel/a/virtio_blk.ko\", \"kernel/fs/squashfs.ko\"]\n",
+        );
+        w("proc/cmdline", "console=ttyS0,115200 basalt.slot=b\n");
+        w("newroot/etc/basalt/image.toml", "os_version = \"0.1.0\"\n");
+        w("newroot/etc/os-release", "ID=basalt\n");
+        let parts = [
+            (1, "esp", 2048, 8192),
+            (2, "root-a", 10240, 8192),
+            (3, "root-b", 18432, 8192),
+            (4, "data", 26624, 4096),
+        ];
+        for (n, name, start, size) in parts {
+            let dir = format!("sys/devices/vda/vda{n}");
+            w(
+                &format!("{dir}/uevent"),
+                &format!("DEVNAME=vda{n}\nDEVTYPE=partition\nPARTN={n}\nPARTNAME={name}\n"),
+            );
+            w(&format!("{dir}/start"), &format!("{start}\n"));
+            w(&format!("{dir}/size"), &format!("{size}\n"));
+            std::fs::create_dir_all(root.join("sys/class/block")).unwrap();
+            let link = root.join(format!("sys/class/block/vda{n}"));
+            std::os::unix::fs::symlink(format!("../../devices/vda/vda{n}"), link).unwrap();
+        }
+    }
+
+    #[test]
+    fn prepare_root_follows_the_boot_protocol() {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path().join("initramfs");
+        fixture_root(&root);
+        let img = t.path().join("disk.img");
+        if !make_image(
+            &img,
+            "label: gpt\nstart=2048, size=8192, name=\"esp\"\nstart=10240, size=8192, name=\"root-a\"\nstart=18432, size=8192, name=\"root-b\"\nstart=26624, size=4096, name=\"data\"\n",
+            16,
+            64,
+        ) {
+            return;
+        }
+        let mut mounts = crate::mounts::fake::FakeMounts::default();
+        let mut loader = Recorder(vec![]);
+        let mut disk = FileDisk {
+            path: img,
+            resized: vec![],
+            ext4: vec![],
+        };
+        let handoff = {
+            let mut env = Env {
+                root: root.clone(),
+                mounts: &mut mounts,
+                modules: &mut loader,
+                block: &mut disk,
+                reopen_console: false,
+            };
+            prepare_root(&mut env)
+        };
+        assert_eq!(loader.0, ["virtio_blk.ko", "squashfs.ko"]);
+        let r = root.display().to_string();
+        let kinds: Vec<String> = mounts
+            .calls
+            .iter()
+            .map(|c| {
+                c.replace(&r, "")
+                    .split(" MsFlags")
+                    .next()
+                    .unwrap()
+                    .to_string()
+            })
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                "mount proc /proc proc",
+                "mount sysfs /sys sysfs",
+                "mount devtmpfs /dev devtmpfs",
+                "mount /dev/vda3 /newroot squashfs",
+                "mount /dev/vda4 /newroot/var ext4",
+                "mount tmpfs /newetc tmpfs",
+                "mount /newetc /newroot/etc -",
+                "mount /dev/vda1 /newroot/boot vfat",
+                "mount tmpfs /newroot/run tmpfs",
+            ]
+        );
+        assert!(mounts.calls[3].contains("MS_RDONLY"));
+        assert!(mounts.calls[6].contains("MS_MOVE"));
+        assert_eq!(handoff.slot, "b");
+        assert!(handoff.root_device.ends_with("/dev/vda3"));
+        assert!(handoff.data_device.ends_with("/dev/vda4"));
+        assert!(handoff.boot_device.ends_with("/dev/vda1"));
+        assert!(handoff.data_grown);
+        for step in [
+            "mounts",
+            "modules",
+            "wait_devices",
+            "mount_root",
+            "grow_data",
+            "mount_data",
+            "etc",
+            "boot_run",
+        ] {
+            assert!(handoff.steps_ms.contains_key(step), "{step}");
+        }
+        let total = (64u64 << 20) / 512;
+        let len = (total - 34 - 26624 + 1) * 512;
+        assert_eq!(disk.resized, vec![(4, 26624 * 512, len)]);
+        assert_eq!(disk.ext4, vec![(root.join("newroot/var"), len)]);
+        assert_eq!(
+            std::fs::read_to_string(root.join("newetc/os-release")).unwrap(),
+            "ID=basalt\n"
+        );
+
+        // Second boot: nothing to grow, ext4 still asked to fill the partition.
+        let mut mounts = crate::mounts::fake::FakeMounts::default();
+        std::fs::remove_dir_all(root.join("newetc")).unwrap();
+        let handoff = prepare_root(&mut Env {
+            root: root.clone(),
+            mounts: &mut mounts,
+            modules: &mut loader,
+            block: &mut disk,
+            reopen_console: false,
+        });
+        assert!(!handoff.data_grown);
+        assert_eq!(disk.resized.len(), 1);
+        assert_eq!(disk.ext4.len(), 2);
+    }
+
+    #[test]
+    fn copies_etc_with_links_and_modes() {
+        use std::os::unix::fs::PermissionsExt;
+        let t = tempfile::tempdir().unwrap();
+        let from = t.path().join("etc");
+        std::fs::create_dir_all(from.join("basalt/services")).unwrap();
+        std::fs::write(
+            from.join("basalt/services/a.toml"),
+            "exec = [\"/bin/true\"]",
+        )
+        .unwrap();
+        std::fs::write(from.join("shadow"), "root:*:").unwrap();
+        std::fs::set_permissions(from.join("shadow"), std::fs::Permissions::from_mode(0o600))
+            .unwrap();
+        std::os::unix::fs::symlink("/proc/self/mounts", from.join("mtab")).unwrap();
+        let to = t.path().join("newetc");
+        std::fs::create_dir(&to).unwrap();
+        copy_tree(&from, &to).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(to.join("basalt/services/a.toml")).unwrap(),
+            "exec = [\"/bin/true\"]"
+        );
+        assert_eq!(
+            std::fs::metadata(to.join("shadow"))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777,
+            0o600
+        );
+        assert_eq!(
+            std::fs::read_link(to.join("mtab")).unwrap(),
+            PathBuf::from("/proc/self/mounts")
+        );
+    }
+
+    #[test]
+    fn handoff_round_trips_as_toml() {
+        let h = Handoff {
+            slot: "a".into(),
+            kernel_start_to_stage1_ms: 1234,
+            stage1_end_ms: 1800,
+            data_grown: true,
+            root_device: "/dev/vda2".into(),
+            data_device: "/dev/vda4".into(),
+            boot_device: "/dev/vda1".into(),
+            steps_ms: [("modules".to_string(), 120)].into_iter().collect(),
+        };
+        let text = toml::to_string(&h).unwrap();
+        assert!(text.contains("slot = \"a\""), "{text}");
+        assert!(text.contains("[steps_ms]"), "{text}");
+        assert_eq!(toml::from_str::<Handoff>(&text).unwrap(), h);
+        // The contract's example parses.
+        let example = "slot = \"a\"\nkernel_start_to_stage1_ms = 1234\nstage1_end_ms = 1800\ndata_grown = true\nroot_device = \"/dev/vda2\"\ndata_device = \"/dev/vda4\"\nboot_device = \"/dev/vda1\"\n[steps_ms]\nmodules = 120\nwait_devices = 30\n";
+        assert_eq!(
+            toml::from_str::<Handoff>(example).unwrap().steps_ms["wait_devices"],
+            30
+        );
+    }
+
+    #[test]
+    fn slot_from_cmdline_file() {
+        let t = tempfile::tempdir().unwrap();
+        let p = t.path().join("cmdline");
+        std::fs::write(&p, "console=ttyS0 basalt.slot=b\n").unwrap();
+        assert_eq!(booted_slot(&p), Slot::B);
+        std::fs::write(&p, "console=ttyS0\n").unwrap();
+        assert_eq!(booted_slot(&p), Slot::A);
+    }
+
+    #[test]
+    fn deletes_only_on_the_same_device() {
+        let t = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(t.path().join("a/b")).unwrap();
+        std::fs::write(t.path().join("a/b/f"), "x").unwrap();
+        let dev = std::fs::metadata(t.path()).unwrap().dev();
+        delete_same_device(t.path(), dev + 1);
+        assert!(t.path().join("a/b/f").exists());
+        delete_same_device(t.path(), dev);
+        assert!(!t.path().join("a").exists());
+    }
+}

@@ -1,0 +1,648 @@
+//! Stage 2: PID 1 in the real root. Its phases, in boot order, are the
+//! `PHASES` list below (docs/boot-protocol.md "Stage 2"); then the
+//! supervisor runs until a shutdown signal, and `shutdown` brings the
+//! system down and calls `reboot(2)`.
+//!
+//! Every phase runs under `catch_unwind`: a failed or panicking phase is
+//! reported as `basalt: error <phase> ...` and the boot goes on.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+
+use crate::console::{self, guarded};
+use crate::image::ImageFacts;
+use crate::mounts::{self, KernelMounts, Mounts};
+use crate::report::{self, Json};
+use crate::say;
+use crate::service::{self, ServiceDef};
+use crate::slot::{
+    self, BOOT_MOUNT, IMAGE_FACTS_PATH, MACHINE_ID_PATH, NODE_CONFIG_FILE, SERVICES_DIR,
+};
+use crate::stage1::Handoff;
+use crate::supervisor::{Config, NodeInfo, ShutdownKind, Supervisor};
+use crate::sys::{self, MsFlags, RebootHow, Signal};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Stage2Error {
+    #[error(transparent)]
+    Mount(#[from] mounts::MountError),
+    #[error("{what} {path}: {source}")]
+    File {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("enabling cgroup controllers {controllers:?} in {path}")]
+    Controllers {
+        controllers: Vec<String>,
+        path: PathBuf,
+    },
+    #[error("generating machine id: {0}")]
+    Random(sys::Errno),
+    #[error("setting hostname {name:?}: {errno}")]
+    Hostname { name: String, errno: sys::Errno },
+    #[error(transparent)]
+    Image(#[from] crate::image::ImageError),
+}
+
+fn file_err(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Stage2Error + use<> {
+    let path = path.to_path_buf();
+    move |source| Stage2Error::File { what, path, source }
+}
+
+/// What the phases learn, for the later phases and the ready report.
+#[derive(Debug, Default)]
+pub struct Context {
+    pub handoff: Handoff,
+    pub machine_id: String,
+    pub hostname: String,
+    pub services: Vec<ServiceDef>,
+    pub distribution: Option<service::Distribution>,
+    pub stage2_end_ms: u64,
+}
+
+type Phase = fn(&mut Context) -> Result<(), Stage2Error>;
+
+/// Stage 2's phases, in order. The ready report follows when every service
+/// is ready (the supervisor's hook).
+const PHASES: &[(&str, Phase)] = &[
+    ("handoff", read_handoff),
+    ("kernel-mounts", kernel_mounts),
+    ("machine-id", machine_id),
+    ("node-config", node_config),
+    ("services", load_services),
+    ("kubernetes", kubernetes),
+];
+
+/// Run stage 2. Never returns: ends in `reboot(2)`.
+pub fn run() -> ! {
+    console::install_panic_hook();
+    say!("stage2 start");
+    // Block PID 1's signals now so one sent during the phases stays pending
+    // for the supervisor's signalfd instead of being dropped (PID 1 has no
+    // default actions).
+    if let Err(e) = sys::Signals::open(crate::supervisor::SIGNALS) {
+        console::error("signals", e);
+    }
+    let mut ctx = Context::default();
+    for (name, phase) in PHASES {
+        if let Some(Err(e)) = guarded(name, || phase(&mut ctx)) {
+            console::error(name, e);
+        }
+    }
+    ctx.stage2_end_ms = report::uptime_ms(Path::new("/proc"));
+    if let Err(e) = sys::ctrl_alt_del_to_signal() {
+        console::error("ctrl-alt-del", e);
+    }
+    let kind = match supervise(ctx) {
+        Some(kind) => kind,
+        None => {
+            // No supervisor (signalfd failed): nothing can ask us to stop;
+            // keep PID 1 alive and reaping.
+            loop {
+                while sys::reap_one().is_some() {}
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        }
+    };
+    shutdown(kind)
+}
+
+fn supervise(ctx: Context) -> Option<ShutdownKind> {
+    let config = Config {
+        services: ctx.services.clone(),
+        control_socket: Some(PathBuf::from(slot::CONTROL_SOCKET)),
+        base_env: vec![
+            (
+                "PATH".into(),
+                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
+            ),
+            ("HOME".into(), "/root".into()),
+        ],
+        info: NodeInfo {
+            slot: ctx.handoff.slot.clone(),
+            hostname: ctx.hostname.clone(),
+            machine_id: ctx.machine_id.clone(),
+        },
+        proc_dir: PathBuf::from("/proc"),
+    };
+    let mut sup = match Supervisor::new(config) {
+        Ok(s) => s,
+        Err(e) => {
+            console::error("supervisor", e);
+            return None;
+        }
+    };
+    sup.on_all_ready(Box::new(move |s: &Supervisor| {
+        let line = ready_report(&ctx, s, Path::new("/proc"));
+        say!("ready {line}");
+    }));
+    Some(sup.run())
+}
+
+/// The `basalt: ready {json}` object (docs/boot-protocol.md "Console lines").
+pub fn ready_report(ctx: &Context, sup: &Supervisor, proc_dir: &Path) -> Json {
+    let k = service::KUBERNETES_SERVICE;
+    let (exec_at, ready_at) = sup.milestones(k);
+    Json::Obj(vec![
+        ("slot", Json::str(&ctx.handoff.slot)),
+        ("hostname", Json::str(&ctx.hostname)),
+        ("machine_id", Json::str(&ctx.machine_id)),
+        (
+            "kubernetes",
+            Json::Obj(vec![
+                (
+                    "distribution",
+                    ctx.distribution.map_or(Json::Null, |d| Json::str(d.name())),
+                ),
+                ("pid", Json::opt_num(sup.pid_of(k).map(|p| p as u64))),
+            ]),
+        ),
+        ("pid1_rss_kib", Json::Num(report::rss_kib(proc_dir))),
+        ("data_grown", Json::Bool(ctx.handoff.data_grown)),
+        (
+            "timings_ms",
+            Json::Obj(vec![
+                ("stage1", Json::Num(ctx.handoff.stage1_end_ms)),
+                ("stage2", Json::Num(ctx.stage2_end_ms)),
+                ("kubernetes_exec", Json::opt_num(exec_at)),
+                ("kubernetes_ready", Json::opt_num(ready_at)),
+            ]),
+        ),
+    ])
+}
+
+// ------------------------------------------------------------------ phases
+
+fn read_handoff(ctx: &mut Context) -> Result<(), Stage2Error> {
+    let path = Path::new("/run/basalt/stage1.toml");
+    let text = std::fs::read_to_string(path).map_err(file_err("reading stage 1 handoff", path))?;
+    match toml::from_str::<Handoff>(&text) {
+        Ok(h) => ctx.handoff = h,
+        Err(e) => console::error("handoff", format_args!("{} ({e})", path.display())),
+    }
+    Ok(())
+}
+
+/// Whether `path` is a mount point, from the kernel's mount table (a bind
+/// mount of a directory onto itself has the same device as its parent).
+fn is_mount_point(path: &Path) -> bool {
+    let text = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    mounts::parse_mount_points(&text).iter().any(|p| p == path)
+}
+
+fn kernel_mounts(_ctx: &mut Context) -> Result<(), Stage2Error> {
+    let m: &mut dyn Mounts = &mut KernelMounts;
+    let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    // Stage 1 moved these here; a boot without our initramfs still needs them.
+    let base: [(&str, &str, &str, MsFlags, Option<&str>); 4] = [
+        ("proc", "/proc", "proc", nosuid, None),
+        ("sysfs", "/sys", "sysfs", nosuid, None),
+        (
+            "devtmpfs",
+            "/dev",
+            "devtmpfs",
+            MsFlags::MS_NOSUID,
+            Some("mode=0755"),
+        ),
+        (
+            "tmpfs",
+            "/run",
+            "tmpfs",
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            Some("mode=0755"),
+        ),
+    ];
+    for (src, target, fs, flags, data) in base {
+        if !is_mount_point(Path::new(target))
+            && let Err(e) = mounts::mount_fs(m, src, Path::new(target), fs, flags, data)
+        {
+            console::error("mount", e);
+        }
+    }
+    let cg = Path::new("/sys/fs/cgroup");
+    let rest: [(&str, &Path, &str, MsFlags, Option<&str>); 4] = [
+        ("cgroup2", cg, "cgroup2", nosuid, Some("nsdelegate")),
+        (
+            "devpts",
+            Path::new("/dev/pts"),
+            "devpts",
+            MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+            Some("mode=0620,ptmxmode=0666"),
+        ),
+        (
+            "shm",
+            Path::new("/dev/shm"),
+            "tmpfs",
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            Some("mode=1777"),
+        ),
+        (
+            "tmpfs",
+            Path::new("/tmp"),
+            "tmpfs",
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            Some("mode=1777"),
+        ),
+    ];
+    for (src, target, fs, flags, data) in rest {
+        if let Err(e) = mounts::mount_fs(m, src, target, fs, flags, data) {
+            console::error("mount", e);
+        }
+    }
+    enable_cgroup_controllers(cg, sys::getpid())
+}
+
+/// Move `pid` into the leaf `<root>/init` and enable every available
+/// controller for the root's children (k3s/k0s need cpu, memory, pids, ...).
+/// The root cgroup may hold processes, but keeping PID 1 in a leaf lets the
+/// Kubernetes side delegate the tree without moving us.
+pub fn enable_cgroup_controllers(root: &Path, pid: u32) -> Result<(), Stage2Error> {
+    let leaf = root.join("init");
+    std::fs::create_dir_all(&leaf).map_err(file_err("creating cgroup", &leaf))?;
+    let procs = leaf.join("cgroup.procs");
+    std::fs::write(&procs, pid.to_string()).map_err(file_err("moving init into cgroup", &procs))?;
+    let available_path = root.join("cgroup.controllers");
+    let available =
+        std::fs::read_to_string(&available_path).map_err(file_err("reading", &available_path))?;
+    let control = root.join("cgroup.subtree_control");
+    let mut failed = Vec::new();
+    for c in available.split_whitespace() {
+        // One write per controller: one that cannot be enabled must not stop the rest.
+        let ok = std::fs::OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(&control)
+            .and_then(|mut f| f.write_all(format!("+{c}").as_bytes()))
+            .is_ok();
+        if !ok {
+            failed.push(c.to_string());
+        }
+    }
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(Stage2Error::Controllers {
+            controllers: failed,
+            path: control,
+        })
+    }
+}
+
+fn machine_id(ctx: &mut Context) -> Result<(), Stage2Error> {
+    ctx.machine_id = ensure_machine_id(
+        Path::new(MACHINE_ID_PATH),
+        Path::new("/etc/machine-id"),
+        &mut |b| sys::getrandom(b),
+    )?;
+    Ok(())
+}
+
+fn valid_machine_id(s: &str) -> bool {
+    s.len() == 32
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        && s.bytes().any(|b| b != b'0')
+}
+
+/// The node's machine id: kept at `persist` (on `/var`), made on first boot
+/// from `random` (128 bits, formatted like systemd's: v4 UUID bits, 32 hex),
+/// and copied to `etc`. The persistent copy is written new-then-rename, so a
+/// power cut leaves either no id (made again) or the complete one.
+pub fn ensure_machine_id(
+    persist: &Path,
+    etc: &Path,
+    random: &mut dyn FnMut(&mut [u8]) -> Result<(), sys::Errno>,
+) -> Result<String, Stage2Error> {
+    let existing = std::fs::read_to_string(persist)
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| valid_machine_id(s));
+    let id = match existing {
+        Some(id) => id,
+        None => {
+            let mut b = [0u8; 16];
+            random(&mut b).map_err(Stage2Error::Random)?;
+            b[6] = (b[6] & 0x0f) | 0x40;
+            b[8] = (b[8] & 0x3f) | 0x80;
+            let id: String = b.iter().map(|x| format!("{x:02x}")).collect();
+            write_atomic(persist, format!("{id}\n").as_bytes())?;
+            id
+        }
+    };
+    std::fs::write(etc, format!("{id}\n")).map_err(file_err("writing", etc))?;
+    Ok(id)
+}
+
+/// Write `data` to `path` so that a power cut leaves the old or the new
+/// content: temp file, fsync, rename, fsync the directory.
+pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), Stage2Error> {
+    let dir = path.parent().unwrap_or(Path::new("/"));
+    std::fs::create_dir_all(dir).map_err(file_err("creating", dir))?;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp).map_err(file_err("creating", &tmp))?;
+    f.write_all(data).map_err(file_err("writing", &tmp))?;
+    f.sync_all().map_err(file_err("syncing", &tmp))?;
+    std::fs::rename(&tmp, path).map_err(file_err("renaming into place", path))?;
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+/// Only the part of the node config this init reads for now. The full
+/// schema (another module) replaces this; unknown keys are ignored here.
+#[derive(Debug, Default, Deserialize)]
+struct NodeHostname {
+    hostname: Option<String>,
+}
+
+/// Hostnames as RFC 1123 allows (labels of letters, digits, '-').
+pub fn valid_hostname(h: &str) -> bool {
+    !h.is_empty()
+        && h.len() <= 64
+        && h.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
+}
+
+/// The hostname from the node config files, later files winning; `None` if
+/// none sets a valid one. Unreadable or bad files are reported and skipped.
+pub fn hostname_from(files: &[PathBuf]) -> Option<String> {
+    let mut name = None;
+    for f in files {
+        let Ok(text) = std::fs::read_to_string(f) else {
+            continue;
+        };
+        match toml::from_str::<NodeHostname>(&text) {
+            Ok(NodeHostname { hostname: Some(h) }) if valid_hostname(&h) => name = Some(h),
+            Ok(NodeHostname { hostname: Some(h) }) => console::error(
+                "node-config",
+                format_args!("{} (invalid hostname {h:?})", f.display()),
+            ),
+            Ok(_) => {}
+            Err(e) => console::error(
+                "node-config",
+                format_args!("{} ({})", f.display(), e.message()),
+            ),
+        }
+    }
+    name
+}
+
+fn node_config(ctx: &mut Context) -> Result<(), Stage2Error> {
+    let files = [
+        PathBuf::from("/etc/basalt").join(NODE_CONFIG_FILE),
+        Path::new(BOOT_MOUNT).join(NODE_CONFIG_FILE),
+    ];
+    let name = hostname_from(&files).unwrap_or_else(|| {
+        let short: String = ctx.machine_id.chars().take(8).collect();
+        if short.is_empty() {
+            "basalt".to_string()
+        } else {
+            format!("basalt-{short}")
+        }
+    });
+    sys::sethostname(&name).map_err(|errno| Stage2Error::Hostname {
+        name: name.clone(),
+        errno,
+    })?;
+    let etc_hostname = Path::new("/etc/hostname");
+    std::fs::write(etc_hostname, format!("{name}\n")).map_err(file_err("writing", etc_hostname))?;
+    ctx.hostname = name;
+    Ok(())
+}
+
+fn load_services(ctx: &mut Context) -> Result<(), Stage2Error> {
+    let (defs, errors) = service::load_dir(Path::new(SERVICES_DIR));
+    for e in errors {
+        console::error("service-file", e);
+    }
+    ctx.services = defs;
+    Ok(())
+}
+
+fn kubernetes(ctx: &mut Context) -> Result<(), Stage2Error> {
+    let facts = ImageFacts::load(Path::new(IMAGE_FACTS_PATH))?;
+    if let Some(k) = facts.kubernetes {
+        ctx.services
+            .retain(|s| s.name != service::KUBERNETES_SERVICE);
+        ctx.services
+            .push(service::kubernetes_service(k.distribution, &k.binary));
+        ctx.distribution = Some(k.distribution);
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------- shutdown
+
+/// Bring the system down after the supervisor stopped the services:
+/// kill what is left, sync, unmount (or remount read-only), `reboot(2)`.
+pub fn shutdown(kind: ShutdownKind) -> ! {
+    guarded("shutdown", || {
+        kill_everything();
+        sys::sync();
+        unmount_all(&mut KernelMounts);
+        sys::sync();
+    });
+    say!("shutdown complete");
+    let how = match kind {
+        ShutdownKind::Reboot => RebootHow::Restart,
+        ShutdownKind::PowerOff => RebootHow::PowerOff,
+    };
+    let e = sys::reboot(&how);
+    console::error("reboot", e);
+    loop {
+        while sys::reap_one().is_some() {}
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+/// SIGTERM everything but PID 1, give it two seconds, then SIGKILL; reap all.
+fn kill_everything() {
+    let _ = sys::kill(-1, Signal::SIGTERM);
+    reap_until_none(Duration::from_secs(2));
+    let _ = sys::kill(-1, Signal::SIGKILL);
+    reap_until_none(Duration::from_secs(2));
+}
+
+fn reap_until_none(limit: Duration) {
+    let end = Instant::now() + limit;
+    while Instant::now() < end {
+        while sys::reap_one().is_some() {}
+        // ESRCH from kill(-1, 0) means no process but us is left.
+        if sys::kill(-1, Signal::SIGCONT).is_err() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Unmount everything but the kernel's own filesystems, innermost first;
+/// what cannot be unmounted (busy) is remounted read-only.
+pub fn unmount_all(m: &mut dyn Mounts) {
+    let text = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    for target in unmount_targets(&mounts::parse_mount_points(&text)) {
+        if let Err(e) = mounts::unmount_or_remount_ro(m, &target) {
+            console::error("unmount", e);
+        }
+    }
+    if let Err(e) = m.mount(
+        None,
+        Path::new("/"),
+        None,
+        MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+        None,
+    ) {
+        console::error("remount-ro", format_args!("/ ({e})"));
+    }
+}
+
+/// Mount points to take down at shutdown, last mounted first, skipping `/`
+/// and the API filesystems (`/proc`, `/sys`, `/dev` and below) the kernel
+/// needs until the end.
+pub fn unmount_targets(points: &[PathBuf]) -> Vec<PathBuf> {
+    let keep = |p: &Path| {
+        p == Path::new("/") || ["/proc", "/sys", "/dev"].iter().any(|k| p.starts_with(k))
+    };
+    let mut seen = BTreeMap::new();
+    let mut out = Vec::new();
+    for p in points.iter().rev() {
+        if !keep(p) && seen.insert(p.clone(), ()).is_none() {
+            out.push(p.clone());
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn machine_id_made_once_and_kept() {
+        let t = tempfile::tempdir().unwrap();
+        let persist = t.path().join("var/lib/basalt/machine-id");
+        let etc = t.path().join("machine-id");
+        let mut calls = 0;
+        let mut rng = |b: &mut [u8]| {
+            calls += 1;
+            b.iter_mut()
+                .enumerate()
+                .for_each(|(i, x)| *x = i as u8 * 17);
+            Ok(())
+        };
+        let id = ensure_machine_id(&persist, &etc, &mut rng).unwrap();
+        assert!(valid_machine_id(&id), "{id}");
+        assert_eq!(&id[12..13], "4"); // v4
+        assert_eq!(
+            std::fs::read_to_string(&persist).unwrap(),
+            format!("{id}\n")
+        );
+        assert_eq!(std::fs::read_to_string(&etc).unwrap(), format!("{id}\n"));
+        std::fs::remove_file(&etc).unwrap();
+        let again =
+            ensure_machine_id(&persist, &etc, &mut |_| panic!("must not regenerate")).unwrap();
+        assert_eq!(again, id);
+        assert_eq!(std::fs::read_to_string(&etc).unwrap(), format!("{id}\n"));
+        assert_eq!(calls, 1);
+        // A corrupt persisted id is replaced.
+        std::fs::write(&persist, "garbage").unwrap();
+        let fresh = ensure_machine_id(&persist, &etc, &mut |b: &mut [u8]| {
+            b.fill(0xab);
+            Ok(())
+        })
+        .unwrap();
+        assert_ne!(fresh, id);
+    }
+
+    #[test]
+    fn hostname_later_file_wins_and_bad_ones_are_skipped() {
+        let t = tempfile::tempdir().unwrap();
+        let image = t.path().join("image-node.toml");
+        let boot = t.path().join("boot-node.toml");
+        std::fs::write(&image, "hostname = \"from-image\"\n[other]\nx = 1\n").unwrap();
+        assert_eq!(
+            hostname_from(&[image.clone(), boot.clone()]).as_deref(),
+            Some("from-image")
+        );
+        std::fs::write(&boot, "hostname = \"edge-01\"").unwrap();
+        assert_eq!(
+            hostname_from(&[image.clone(), boot.clone()]).as_deref(),
+            Some("edge-01")
+        );
+        std::fs::write(&boot, "hostname = \"bad name!\"").unwrap();
+        assert_eq!(
+            hostname_from(&[image.clone(), boot.clone()]).as_deref(),
+            Some("from-image")
+        );
+        std::fs::write(&boot, "hostname = ").unwrap();
+        assert_eq!(hostname_from(&[image, boot]).as_deref(), Some("from-image"));
+        assert_eq!(hostname_from(&[]), None);
+    }
+
+    #[test]
+    fn hostnames() {
+        for ok in ["a", "edge-01", "node.example", &"a".repeat(63)] {
+            assert!(valid_hostname(ok), "{ok}");
+        }
+        for bad in ["", "-a", "a-", "a..b", "a_b", "a b", &"a".repeat(65)] {
+            assert!(!valid_hostname(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn cgroup_controllers_on_a_fixture_tree() {
+        let t = tempfile::tempdir().unwrap();
+        std::fs::write(
+            t.path().join("cgroup.controllers"),
+            "cpuset cpu io memory pids\n",
+        )
+        .unwrap();
+        std::fs::write(t.path().join("cgroup.subtree_control"), "").unwrap();
+        enable_cgroup_controllers(t.path(), 1).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(t.path().join("init/cgroup.procs")).unwrap(),
+            "1"
+        );
+        // Each controller is written by itself (on a regular file, the last wins).
+        assert_eq!(
+            std::fs::read_to_string(t.path().join("cgroup.subtree_control")).unwrap(),
+            "+pids"
+        );
+    }
+
+    #[test]
+    fn shutdown_unmounts_innermost_first_and_keeps_api_filesystems() {
+        let points: Vec<PathBuf> = [
+            "/",
+            "/proc",
+            "/sys",
+            "/dev",
+            "/var",
+            "/etc",
+            "/boot",
+            "/run",
+            "/sys/fs/cgroup",
+            "/dev/pts",
+            "/tmp",
+            "/var/lib/x",
+        ]
+        .iter()
+        .map(PathBuf::from)
+        .collect();
+        let t = unmount_targets(&points);
+        let t: Vec<_> = t.iter().map(|p| p.to_str().unwrap()).collect();
+        assert_eq!(t, ["/var/lib/x", "/tmp", "/run", "/boot", "/etc", "/var"]);
+    }
+}

@@ -1,0 +1,849 @@
+//! The supervisor: PID 1's single-threaded event loop. It starts services in
+//! dependency order, runs their readiness checks, restarts them with backoff,
+//! reaps every child of the system in one place (`waitpid(-1)`) and routes
+//! each exit to the service or check it belongs to, serves `basaltctl` on the
+//! control socket, and on a shutdown signal stops services in reverse order.
+//!
+//! It never calls `reboot(2)` and never kills processes it does not own:
+//! [`Supervisor::run`] returns the requested [`ShutdownKind`] and the caller
+//! (stage 2, or a test) decides what happens next.
+//!
+//! The loop is `poll(2)` on a signalfd and the control socket, with the
+//! timeout set to the next timer (restart, readiness check, stop deadline).
+
+use std::collections::VecDeque;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::os::fd::AsFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::console::{self, guarded};
+use crate::report::Json;
+use crate::say;
+use crate::service::{Probe, ServiceDef, dependencies, start_order};
+use crate::sys::{self, ExitStatus, Signal, Signals};
+
+/// What the system does once services are stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShutdownKind {
+    Reboot,
+    PowerOff,
+}
+
+impl ShutdownKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            ShutdownKind::Reboot => "reboot",
+            ShutdownKind::PowerOff => "poweroff",
+        }
+    }
+}
+
+/// Facts about the node shown by `basaltctl status`.
+#[derive(Debug, Clone, Default)]
+pub struct NodeInfo {
+    pub slot: String,
+    pub hostname: String,
+    pub machine_id: String,
+}
+
+/// Everything the supervisor needs; no global paths inside.
+#[derive(Debug, Clone, Default)]
+pub struct Config {
+    pub services: Vec<ServiceDef>,
+    /// Where to serve `basaltctl`; `None` serves nothing.
+    pub control_socket: Option<PathBuf>,
+    /// The environment every service starts with (its own `env` on top).
+    pub base_env: Vec<(String, String)>,
+    pub info: NodeInfo,
+    /// `/proc`, for uptime in status replies.
+    pub proc_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// Waiting for the services in `after` to be ready.
+    Waiting,
+    Running,
+    /// Exited; starts again at `restart_at`.
+    Backoff,
+    /// Exited and its restart policy says no.
+    Exited,
+    /// Stopped at shutdown.
+    Stopped,
+    /// On a dependency cycle: never started.
+    Blocked,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Stop {
+    deadline: Instant,
+    killed_at: Option<Instant>,
+}
+
+/// One service at run time.
+#[derive(Debug)]
+struct Unit {
+    def: ServiceDef,
+    deps: Vec<usize>,
+    state: State,
+    pid: Option<i32>,
+    started_at: Instant,
+    restart_at: Instant,
+    failures: u32,
+    restarts: u32,
+    ready: bool,
+    /// Uptime ms of the first start and first readiness (boot report).
+    first_exec: Option<u64>,
+    first_ready: Option<u64>,
+    next_check: Instant,
+    check_pid: Option<i32>,
+    stop: Option<Stop>,
+    last_exit: Option<ExitStatus>,
+}
+
+#[derive(Debug)]
+struct Shutdown {
+    kind: ShutdownKind,
+    queue: VecDeque<usize>,
+    current: Option<usize>,
+    done: bool,
+}
+
+/// Called once, when every service has been ready.
+pub type ReadyHook = Box<dyn FnOnce(&Supervisor)>;
+
+/// The signals PID 1 acts on: children exiting, reboot, poweroff.
+pub const SIGNALS: &[Signal] = &[
+    Signal::SIGCHLD,
+    Signal::SIGTERM,
+    Signal::SIGINT,
+    Signal::SIGUSR2,
+];
+
+/// How long a SIGKILLed process may take to disappear before it is given up on.
+const KILL_GRACE: Duration = Duration::from_secs(5);
+/// Longest sleep of the loop when no timer is due (a safety net, not a tick).
+const MAX_SLEEP: Duration = Duration::from_secs(60);
+/// Cap on a TCP/HTTP probe: probes run inline, so they must be short.
+const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
+
+pub struct Supervisor {
+    units: Vec<Unit>,
+    order: Vec<usize>,
+    signals: Signals,
+    control: Option<UnixListener>,
+    control_path: Option<PathBuf>,
+    base_env: Vec<(String, String)>,
+    info: NodeInfo,
+    proc_dir: PathBuf,
+    all_ready_at: Option<Instant>,
+    on_ready: Option<ReadyHook>,
+    shutdown: Option<Shutdown>,
+}
+
+impl std::fmt::Debug for Supervisor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Supervisor")
+            .field("units", &self.units.len())
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SupervisorError {
+    #[error("opening signalfd: {0}")]
+    Signals(sys::Errno),
+}
+
+impl Supervisor {
+    /// Block the signals PID 1 handles and prepare the services. Must run
+    /// before any child is started (children inherit nothing of it: std
+    /// resets their signal mask).
+    pub fn new(config: Config) -> Result<Supervisor, SupervisorError> {
+        let signals = Signals::open(&[
+            Signal::SIGCHLD,
+            Signal::SIGTERM,
+            Signal::SIGINT,
+            Signal::SIGUSR2,
+        ])
+        .map_err(SupervisorError::Signals)?;
+        let (order, problems) = start_order(&config.services);
+        for p in &problems {
+            console::error("service-order", p);
+        }
+        let now = Instant::now();
+        let units: Vec<Unit> = config
+            .services
+            .iter()
+            .enumerate()
+            .map(|(i, def)| Unit {
+                def: def.clone(),
+                deps: dependencies(&config.services, i),
+                state: if order.contains(&i) {
+                    State::Waiting
+                } else {
+                    State::Blocked
+                },
+                pid: None,
+                started_at: now,
+                restart_at: now,
+                failures: 0,
+                restarts: 0,
+                ready: false,
+                first_exec: None,
+                first_ready: None,
+                next_check: now,
+                check_pid: None,
+                stop: None,
+                last_exit: None,
+            })
+            .collect();
+        let control = config.control_socket.as_deref().and_then(open_control);
+        Ok(Supervisor {
+            units,
+            order,
+            signals,
+            control,
+            control_path: config.control_socket,
+            base_env: config.base_env,
+            info: config.info,
+            proc_dir: config.proc_dir,
+            all_ready_at: None,
+            on_ready: None,
+            shutdown: None,
+        })
+    }
+
+    pub fn on_all_ready(&mut self, hook: ReadyHook) {
+        self.on_ready = Some(hook);
+    }
+
+    /// Pid of the named service's current run.
+    pub fn pid_of(&self, name: &str) -> Option<i32> {
+        self.unit(name).and_then(|u| u.pid)
+    }
+
+    /// Uptime ms at which the named service was first started and first ready.
+    pub fn milestones(&self, name: &str) -> (Option<u64>, Option<u64>) {
+        self.unit(name)
+            .map_or((None, None), |u| (u.first_exec, u.first_ready))
+    }
+
+    fn unit(&self, name: &str) -> Option<&Unit> {
+        self.units.iter().find(|u| u.def.name == name)
+    }
+
+    /// Run until a shutdown was requested and every service has stopped.
+    pub fn run(&mut self) -> ShutdownKind {
+        loop {
+            guarded("supervisor timers", || self.tick(Instant::now()));
+            if let Some(sd) = &self.shutdown
+                && sd.done
+            {
+                return sd.kind;
+            }
+            let wait = self.next_wake(Instant::now());
+            let readable = {
+                let mut fds = vec![self.signals.as_fd()];
+                if let Some(l) = &self.control {
+                    fds.push(l.as_fd());
+                }
+                match sys::poll_readable(&fds, Some(wait.as_millis() as u32)) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        console::error("poll", e);
+                        std::thread::sleep(Duration::from_millis(100));
+                        Vec::new()
+                    }
+                }
+            };
+            guarded("supervisor signals", || self.handle_signals());
+            guarded("supervisor reaping", || self.reap_all());
+            if readable.get(1).copied().unwrap_or(false) {
+                guarded("control socket", || self.serve_control());
+            }
+        }
+    }
+
+    /// Begin an orderly shutdown (also what SIGTERM/SIGINT/SIGUSR2 do).
+    pub fn request_shutdown(&mut self, kind: ShutdownKind) {
+        if self.shutdown.is_some() {
+            return;
+        }
+        say!("shutdown {}", kind.name());
+        for u in &mut self.units {
+            if let Some(pid) = u.check_pid.take() {
+                let _ = sys::kill(pid, Signal::SIGKILL);
+            }
+            if matches!(u.state, State::Waiting | State::Backoff) {
+                u.state = State::Stopped;
+            }
+        }
+        let queue = self.order.iter().rev().copied().collect();
+        self.shutdown = Some(Shutdown {
+            kind,
+            queue,
+            current: None,
+            done: false,
+        });
+    }
+
+    fn handle_signals(&mut self) {
+        while let Some(sig) = self.signals.next() {
+            match sig {
+                Signal::SIGTERM | Signal::SIGINT => self.request_shutdown(ShutdownKind::Reboot),
+                Signal::SIGUSR2 => self.request_shutdown(ShutdownKind::PowerOff),
+                _ => {}
+            }
+        }
+    }
+
+    /// Reap every exited child and route its status. Children that belong to
+    /// no service or check are orphans re-parented to us: reaping is all.
+    fn reap_all(&mut self) {
+        while let Some(r) = sys::reap_one() {
+            let now = Instant::now();
+            if let Some(i) = self.units.iter().position(|u| u.pid == Some(r.pid)) {
+                self.on_exit(i, r.status, now);
+            } else if let Some(i) = self.units.iter().position(|u| u.check_pid == Some(r.pid)) {
+                self.on_check_exit(i, r.status);
+            }
+        }
+    }
+
+    fn tick(&mut self, now: Instant) {
+        if self.shutdown.is_some() {
+            self.advance_shutdown(now);
+            return;
+        }
+        for k in 0..self.order.len() {
+            let i = self.order[k];
+            match self.units[i].state {
+                State::Waiting => {
+                    let deps_ready = self.units[i]
+                        .deps
+                        .iter()
+                        .all(|&d| self.units[d].first_ready.is_some());
+                    if deps_ready {
+                        self.start(i, now);
+                    }
+                }
+                State::Backoff if now >= self.units[i].restart_at => self.start(i, now),
+                State::Running => {
+                    if self.units[i].stop.is_some() {
+                        self.escalate_stop(i, now);
+                    } else if !self.units[i].ready {
+                        self.check_readiness(i, now);
+                    }
+                }
+                _ => {}
+            }
+        }
+        if self.all_ready_at.is_none()
+            && self
+                .units
+                .iter()
+                .all(|u| u.state == State::Blocked || u.first_ready.is_some())
+        {
+            self.all_ready_at = Some(now);
+            if let Some(hook) = self.on_ready.take() {
+                hook(self);
+            }
+        }
+    }
+
+    fn next_wake(&self, now: Instant) -> Duration {
+        let mut next = now + MAX_SLEEP;
+        for u in &self.units {
+            match u.state {
+                State::Backoff if self.shutdown.is_none() => next = next.min(u.restart_at),
+                State::Running => {
+                    if let Some(stop) = u.stop {
+                        next = next.min(stop.killed_at.map_or(stop.deadline, |k| k + KILL_GRACE));
+                    } else if !u.ready
+                        && self.shutdown.is_none()
+                        && let Some(r) = &u.def.ready
+                    {
+                        next = next.min(u.started_at + r.timeout);
+                        if u.check_pid.is_none() {
+                            next = next.min(u.next_check);
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        next.saturating_duration_since(now)
+    }
+
+    fn start(&mut self, i: usize, now: Instant) {
+        let u = &mut self.units[i];
+        let mut cmd = Command::new(&u.def.exec[0]);
+        cmd.args(&u.def.exec[1..])
+            .env_clear()
+            .envs(self.base_env.iter().map(|(k, v)| (k, v)))
+            .envs(&u.def.env)
+            .stdin(Stdio::null())
+            // Own process group: stopping a service signals everything it started.
+            .process_group(0);
+        sys::unblock_signals_in_child(&mut cmd);
+        match cmd.spawn() {
+            Ok(child) => {
+                let pid = child.id() as i32;
+                // Dropping `child` does not wait: the exit is reaped in `reap_all`.
+                drop(child);
+                u.pid = Some(pid);
+                u.state = State::Running;
+                u.started_at = now;
+                u.ready = false;
+                u.next_check = now;
+                u.first_exec.get_or_insert_with(sys::boottime_ms);
+                say!("service {} started pid {pid}", u.def.name);
+                if u.def.ready.is_none() {
+                    self.mark_ready(i);
+                }
+            }
+            Err(e) => {
+                console::error(
+                    "service-start",
+                    format_args!("{} ({}: {e})", u.def.name, u.def.exec[0]),
+                );
+                self.after_run(i, None, now);
+            }
+        }
+    }
+
+    fn mark_ready(&mut self, i: usize) {
+        let u = &mut self.units[i];
+        u.ready = true;
+        u.first_ready.get_or_insert_with(sys::boottime_ms);
+        say!("service {} ready", u.def.name);
+    }
+
+    fn on_exit(&mut self, i: usize, status: ExitStatus, now: Instant) {
+        let u = &mut self.units[i];
+        u.pid = None;
+        u.ready = false;
+        u.last_exit = Some(status);
+        if let Some(pid) = u.check_pid.take() {
+            let _ = sys::kill(pid, Signal::SIGKILL);
+        }
+        if let Some(sd) = &mut self.shutdown {
+            u.state = State::Stopped;
+            u.stop = None;
+            say!("service {} stopped {status}", u.def.name);
+            if sd.current == Some(i) {
+                sd.current = None;
+            }
+            return;
+        }
+        self.after_run(i, Some(status), now);
+    }
+
+    /// Decide what follows a run that ended with `status` (`None`: it never started).
+    fn after_run(&mut self, i: usize, status: Option<ExitStatus>, now: Instant) {
+        let u = &mut self.units[i];
+        let was_stopped = u.stop.take().is_some();
+        let success = status.is_some_and(|s| s.success()) && !was_stopped;
+        let ran = now.saturating_duration_since(u.started_at);
+        let shown = status.map_or_else(|| "not-started".to_string(), |s| s.to_string());
+        if u.def.restarts_after(success) {
+            u.failures = if success {
+                0
+            } else {
+                u.def.backoff.next_failures(u.failures, ran)
+            };
+            let delay = u.def.backoff.delay(u.failures.max(1));
+            u.restart_at = now + delay;
+            u.restarts += 1;
+            u.state = State::Backoff;
+            say!(
+                "service {} exited {shown}, restart in {} ms",
+                u.def.name,
+                delay.as_millis()
+            );
+        } else {
+            u.state = State::Exited;
+            say!("service {} exited {shown}, not restarted", u.def.name);
+        }
+    }
+
+    fn check_readiness(&mut self, i: usize, now: Instant) {
+        let Some(ready) = self.units[i].def.ready.clone() else {
+            return;
+        };
+        let u = &mut self.units[i];
+        if now >= u.started_at + ready.timeout {
+            console::error(
+                "service-not-ready",
+                format_args!(
+                    "{} after {} s, stopping it",
+                    u.def.name,
+                    ready.timeout.as_secs()
+                ),
+            );
+            if let Some(pid) = u.check_pid.take() {
+                let _ = sys::kill(pid, Signal::SIGKILL);
+            }
+            self.begin_stop(i, now);
+            return;
+        }
+        if u.check_pid.is_some() || now < u.next_check {
+            return;
+        }
+        u.next_check = now + ready.interval;
+        let ok = match &ready.probe {
+            Probe::Tcp(addr) => {
+                TcpStream::connect_timeout(addr, PROBE_TIMEOUT.min(ready.interval)).is_ok()
+            }
+            Probe::Http { addr, host, path } => {
+                http_ok(addr, host, path, PROBE_TIMEOUT.min(ready.interval))
+            }
+            Probe::Exec(argv) => {
+                let mut cmd = Command::new(&argv[0]);
+                cmd.args(&argv[1..])
+                    .env_clear()
+                    .envs(self.base_env.iter().map(|(k, v)| (k, v)))
+                    .envs(&u.def.env)
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null());
+                sys::unblock_signals_in_child(&mut cmd);
+                let spawned = cmd.spawn();
+                match spawned {
+                    Ok(child) => u.check_pid = Some(child.id() as i32),
+                    Err(e) => console::error(
+                        "ready-check",
+                        format_args!("{} ({}: {e})", u.def.name, argv[0]),
+                    ),
+                }
+                false
+            }
+        };
+        if ok {
+            self.mark_ready(i);
+        }
+    }
+
+    fn on_check_exit(&mut self, i: usize, status: ExitStatus) {
+        let u = &mut self.units[i];
+        u.check_pid = None;
+        if status.success() && u.state == State::Running && !u.ready && u.stop.is_none() {
+            self.mark_ready(i);
+        }
+    }
+
+    /// SIGTERM the service's process group; SIGKILL follows after its stop timeout.
+    fn begin_stop(&mut self, i: usize, now: Instant) {
+        let u = &mut self.units[i];
+        if let Some(pid) = u.pid {
+            signal_group(pid, Signal::SIGTERM);
+            u.stop = Some(Stop {
+                deadline: now + u.def.stop_timeout,
+                killed_at: None,
+            });
+        }
+    }
+
+    fn escalate_stop(&mut self, i: usize, now: Instant) {
+        let u = &mut self.units[i];
+        let (Some(pid), Some(stop)) = (u.pid, u.stop.as_mut()) else {
+            return;
+        };
+        match stop.killed_at {
+            None if now >= stop.deadline => {
+                console::error(
+                    "stop-timeout",
+                    format_args!(
+                        "{} after {} s, sending SIGKILL",
+                        u.def.name,
+                        u.def.stop_timeout.as_secs()
+                    ),
+                );
+                signal_group(pid, Signal::SIGKILL);
+                stop.killed_at = Some(now);
+            }
+            Some(killed) if now >= killed + KILL_GRACE => {
+                // Stuck in the kernel: stop waiting for it, or shutdown never ends.
+                console::error("unkillable", format_args!("{} pid {pid}", u.def.name));
+                u.pid = None;
+                u.stop = None;
+                u.state = State::Stopped;
+                if let Some(sd) = &mut self.shutdown
+                    && sd.current == Some(i)
+                {
+                    sd.current = None;
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn advance_shutdown(&mut self, now: Instant) {
+        loop {
+            let Some(sd) = &mut self.shutdown else { return };
+            if let Some(i) = sd.current {
+                self.escalate_stop(i, now);
+                return;
+            }
+            match sd.queue.pop_front() {
+                Some(i) if self.units[i].state == State::Running && self.units[i].pid.is_some() => {
+                    sd.current = Some(i);
+                    self.begin_stop(i, now);
+                    return;
+                }
+                Some(_) => continue,
+                None => {
+                    sd.done = true;
+                    return;
+                }
+            }
+        }
+    }
+
+    fn serve_control(&mut self) {
+        loop {
+            let Some(listener) = &self.control else {
+                return;
+            };
+            match listener.accept() {
+                Ok((stream, _)) => self.answer(stream),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    console::error(
+                        "control-accept",
+                        format_args!("{} ({e})", self.path_shown()),
+                    );
+                    return;
+                }
+            }
+        }
+    }
+
+    fn path_shown(&self) -> String {
+        self.control_path
+            .as_deref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default()
+    }
+
+    fn answer(&mut self, stream: UnixStream) {
+        // A client gets one second to send its line; the loop must not hang on it.
+        let _ = stream.set_nonblocking(false);
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
+        let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
+        let mut line = String::new();
+        let mut reader = BufReader::new((&stream).take(512));
+        if reader.read_line(&mut line).is_err() {
+            return;
+        }
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let (reply, then) = match words.as_slice() {
+            ["status"] => (self.status_text(), None),
+            ["status", "--json"] => (format!("{}\n", self.status_json()), None),
+            ["reboot"] => ("ok reboot\n".to_string(), Some(ShutdownKind::Reboot)),
+            ["poweroff"] => ("ok poweroff\n".to_string(), Some(ShutdownKind::PowerOff)),
+            _ => (format!("error unknown command {:?}\n", line.trim()), None),
+        };
+        let _ = (&stream).write_all(reply.as_bytes());
+        drop(stream);
+        if let Some(kind) = then {
+            self.request_shutdown(kind);
+        }
+    }
+
+    fn state_name(&self, u: &Unit) -> &'static str {
+        match u.state {
+            State::Waiting => "waiting",
+            State::Running if u.stop.is_some() => "stopping",
+            State::Running if u.ready => "ready",
+            State::Running => "starting",
+            State::Backoff => "backoff",
+            State::Exited => "exited",
+            State::Stopped => "stopped",
+            State::Blocked => "blocked",
+        }
+    }
+
+    /// The `basaltctl status --json` reply.
+    pub fn status_json(&self) -> Json {
+        let services = self
+            .units
+            .iter()
+            .map(|u| {
+                Json::Obj(vec![
+                    ("name", Json::str(&u.def.name)),
+                    ("state", Json::str(self.state_name(u))),
+                    ("pid", Json::opt_num(u.pid.map(|p| p as u64))),
+                    ("restarts", Json::Num(u.restarts as u64)),
+                    (
+                        "last_exit",
+                        u.last_exit.map_or(Json::Null, |s| Json::str(s.to_string())),
+                    ),
+                ])
+            })
+            .collect();
+        Json::Obj(vec![
+            ("slot", Json::str(&self.info.slot)),
+            ("hostname", Json::str(&self.info.hostname)),
+            ("machine_id", Json::str(&self.info.machine_id)),
+            (
+                "uptime_ms",
+                Json::Num(crate::report::uptime_ms(&self.proc_dir)),
+            ),
+            ("ready", Json::Bool(self.all_ready_at.is_some())),
+            ("services", Json::Arr(services)),
+        ])
+    }
+
+    fn status_text(&self) -> String {
+        use std::fmt::Write as _;
+        let up = crate::report::uptime_ms(&self.proc_dir);
+        let mut s = String::new();
+        let _ = writeln!(s, "slot:       {}", self.info.slot);
+        let _ = writeln!(s, "hostname:   {}", self.info.hostname);
+        let _ = writeln!(s, "machine-id: {}", self.info.machine_id);
+        let _ = writeln!(s, "uptime:     {}.{:03} s", up / 1000, up % 1000);
+        let _ = writeln!(
+            s,
+            "ready:      {}",
+            if self.all_ready_at.is_some() {
+                "yes"
+            } else {
+                "no"
+            }
+        );
+        let _ = writeln!(
+            s,
+            "{:<20} {:<9} {:>7} {:>8}",
+            "SERVICE", "STATE", "PID", "RESTARTS"
+        );
+        for u in &self.units {
+            let pid = u.pid.map_or("-".to_string(), |p| p.to_string());
+            let _ = writeln!(
+                s,
+                "{:<20} {:<9} {:>7} {:>8}",
+                u.def.name,
+                self.state_name(u),
+                pid,
+                u.restarts
+            );
+        }
+        s
+    }
+}
+
+/// Signal a service's process group, or the process alone if it left the group.
+fn signal_group(pid: i32, sig: Signal) {
+    if sys::kill(-pid, sig).is_err() {
+        let _ = sys::kill(pid, sig);
+    }
+}
+
+fn open_control(path: &Path) -> Option<UnixListener> {
+    if let Some(dir) = path.parent()
+        && let Err(e) = std::fs::create_dir_all(dir)
+    {
+        console::error("control-socket", format_args!("{} ({e})", dir.display()));
+        return None;
+    }
+    // A socket left by a previous PID 1 (e.g. stage 2 after a crash) blocks bind.
+    let _ = std::fs::remove_file(path);
+    match UnixListener::bind(path) {
+        Ok(l) => {
+            if let Err(e) = l.set_nonblocking(true) {
+                console::error("control-socket", format_args!("{} ({e})", path.display()));
+            }
+            Some(l)
+        }
+        Err(e) => {
+            console::error("control-socket", format_args!("{} ({e})", path.display()));
+            None
+        }
+    }
+}
+
+/// One plain-HTTP GET; ready on a 2xx status line.
+fn http_ok(addr: &std::net::SocketAddr, host: &str, path: &str, timeout: Duration) -> bool {
+    let Ok(mut s) = TcpStream::connect_timeout(addr, timeout) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(timeout));
+    let _ = s.set_write_timeout(Some(timeout));
+    let req = format!("GET {path} HTTP/1.0\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    if s.write_all(req.as_bytes()).is_err() {
+        return false;
+    }
+    let mut line = String::new();
+    if BufReader::new(s.take(256)).read_line(&mut line).is_err() {
+        return false;
+    }
+    parse_status_code(&line).is_some_and(|c| (200..300).contains(&c))
+}
+
+fn parse_status_code(status_line: &str) -> Option<u16> {
+    let mut it = status_line.split_whitespace();
+    let proto = it.next()?;
+    if !proto.starts_with("HTTP/") {
+        return None;
+    }
+    it.next()?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Serve one canned response per connection, recording the request line.
+    fn canned_server(
+        response: &'static str,
+    ) -> (std::net::SocketAddr, std::sync::mpsc::Receiver<String>) {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for s in l.incoming().flatten() {
+                let mut line = String::new();
+                let mut r = BufReader::new(&s);
+                let _ = r.read_line(&mut line);
+                let _ = tx.send(line);
+                let _ = (&s).write_all(response.as_bytes());
+            }
+        });
+        (addr, rx)
+    }
+
+    #[test]
+    fn http_probe_wants_2xx() {
+        let t = Duration::from_millis(500);
+        let (ok, rx) = canned_server("HTTP/1.1 204 No Content\r\n\r\n");
+        assert!(http_ok(&ok, "127.0.0.1", "/healthz", t));
+        assert_eq!(rx.recv().unwrap(), "GET /healthz HTTP/1.0\r\n");
+        let (bad, _rx) = canned_server("HTTP/1.1 503 Service Unavailable\r\n\r\n");
+        assert!(!http_ok(&bad, "127.0.0.1", "/", t));
+        let (junk, _rx) = canned_server("SSH-2.0-x\r\n");
+        assert!(!http_ok(&junk, "127.0.0.1", "/", t));
+        let closed = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        assert!(!http_ok(&closed, "127.0.0.1", "/", t));
+    }
+
+    #[test]
+    fn http_status_lines() {
+        assert_eq!(parse_status_code("HTTP/1.1 200 OK\r\n"), Some(200));
+        assert_eq!(
+            parse_status_code("HTTP/1.0 503 Service Unavailable"),
+            Some(503)
+        );
+        assert_eq!(parse_status_code("SSH-2.0-OpenSSH"), None);
+        assert_eq!(parse_status_code(""), None);
+    }
+}

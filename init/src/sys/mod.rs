@@ -1,0 +1,352 @@
+//! The only place in init that talks to the kernel directly: mounts, modules,
+//! reboot, block-device ioctls, signals and child reaping. Every `unsafe`
+//! block of the crate lives under this module and says why it is sound.
+//!
+//! Logic above this module talks to the small traits in `mounts`, `modules`
+//! and `blockdev`, so it can be tested with fakes; this module must never
+//! grow policy (what to mount, when to retry).
+
+pub mod block;
+
+use std::ffi::CString;
+use std::fs::File;
+use std::os::fd::AsFd;
+use std::path::Path;
+
+pub use nix::errno::Errno;
+pub use nix::mount::{MntFlags, MsFlags};
+pub use nix::sys::signal::Signal;
+pub use nix::sys::wait::WaitStatus;
+pub use nix::unistd::Pid;
+
+use nix::sys::signal::SigSet;
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use nix::sys::wait::WaitPidFlag;
+
+/// `mount(2)`.
+pub fn mount(
+    source: Option<&str>,
+    target: &Path,
+    fstype: Option<&str>,
+    flags: MsFlags,
+    data: Option<&str>,
+) -> Result<(), Errno> {
+    nix::mount::mount(source, target, fstype, flags, data)
+}
+
+/// `umount2(2)`.
+pub fn umount(target: &Path, flags: MntFlags) -> Result<(), Errno> {
+    nix::mount::umount2(target, flags)
+}
+
+/// `finit_module(2)` with no parameters. `compressed` asks the kernel to
+/// decompress the file itself (`MODULE_INIT_COMPRESSED_FILE`, Linux 6.4+,
+/// for `.ko.gz`/`.ko.xz`/`.ko.zst` as Alpine ships them).
+pub fn finit_module(file: &File, compressed: bool) -> Result<(), Errno> {
+    // MODULE_INIT_COMPRESSED_FILE from linux/module.h; nix has no name for it.
+    const MODULE_INIT_COMPRESSED_FILE: libc::c_uint = 4;
+    let flags = if compressed {
+        nix::kmod::ModuleInitFlags::from_bits_retain(MODULE_INIT_COMPRESSED_FILE)
+    } else {
+        nix::kmod::ModuleInitFlags::empty()
+    };
+    nix::kmod::finit_module(file.as_fd(), c"", flags)
+}
+
+/// How to leave the running system.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RebootHow {
+    Restart,
+    PowerOff,
+    Halt,
+    /// `LINUX_REBOOT_CMD_RESTART2` with an argument the platform's reboot
+    /// handler reads (Raspberry Pi: `"0 tryboot"`, REFERENCE.md §1.5).
+    Restart2(String),
+}
+
+/// `reboot(2)`. Returns only on failure.
+pub fn reboot(how: &RebootHow) -> Errno {
+    use nix::sys::reboot::RebootMode;
+    let mode = match how {
+        RebootHow::Restart => RebootMode::RB_AUTOBOOT,
+        RebootHow::PowerOff => RebootMode::RB_POWER_OFF,
+        RebootHow::Halt => RebootMode::RB_HALT_SYSTEM,
+        RebootHow::Restart2(arg) => return reboot_restart2(arg),
+    };
+    match nix::sys::reboot::reboot(mode) {
+        Ok(never) => match never {},
+        Err(e) => e,
+    }
+}
+
+fn reboot_restart2(arg: &str) -> Errno {
+    let Ok(arg) = CString::new(arg) else {
+        return Errno::EINVAL;
+    };
+    // SAFETY: the raw reboot syscall with RESTART2 reads a NUL-terminated
+    // string from the fourth argument; `arg` is a valid CString that outlives
+    // the call. The magic numbers are the kernel's ABI (reboot(2)).
+    let res = unsafe {
+        libc::syscall(
+            libc::SYS_reboot,
+            libc::LINUX_REBOOT_MAGIC1,
+            libc::LINUX_REBOOT_MAGIC2,
+            libc::LINUX_REBOOT_CMD_RESTART2,
+            arg.as_ptr(),
+        )
+    };
+    if res == 0 {
+        Errno::UnknownErrno
+    } else {
+        Errno::last()
+    }
+}
+
+/// Ask the kernel to send SIGINT to PID 1 on ctrl-alt-del instead of rebooting at once.
+pub fn ctrl_alt_del_to_signal() -> Result<(), Errno> {
+    nix::sys::reboot::set_cad_enabled(false)
+}
+
+/// `sync(2)`.
+pub fn sync() {
+    nix::unistd::sync();
+}
+
+/// `chroot(2)`.
+pub fn chroot(path: &Path) -> Result<(), Errno> {
+    nix::unistd::chroot(path)
+}
+
+/// `sethostname(2)`.
+pub fn sethostname(name: &str) -> Result<(), Errno> {
+    nix::unistd::sethostname(name)
+}
+
+/// Point stdin, stdout and stderr at `console` (stage 1 starts with whatever
+/// the kernel opened, possibly nothing).
+pub fn reopen_stdio(console: &File) -> Result<(), Errno> {
+    nix::unistd::dup2_stdin(console)?;
+    nix::unistd::dup2_stdout(console)?;
+    nix::unistd::dup2_stderr(console)
+}
+
+/// Fill `buf` from the kernel's random pool (`getrandom(2)`, blocking until seeded).
+pub fn getrandom(buf: &mut [u8]) -> Result<(), Errno> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        let rest = &mut buf[filled..];
+        // SAFETY: the pointer and length describe the writable, initialised
+        // slice `rest`, which the kernel fills with at most `rest.len()` bytes.
+        let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
+        if n < 0 {
+            let e = Errno::last();
+            if e == Errno::EINTR {
+                continue;
+            }
+            return Err(e);
+        }
+        filled += n as usize;
+    }
+    Ok(())
+}
+
+/// This process's pid.
+pub fn getpid() -> u32 {
+    std::process::id()
+}
+
+/// Become the reaper of orphaned descendants (what PID 1 is by nature; used
+/// when the supervisor runs as an ordinary process, e.g. in tests).
+pub fn set_child_subreaper() -> Result<(), Errno> {
+    nix::sys::prctl::set_child_subreaper(true)
+}
+
+/// `kill(2)`; `pid` may be negative (a process group) or -1 (everything we may signal).
+pub fn kill(pid: i32, sig: Signal) -> Result<(), Errno> {
+    nix::sys::signal::kill(Pid::from_raw(pid), sig)
+}
+
+/// One reaped child.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reaped {
+    pub pid: i32,
+    pub status: ExitStatus,
+}
+
+/// How a child ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitStatus {
+    Code(i32),
+    Signal(i32),
+}
+
+impl ExitStatus {
+    pub fn success(self) -> bool {
+        self == ExitStatus::Code(0)
+    }
+}
+
+impl std::fmt::Display for ExitStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ExitStatus::Code(c) => write!(f, "code={c}"),
+            ExitStatus::Signal(s) => match Signal::try_from(*s) {
+                Ok(sig) => write!(f, "signal={}", sig.as_str()),
+                Err(_) => write!(f, "signal={s}"),
+            },
+        }
+    }
+}
+
+/// `waitpid(-1, WNOHANG)`: one exited child, or `None` when no child has
+/// exited (or there are no children at all).
+pub fn reap_one() -> Option<Reaped> {
+    loop {
+        match nix::sys::wait::waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::Exited(pid, code)) => {
+                return Some(Reaped {
+                    pid: pid.as_raw(),
+                    status: ExitStatus::Code(code),
+                });
+            }
+            Ok(WaitStatus::Signaled(pid, sig, _)) => {
+                return Some(Reaped {
+                    pid: pid.as_raw(),
+                    status: ExitStatus::Signal(sig as i32),
+                });
+            }
+            Ok(WaitStatus::StillAlive) => return None,
+            // Stopped/continued children are not exits; keep draining.
+            Ok(_) => continue,
+            Err(Errno::EINTR) => continue,
+            Err(_) => return None,
+        }
+    }
+}
+
+/// Signals PID 1 acts on, delivered through a signalfd so the event loop
+/// sees them as readable input instead of asynchronous handlers.
+pub struct Signals {
+    fd: SignalFd,
+}
+
+impl std::fmt::Debug for Signals {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Signals")
+    }
+}
+
+impl Signals {
+    /// Block `signals` for this thread and open a non-blocking signalfd for them.
+    /// Children get an empty mask back: std's `Command` resets it before exec.
+    pub fn open(signals: &[Signal]) -> Result<Signals, Errno> {
+        let mut set = SigSet::empty();
+        for s in signals {
+            set.add(*s);
+        }
+        set.thread_block()?;
+        let fd = SignalFd::with_flags(&set, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)?;
+        Ok(Signals { fd })
+    }
+
+    /// The next pending signal, if any.
+    pub fn next(&self) -> Option<Signal> {
+        loop {
+            match self.fd.read_signal() {
+                Ok(Some(info)) => match Signal::try_from(info.ssi_signo as i32) {
+                    Ok(s) => return Some(s),
+                    Err(_) => continue,
+                },
+                Ok(None) => return None,
+                Err(Errno::EINTR) => continue,
+                Err(_) => return None,
+            }
+        }
+    }
+
+    pub fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+/// `poll(2)` on `fds` (each polled for input); returns which are readable.
+/// `timeout_ms` of `None` waits forever.
+pub fn poll_readable(
+    fds: &[std::os::fd::BorrowedFd<'_>],
+    timeout_ms: Option<u32>,
+) -> Result<Vec<bool>, Errno> {
+    use nix::poll::{PollFd, PollFlags, PollTimeout};
+    let mut pfds: Vec<PollFd<'_>> = fds
+        .iter()
+        .map(|fd| PollFd::new(*fd, PollFlags::POLLIN))
+        .collect();
+    let timeout = match timeout_ms {
+        None => PollTimeout::NONE,
+        Some(ms) => {
+            PollTimeout::try_from(ms.min(i32::MAX as u32) as i32).unwrap_or(PollTimeout::MAX)
+        }
+    };
+    match nix::poll::poll(&mut pfds, timeout) {
+        Ok(_) => {}
+        Err(Errno::EINTR) => {}
+        Err(e) => return Err(e),
+    }
+    Ok(pfds
+        .iter()
+        .map(|p| {
+            p.revents().is_some_and(|r| {
+                r.intersects(PollFlags::POLLIN | PollFlags::POLLHUP | PollFlags::POLLERR)
+            })
+        })
+        .collect())
+}
+
+/// Filesystem block size and total blocks of the filesystem mounted at `path`.
+pub fn statfs_blocks(path: &Path) -> Result<(u64, u64), Errno> {
+    let st = nix::sys::statfs::statfs(path)?;
+    Ok((st.block_size() as u64, st.blocks()))
+}
+
+/// Whether `path` is on the initramfs (ramfs or tmpfs): the only kind of
+/// root stage 1 may delete files from before `switch_root`.
+pub fn is_ramfs(path: &Path) -> bool {
+    // RAMFS_MAGIC from linux/magic.h (not exported by libc).
+    const RAMFS_MAGIC: i64 = 0x8584_58f6;
+    // The casts are no-ops on 64-bit targets but not on 32-bit ARM, where
+    // the statfs type field is narrower.
+    #[allow(clippy::unnecessary_cast)]
+    nix::sys::statfs::statfs(path).is_ok_and(|s| {
+        let t = s.filesystem_type().0 as i64;
+        t == RAMFS_MAGIC || t == libc::TMPFS_MAGIC as i64
+    })
+}
+
+/// Make `cmd`'s child start with an empty signal mask. PID 1 blocks the
+/// signals it reads through its signalfd, and std's `Command` passes the
+/// mask on to children (it no longer resets it), so without this a service
+/// could not be stopped with SIGTERM.
+pub fn unblock_signals_in_child(cmd: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the hook runs in the forked child before exec, where only
+    // async-signal-safe calls are allowed: sigemptyset and pthread_sigmask
+    // (sigprocmask) are; the closure captures nothing and allocates nothing.
+    unsafe {
+        cmd.pre_exec(|| {
+            let mut set = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
+            libc::sigemptyset(set.as_mut_ptr());
+            if libc::pthread_sigmask(libc::SIG_SETMASK, set.as_ptr(), std::ptr::null_mut()) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Milliseconds since the kernel started (`CLOCK_BOOTTIME`, the clock behind
+/// `/proc/uptime`, at millisecond instead of centisecond resolution).
+pub fn boottime_ms() -> u64 {
+    use nix::time::{ClockId, clock_gettime};
+    clock_gettime(ClockId::CLOCK_BOOTTIME).map_or(0, |t| {
+        (t.tv_sec() as u64).saturating_mul(1000) + (t.tv_nsec() as u64) / 1_000_000
+    })
+}

@@ -1,0 +1,588 @@
+//! Supervision, readiness, reaping and shutdown with real processes, without
+//! QEMU: the supervisor runs as PID 1 of its own user+PID+mount namespaces
+//! (`unshare`), or as a plain child subreaper where unshare is unavailable.
+//!
+//! This file is its own test harness (`harness = false`): the same binary is
+//! the driver (default), the supervisor under test (`BASALT_TEST_ROLE=supervisor`)
+//! and a slow TCP server used as a service (`BASALT_TEST_ROLE=tcp-server`).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use basalt_init::service::load_dir;
+use basalt_init::supervisor::{Config, NodeInfo, Supervisor};
+
+fn main() {
+    match std::env::var("BASALT_TEST_ROLE").as_deref() {
+        Ok("supervisor") => supervisor_role(),
+        Ok("tcp-server") => tcp_server_role(),
+        _ => driver(),
+    }
+}
+
+// ---------------------------------------------------------------- roles
+
+/// The supervisor under test: services from `$1`, control socket at `$2`.
+/// Stops after the supervisor returns, with no reboot: that is the hook.
+fn supervisor_role() {
+    let args: Vec<String> = std::env::args().collect();
+    basalt_init::console::install_panic_hook();
+    if let Err(e) = basalt_init::sys::set_child_subreaper() {
+        eprintln!("subreaper: {e}");
+        std::process::exit(2);
+    }
+    let (services, errors) = load_dir(Path::new(&args[1]));
+    for e in errors {
+        basalt_init::console::error("service-file", e);
+    }
+    let config = Config {
+        services,
+        control_socket: Some(PathBuf::from(&args[2])),
+        base_env: vec![("PATH".into(), std::env::var("PATH").unwrap_or_default())],
+        info: NodeInfo {
+            slot: "a".into(),
+            hostname: "testhost".into(),
+            machine_id: "0123456789abcdef0123456789abcdef".into(),
+        },
+        proc_dir: PathBuf::from("/proc"),
+    };
+    let mut sup = match Supervisor::new(config) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("{e}");
+            std::process::exit(2);
+        }
+    };
+    sup.on_all_ready(Box::new(|s: &Supervisor| {
+        basalt_init::say!("ready {}", s.status_json());
+    }));
+    let kind = sup.run();
+    basalt_init::say!("test supervisor returned {}", kind.name());
+    std::process::exit(0);
+}
+
+fn tcp_server_role() {
+    let port: u16 = std::env::var("PORT").unwrap().parse().unwrap();
+    let delay: u64 = std::env::var("DELAY_MS").unwrap().parse().unwrap();
+    std::thread::sleep(Duration::from_millis(delay));
+    let l = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+    for s in l.incoming() {
+        drop(s);
+    }
+}
+
+// ---------------------------------------------------------------- driver
+
+type Lines = Arc<Mutex<Vec<(Instant, String)>>>;
+
+struct Run {
+    child: Child,
+    lines: Lines,
+    dir: tempfile::TempDir,
+    socket: PathBuf,
+    t0: Instant,
+}
+
+fn unshare_works() -> bool {
+    Command::new("unshare")
+        .args([
+            "--user",
+            "--map-root-user",
+            "--pid",
+            "--fork",
+            "--mount",
+            "--mount-proc",
+            "true",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+impl Run {
+    /// Start a supervisor over the given service files (name, toml; `@DIR@`
+    /// is replaced by the run's temp dir).
+    fn start(services: &[(&str, String)]) -> Run {
+        let dir = tempfile::tempdir().unwrap();
+        let sdir = dir.path().join("services");
+        std::fs::create_dir_all(&sdir).unwrap();
+        for (name, text) in services {
+            let text = text.replace("@DIR@", &dir.path().display().to_string());
+            std::fs::write(sdir.join(format!("{name}.toml")), text).unwrap();
+        }
+        let socket = dir.path().join("control.sock");
+        let exe = std::env::current_exe().unwrap();
+        let mut cmd = if unshare_works() {
+            let mut c = Command::new("unshare");
+            c.args([
+                "--user",
+                "--map-root-user",
+                "--pid",
+                "--fork",
+                "--mount",
+                "--mount-proc",
+            ])
+            .arg(&exe);
+            c
+        } else {
+            eprintln!("  (unshare unavailable: plain child subreaper)");
+            Command::new(&exe)
+        };
+        cmd.arg(&sdir)
+            .arg(&socket)
+            .env("BASALT_TEST_ROLE", "supervisor")
+            .stdout(Stdio::piped())
+            .stdin(Stdio::null());
+        let mut child = cmd.spawn().unwrap();
+        let out = child.stdout.take().unwrap();
+        let lines: Lines = Arc::new(Mutex::new(Vec::new()));
+        let l2 = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                if std::env::var("BASALT_TEST_VERBOSE").is_ok() {
+                    eprintln!("    | {line}");
+                }
+                l2.lock().unwrap().push((Instant::now(), line));
+            }
+        });
+        Run {
+            child,
+            lines,
+            dir,
+            socket,
+            t0: Instant::now(),
+        }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Wait for the `n`th (1-based) line containing `needle`.
+    fn wait_nth(&self, needle: &str, n: usize, timeout: Duration) -> Result<Instant, String> {
+        let end = Instant::now() + timeout;
+        loop {
+            {
+                let lines = self.lines.lock().unwrap();
+                if let Some((t, _)) = lines.iter().filter(|(_, l)| l.contains(needle)).nth(n - 1) {
+                    return Ok(*t);
+                }
+            }
+            if Instant::now() > end {
+                return Err(format!(
+                    "no line #{n} containing {needle:?}; got:\n{}",
+                    self.dump()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn wait(&self, needle: &str, timeout: Duration) -> Result<Instant, String> {
+        self.wait_nth(needle, 1, timeout)
+    }
+
+    fn dump(&self) -> String {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(t, l)| format!("  {:>6} ms {l}", t.duration_since(self.t0).as_millis()))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    fn lines_with(&self, needle: &str) -> Vec<String> {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, l)| l.contains(needle))
+            .map(|(_, l)| l.clone())
+            .collect()
+    }
+
+    fn control(&self, line: &str) -> Result<String, String> {
+        let mut s = UnixStream::connect(&self.socket)
+            .map_err(|e| format!("connect {}: {e}", self.socket.display()))?;
+        s.write_all(format!("{line}\n").as_bytes())
+            .map_err(|e| e.to_string())?;
+        let mut reply = String::new();
+        s.read_to_string(&mut reply).map_err(|e| e.to_string())?;
+        Ok(reply)
+    }
+
+    /// The supervisor's pid as seen from here (inside unshare, unshare's child).
+    fn supervisor_pid(&self) -> u32 {
+        let me = self.child.id();
+        let kids = children_of(me);
+        if self.lines.lock().unwrap().is_empty() && kids.is_empty() {
+            return me;
+        }
+        // With unshare, the supervisor is unshare's only child.
+        match kids.as_slice() {
+            [only] if process_name(me).as_deref() == Some("unshare") => *only,
+            _ => me,
+        }
+    }
+
+    fn finish(mut self, timeout: Duration) -> Result<(), String> {
+        let end = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().map_err(|e| e.to_string())? {
+                return if status.success() {
+                    Ok(())
+                } else {
+                    Err(format!("supervisor exited {status}:\n{}", self.dump()))
+                };
+            }
+            if Instant::now() > end {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                return Err(format!("supervisor did not exit:\n{}", self.dump()));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Run {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn process_name(pid: u32) -> Option<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .ok()
+        .map(|s| s.trim().to_string())
+}
+
+/// (pid, ppid, state) of every process, from /proc/<pid>/stat.
+fn process_table() -> Vec<(u32, u32, char)> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
+            continue;
+        };
+        // comm may contain spaces and parens: fields start after the last ')'.
+        let Some(rest) = stat.rfind(')').map(|i| &stat[i + 2..]) else {
+            continue;
+        };
+        let mut f = rest.split_whitespace();
+        let state = f.next().and_then(|s| s.chars().next()).unwrap_or('?');
+        let ppid = f.next().and_then(|s| s.parse().ok()).unwrap_or(0);
+        out.push((pid, ppid, state));
+    }
+    out
+}
+
+fn children_of(pid: u32) -> Vec<u32> {
+    process_table()
+        .into_iter()
+        .filter(|(_, pp, _)| *pp == pid)
+        .map(|(p, _, _)| p)
+        .collect()
+}
+
+/// All descendants of `root` with their states.
+fn descendants(root: u32) -> Vec<(u32, char)> {
+    let table = process_table();
+    let mut out = Vec::new();
+    let mut frontier = vec![root];
+    while let Some(p) = frontier.pop() {
+        for (c, pp, st) in &table {
+            if *pp == p {
+                out.push((*c, *st));
+                frontier.push(*c);
+            }
+        }
+    }
+    out
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+// ---------------------------------------------------------------- scenarios
+
+/// A service that fails at once restarts after growing delays: 100, 200, 400, 400 ms.
+fn crash_loop_backs_off() -> Result<(), String> {
+    let run = Run::start(&[(
+        "crasher",
+        r#"exec = ["/bin/sh", "-c", "exit 3"]
+[backoff]
+initial_ms = 100
+max_ms = 400
+reset_after_secs = 60
+"#
+        .into(),
+    )]);
+    let mut starts = Vec::new();
+    for n in 1..=5 {
+        starts.push(run.wait_nth("service crasher started pid", n, Duration::from_secs(10))?);
+    }
+    let exits = run.lines_with("service crasher exited");
+    let expected = [
+        "restart in 100 ms",
+        "restart in 200 ms",
+        "restart in 400 ms",
+        "restart in 400 ms",
+    ];
+    for (line, want) in exits.iter().zip(expected) {
+        if !line.contains("exited code=3") || !line.contains(want) {
+            return Err(format!(
+                "expected 'exited code=3, {want}', got {line:?}\n{}",
+                run.dump()
+            ));
+        }
+    }
+    let gaps: Vec<u128> = starts
+        .windows(2)
+        .map(|w| w[1].duration_since(w[0]).as_millis())
+        .collect();
+    let floors = [95, 195, 395, 395];
+    for (g, f) in gaps.iter().zip(floors) {
+        if *g < f {
+            return Err(format!(
+                "restart gaps {gaps:?} shorter than backoff {floors:?}"
+            ));
+        }
+    }
+    if !(gaps[1] > gaps[0] && gaps[2] > gaps[1]) {
+        return Err(format!("restart gaps {gaps:?} do not grow"));
+    }
+    let reply = run.control("poweroff")?;
+    if reply.trim() != "ok poweroff" {
+        return Err(format!("control reply {reply:?}"));
+    }
+    run.wait("shutdown poweroff", Duration::from_secs(5))?;
+    run.finish(Duration::from_secs(10))
+}
+
+/// TCP and exec readiness gate `after`; basaltctl reports status; SIGUSR2 powers off.
+fn readiness_gates_dependents() -> Result<(), String> {
+    let port = free_port();
+    let exe = std::env::current_exe().unwrap().display().to_string();
+    let run = Run::start(&[
+        (
+            "web",
+            format!(
+                r#"exec = ["{exe}"]
+env = {{ BASALT_TEST_ROLE = "tcp-server", PORT = "{port}", DELAY_MS = "400" }}
+[ready]
+tcp = "127.0.0.1:{port}"
+interval_ms = 50
+timeout_secs = 20
+"#
+            ),
+        ),
+        (
+            "flag",
+            r#"exec = ["/bin/sh", "-c", "sleep 0.4; touch @DIR@/flag; exec sleep 1000"]
+[ready]
+exec = ["/bin/sh", "-c", "test -e @DIR@/flag"]
+interval_ms = 50
+"#
+            .into(),
+        ),
+        (
+            "late",
+            r#"exec = ["/bin/sleep", "1000"]
+after = ["web", "flag"]
+"#
+            .into(),
+        ),
+    ]);
+    let t = Duration::from_secs(15);
+    let web_started = run.wait("service web started", t)?;
+    let web_ready = run.wait("service web ready", t)?;
+    let flag_started = run.wait("service flag started", t)?;
+    let flag_ready = run.wait("service flag ready", t)?;
+    let late_started = run.wait("service late started", t)?;
+    run.wait("basalt: ready {", t)?;
+    let ms = |a: Instant, b: Instant| b.saturating_duration_since(a).as_millis();
+    if ms(web_started, web_ready) < 350 || ms(flag_started, flag_ready) < 350 {
+        return Err(format!(
+            "ready before the service could be:\n{}",
+            run.dump()
+        ));
+    }
+    if late_started < web_ready || late_started < flag_ready {
+        return Err(format!(
+            "late started before its dependencies were ready:\n{}",
+            run.dump()
+        ));
+    }
+    // basaltctl is the init binary called by that name.
+    let ctl = run.path("basaltctl");
+    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_init"), &ctl).unwrap();
+    let out = Command::new(&ctl)
+        .args(["status", "--json"])
+        .env("BASALT_CONTROL_SOCKET", &run.socket)
+        .output()
+        .map_err(|e| e.to_string())?;
+    let json = String::from_utf8_lossy(&out.stdout).to_string();
+    for want in [
+        "\"hostname\":\"testhost\"",
+        "\"name\":\"late\",\"state\":\"ready\"",
+        "\"name\":\"web\",\"state\":\"ready\"",
+        "\"ready\":true",
+    ] {
+        if !json.contains(want) {
+            return Err(format!("basaltctl status --json lacks {want}: {json}"));
+        }
+    }
+    let out = Command::new(&ctl)
+        .arg("status")
+        .env("BASALT_CONTROL_SOCKET", &run.socket)
+        .output()
+        .map_err(|e| e.to_string())?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !text.contains("hostname:   testhost")
+        || !text
+            .lines()
+            .any(|l| l.starts_with("flag") && l.contains("ready"))
+    {
+        return Err(format!("basaltctl status:\n{text}"));
+    }
+    // SIGUSR2 from outside the namespace: an orderly poweroff.
+    let pid = run.supervisor_pid();
+    basalt_init::sys::kill(pid as i32, basalt_init::sys::Signal::SIGUSR2)
+        .map_err(|e| e.to_string())?;
+    run.wait("shutdown poweroff", Duration::from_secs(5))?;
+    run.finish(Duration::from_secs(20))
+}
+
+/// Grandchildren whose parent exits are re-parented to the supervisor and reaped.
+fn orphans_are_reaped() -> Result<(), String> {
+    let run = Run::start(&[(
+        "parent",
+        r#"exec = ["/bin/sh", "-c", "sh -c '(sleep 0.2; touch @DIR@/o1) & (sleep 0.3; touch @DIR@/o2) & exit 0'; exec sleep 1000"]"#
+            .into(),
+    )]);
+    run.wait("service parent started", Duration::from_secs(10))?;
+    let end = Instant::now() + Duration::from_secs(10);
+    while !(run.path("o1").exists() && run.path("o2").exists()) {
+        if Instant::now() > end {
+            return Err(format!("orphans never ran:\n{}", run.dump()));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let procs = descendants(run.child.id());
+    if !procs.iter().any(|(_, st)| *st != 'Z') {
+        return Err(format!(
+            "no live descendants found (process walk broken?): {procs:?}"
+        ));
+    }
+    let zombies: Vec<_> = procs.iter().filter(|(_, st)| *st == 'Z').collect();
+    if !zombies.is_empty() {
+        return Err(format!("zombies left: {zombies:?}\n{}", run.dump()));
+    }
+    run.control("reboot")?;
+    run.finish(Duration::from_secs(20))
+}
+
+/// Shutdown stops services in reverse dependency order; one ignoring SIGTERM
+/// is SIGKILLed after its stop timeout.
+fn shutdown_in_reverse_order() -> Result<(), String> {
+    let run = Run::start(&[
+        ("a", r#"exec = ["/bin/sleep", "1000"]"#.into()),
+        (
+            "b",
+            "exec = [\"/bin/sleep\", \"1000\"]\nafter = [\"a\"]".into(),
+        ),
+        (
+            "c",
+            r#"exec = ["/bin/sh", "-c", "trap '' TERM; while :; do sleep 0.1; done"]
+after = ["b"]
+stop_timeout_secs = 1
+"#
+            .into(),
+        ),
+    ]);
+    run.wait("basalt: ready {", Duration::from_secs(10))?;
+    let t_req = Instant::now();
+    if run.control("reboot")?.trim() != "ok reboot" {
+        return Err("bad reply to reboot".into());
+    }
+    run.wait("shutdown reboot", Duration::from_secs(5))?;
+    let c = run.wait("service c stopped signal=SIGKILL", Duration::from_secs(10))?;
+    let b = run.wait("service b stopped signal=SIGTERM", Duration::from_secs(10))?;
+    let a = run.wait("service a stopped signal=SIGTERM", Duration::from_secs(10))?;
+    run.wait("error stop-timeout c", Duration::from_secs(1))?;
+    if !(c <= b && b <= a) {
+        return Err(format!("not stopped in reverse order:\n{}", run.dump()));
+    }
+    let waited = c.duration_since(t_req).as_millis();
+    if !(900..5000).contains(&waited) {
+        return Err(format!(
+            "c was killed after {waited} ms, expected its 1 s stop timeout"
+        ));
+    }
+    run.wait("test supervisor returned reboot", Duration::from_secs(5))?;
+    run.finish(Duration::from_secs(10))
+}
+
+/// A bad service file is reported; the good ones still run.
+fn bad_service_file_is_reported() -> Result<(), String> {
+    let run = Run::start(&[
+        ("good", r#"exec = ["/bin/sleep", "1000"]"#.into()),
+        ("broken", "exec = 42".into()),
+    ]);
+    run.wait("basalt: error service-file", Duration::from_secs(10))?;
+    run.wait("service good ready", Duration::from_secs(10))?;
+    run.control("poweroff")?;
+    run.finish(Duration::from_secs(10))
+}
+
+type Scenario = fn() -> Result<(), String>;
+
+fn driver() {
+    let filter: Option<String> = std::env::args().skip(1).find(|a| !a.starts_with('-'));
+    let tests: &[(&str, Scenario)] = &[
+        ("crash_loop_backs_off", crash_loop_backs_off),
+        ("readiness_gates_dependents", readiness_gates_dependents),
+        ("orphans_are_reaped", orphans_are_reaped),
+        ("shutdown_in_reverse_order", shutdown_in_reverse_order),
+        ("bad_service_file_is_reported", bad_service_file_is_reported),
+    ];
+    let mut failed = 0;
+    for (name, f) in tests {
+        if let Some(flt) = &filter
+            && !name.contains(flt.as_str())
+        {
+            continue;
+        }
+        let t = Instant::now();
+        match f() {
+            Ok(()) => println!("test {name} ... ok ({} ms)", t.elapsed().as_millis()),
+            Err(e) => {
+                failed += 1;
+                println!("test {name} ... FAILED\n{e}");
+            }
+        }
+    }
+    if failed > 0 {
+        println!("{failed} supervision test(s) failed");
+        std::process::exit(1);
+    }
+}
