@@ -353,9 +353,14 @@ fn server(inv: &Invocation, argv: &[String]) -> Result<i32, RoleError> {
     let mut written = Vec::new();
     let secret = match inv.distribution {
         Distribution::K3s => {
-            let secret = match settings.token(inv)? {
-                Some(t) => t,
-                None => token::random_secret().map_err(RoleError::Random)?,
+            // Like k3s, a server given no token keeps the one it made before.
+            let kept = std::fs::read_to_string(data_dir.join("server/token"))
+                .ok()
+                .and_then(|t| t.trim().split_once("::server:").map(|(_, s)| s.to_string()))
+                .filter(|s| !s.is_empty());
+            let secret = match (settings.token(inv)?, kept) {
+                (Some(t), _) | (None, Some(t)) => t,
+                (None, None) => token::random_secret().map_err(RoleError::Random)?,
             };
             let node_token = format!("{}\n", token::k3s_node_token(&secret));
             for name in ["server/node-token", "server/token"] {

@@ -335,6 +335,22 @@ fn k3s_agent_token_is_checked() {
     server.expect("k8s-standin: serving", Duration::from_secs(10));
     let url = format!("https://127.0.0.1:{port}");
 
+    // A second server on the same data dir without --token keeps the token.
+    let port2 = free_port();
+    let mut cmd = Command::new(BIN);
+    cmd.args(["k3s", "server", "--data-dir"])
+        .arg(tmp.path().join("server"))
+        .arg("--write-kubeconfig")
+        .arg(tmp.path().join("k3s-2.yaml"))
+        .env("K8S_STANDIN_PORT", port2.to_string())
+        .env("K8S_STANDIN_DELAY_MS", "0")
+        .env_remove("K3S_TOKEN");
+    let again = Running::start(cmd);
+    again.expect("k8s-standin: serving", Duration::from_secs(10));
+    let kept = std::fs::read_to_string(tmp.path().join("server/server/node-token")).unwrap();
+    assert!(kept.trim().ends_with("::server:right"), "{kept}");
+    drop(again);
+
     // Wrong token: the agent reports the rejection and keeps retrying.
     let mut cmd = Command::new(BIN);
     cmd.args([
