@@ -236,6 +236,22 @@ impl Console {
         }
     }
 
+    /// Like `expect`, but also accepts a line read at any time before, for
+    /// output whose order relative to other lines is not fixed (e.g. two
+    /// services started together). Leaves the `expect` position alone when
+    /// the line was already there.
+    pub fn expect_anywhere(
+        &mut self,
+        pattern: impl Into<Pattern>,
+        timeout: Duration,
+    ) -> Result<String, ConsoleError> {
+        let pattern = pattern.into();
+        if let Some(line) = self.history.iter().find(|l| pattern.matches(l)) {
+            return Ok(line.clone());
+        }
+        self.expect(pattern, timeout)
+    }
+
     /// Reads whatever lines arrive within `wait` (until the console closes)
     /// into the history, without consuming them for `expect`.
     pub fn drain(&mut self, wait: Duration) {
@@ -305,6 +321,10 @@ mod tests {
         assert_eq!(c.history().len(), 3);
         assert_eq!(c.expect("b", Duration::from_secs(1)).unwrap(), "b");
         assert!(c.expect("a", Duration::from_millis(100)).is_err());
+        assert_eq!(
+            c.expect_anywhere("a", Duration::from_millis(100)).unwrap(),
+            "a"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

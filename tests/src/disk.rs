@@ -146,6 +146,32 @@ pub fn put_on_esp(image: &Path, local: &Path, dest: &str) -> Result<(), DiskErro
     Ok(())
 }
 
+/// Creates directories on the ESP, parents first (`mmd`); existing ones are kept.
+pub fn mkdirs_on_esp(image: &Path, dir: &str) -> Result<(), DiskError> {
+    let spec = esp_spec(image)?;
+    let mut path = String::new();
+    for part in dir.split('/').filter(|p| !p.is_empty()) {
+        path.push('/');
+        path.push_str(part);
+        let exists = Command::new("mdir")
+            .env("MTOOLS_SKIP_CHECK", "1")
+            .args(["-b", "-i", &spec])
+            .arg(format!("::{path}"))
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !exists {
+            run(
+                "mmd",
+                image,
+                Command::new("mmd")
+                    .args(["-i", &spec])
+                    .arg(format!("::{path}")),
+            )?;
+        }
+    }
+    Ok(())
+}
+
 /// Writes `content` to the ESP as `dest`.
 pub fn write_on_esp(image: &Path, dest: &str, content: &str) -> Result<(), DiskError> {
     let tmp = image.with_extension(format!("esp-{}", dest.replace('/', "_")));
@@ -352,6 +378,15 @@ mod tests {
             .arg(&img)
             .arg((esp.size / 2).to_string()));
         write_on_esp(&img, "node.toml", "hostname = \"n1\"\n").unwrap();
+        mkdirs_on_esp(&img, "loader/entries").unwrap();
+        mkdirs_on_esp(&img, "loader/entries").unwrap();
+        write_on_esp(&img, "loader/entries/a.conf", "title a\n").unwrap();
+        assert_eq!(
+            list_esp(&img, "loader/entries").unwrap().len(),
+            1,
+            "{:?}",
+            list_esp(&img, "loader/entries")
+        );
         assert_eq!(
             read_from_esp(&img, "node.toml").unwrap(),
             "hostname = \"n1\"\n"

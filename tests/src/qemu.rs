@@ -224,6 +224,18 @@ impl Vm {
             .map_err(|e| self.with_qemu_log(e))
     }
 
+    /// `Console::expect_anywhere`, bounded by the VM's lifetime.
+    pub fn expect_anywhere(
+        &mut self,
+        pattern: impl Into<Pattern>,
+        timeout: Duration,
+    ) -> Result<String, QemuError> {
+        let t = timeout.min(self.left());
+        self.console
+            .expect_anywhere(pattern, t)
+            .map_err(|e| self.with_qemu_log(e))
+    }
+
     /// Appends QEMU's own messages to a console error: QEMU failing to start
     /// shows up only there.
     fn with_qemu_log(&self, e: ConsoleError) -> QemuError {
