@@ -139,7 +139,10 @@ pub fn ensure_binaries(log_dir: &Path) -> Result<(), BuildError> {
 pub const TEST_EPOCH: &str = "1767225600";
 
 /// `basalt build <definition> --out <out>` from the repository root, with the
-/// test assets; returns the `.img` it wrote. Output is logged to `<out>.log`.
+/// test assets (`BASALT_ASSETS`), the x86_64 init (`BASALT_INIT`) and the
+/// Kubernetes stand-in (`BASALT_STANDIN`, which test image definitions name as
+/// their Kubernetes binary); returns the `.img` it wrote. Output is logged to
+/// `<out>.build.log`.
 pub fn build_image(definition: &Path, out: &Path) -> Result<PathBuf, BuildError> {
     let log = out.with_extension("build.log");
     run_logged(
@@ -151,6 +154,8 @@ pub fn build_image(definition: &Path, out: &Path) -> Result<PathBuf, BuildError>
             .arg("--out")
             .arg(out)
             .env("BASALT_ASSETS", crate::assets::Assets::root())
+            .env("BASALT_INIT", device_binary(X86_64_MUSL, "init"))
+            .env("BASALT_STANDIN", device_binary(X86_64_MUSL, "k8s-standin"))
             .env("SOURCE_DATE_EPOCH", TEST_EPOCH),
         &log,
     )?;

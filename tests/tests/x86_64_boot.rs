@@ -2,28 +2,17 @@
 //! `basalt build tests/images/x86_64.toml`, a `node.toml` on the ESP, the
 //! disk file grown to 2 GiB, then two boots under QEMU (TCG, OVMF) of the
 //! same disk with the same firmware variables, read from the serial console
-//! and checked afterwards on the disk file with independent tools.
+//! and checked afterwards on the disk file with independent tools (sfdisk,
+//! dumpe2fs, debugfs, e2fsck, unsquashfs, mtools).
 //!
-//! What the test image definition must provide (tests/images/x86_64.toml):
-//! - Kubernetes: k3s, binary `/usr/bin/k3s` = the static `k8s-standin`
-//!   (docs/standin.md);
-//! - a service `poweroff-when-ready` that waits until `basaltctl status --json`
-//!   reports ready (giving up after a minute) and runs `basaltctl poweroff`;
-//! - a service `e2e-probe` that keeps a marker under `/var` and prints:
-//!   `e2e: marker written <uuid>` (first boot: creates `/var/lib/basalt-e2e/marker`
-//!   holding a fresh uuid) or `e2e: marker found <uuid>` (later boots), then
-//!   `e2e: var_kib <size of /var in KiB from df -k>`.
-//!
-//! ```toml
-//! [services.e2e-probe]
-//! exec = ["/bin/sh", "-c", "m=/var/lib/basalt-e2e/marker; if [ -f $m ]; then echo \"e2e: marker found $(cat $m)\"; else mkdir -p ${m%/*} && cat /proc/sys/kernel/random/uuid > $m && sync && echo \"e2e: marker written $(cat $m)\"; fi; echo \"e2e: var_kib $(df -k /var | awk 'NR==2{print $2}')\""]
-//! restart = "never"
-//!
-//! [services.poweroff-when-ready]
-//! exec = ["/bin/sh", "-c", "i=0; until basaltctl status --json | grep -q '\"ready\": *true' || [ $i -ge 60 ]; do i=$((i+1)); sleep 1; done; echo 'e2e: powering off'; basaltctl poweroff"]
-//! after = ["k3s"]
-//! restart = "never"
-//! ```
+//! The test image definition (tests/images/x86_64.toml) must provide:
+//! - Kubernetes k3s whose binary `/usr/bin/k3s` is the static `k8s-standin`
+//!   (`source = "${BASALT_STANDIN}"`, docs/standin.md);
+//! - the two test-only services in `tests/tests/services/`:
+//!   `services = ["../tests/services/e2e-probe.toml", "../tests/services/poweroff-when-ready.toml"]`.
+//!   `e2e-probe` keeps a marker file under `/var` and prints it and the size of
+//!   `/var`; `poweroff-when-ready` runs `basaltctl poweroff` once
+//!   `basaltctl status --json` says `"ready":true`, so QEMU ends by itself.
 
 use anyhow::{Context, Result, bail, ensure};
 use basalt_tests::assets::Assets;
@@ -75,7 +64,11 @@ fn boot(name: &str, dir: &Path, img: &Path, vars: &Path, assets: &Assets) -> Res
 
     let line = vm.expect(report::RECEIVED_PREFIX, STEP)?;
     let received = report::parse_received(&line)?;
-    vm.expect("basalt: service k3s ready", STEP)?;
+    // The Kubernetes service is named after the distribution or "kubernetes".
+    vm.expect(
+        Pattern::regex(r"basalt: service (k3s|kubernetes) ready"),
+        STEP,
+    )?;
     let line = vm.expect(report::READY_PREFIX, STEP)?;
     let ready = report::parse_ready(&line)?;
 
@@ -210,7 +203,8 @@ fn x86_64_image_boots_twice_and_keeps_its_data() -> Result<()> {
         ensure!(
             root.iter()
                 .any(|p| p == &format!("/etc/basalt/services/{svc}.toml")),
-            "root-a has no service {svc} (see this test's module docs for what {DEFINITION} must hold)"
+            "root-a has no service {svc}: {DEFINITION} must list \
+             \"../tests/services/{svc}.toml\" in `services` (see this test's module docs)"
         );
     }
     let loader = disk::list_esp(&img, "loader/entries")?;
