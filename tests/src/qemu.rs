@@ -1,0 +1,330 @@
+//! One QEMU virtual machine per value, as `../shared/QEMU.md` measured it:
+//! `qemu-system-x86_64 -accel tcg -M q35 -cpu max -smp 1 -m 1024 -nodefaults
+//! -display none -no-reboot`, OVMF in pflash (code read-only, a writable copy
+//! of the variable store per VM unless the test keeps one across boots), the
+//! image as a virtio disk, the serial console on QEMU's stdout (read by
+//! `console::Console`), QEMU's own messages in a second log, and a monitor
+//! socket for `system_powerdown`/`quit`. Dropping a `Vm` kills QEMU.
+
+use crate::assets::{Assets, AssetsError};
+use crate::console::{Console, ConsoleError, Pattern};
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum QemuError {
+    #[error(transparent)]
+    Assets(#[from] AssetsError),
+    #[error(transparent)]
+    Console(#[from] ConsoleError),
+    #[error("copying OVMF variables {from} to {to}: {source}")]
+    Vars {
+        from: PathBuf,
+        to: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("starting {program}: {source} (is qemu-system-x86 installed?)")]
+    Spawn {
+        program: String,
+        source: std::io::Error,
+    },
+    #[error("waiting for QEMU: {0}")]
+    Wait(std::io::Error),
+    #[error(
+        "QEMU did not exit within {timeout:?} (console log: {log})\n--- last lines ---\n{tail}"
+    )]
+    ExitTimeout {
+        timeout: Duration,
+        log: PathBuf,
+        tail: String,
+    },
+    #[error("QEMU monitor {path}: {source}")]
+    Monitor {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// How to start a VM.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    /// Short name: logs are `<dir>/<name>.console.log` and `<name>.qemu.log`.
+    pub name: String,
+    /// Directory for logs, the variable store and the monitor socket.
+    pub dir: PathBuf,
+    pub disk: PathBuf,
+    /// OVMF variable store to use as is (kept across boots); `None`: a fresh
+    /// copy of the template in `dir` for this VM.
+    pub vars: Option<PathBuf>,
+    pub memory_mib: u32,
+    pub smp: u32,
+    /// Adds `-device i6300esb` (a watchdog the guest can arm).
+    pub watchdog: bool,
+    pub extra_args: Vec<String>,
+    /// Hard limit on the VM's whole life: past it, QEMU is killed.
+    pub lifetime: Duration,
+}
+
+impl VmConfig {
+    pub fn new(name: &str, dir: &Path, disk: &Path) -> VmConfig {
+        VmConfig {
+            name: name.to_string(),
+            dir: dir.to_path_buf(),
+            disk: disk.to_path_buf(),
+            vars: None,
+            memory_mib: 1024,
+            smp: 1,
+            watchdog: false,
+            extra_args: Vec::new(),
+            lifetime: Duration::from_secs(600),
+        }
+    }
+}
+
+/// The QEMU program, `QEMU_SYSTEM_X86_64` overriding.
+pub fn qemu_program() -> String {
+    std::env::var("QEMU_SYSTEM_X86_64").unwrap_or_else(|_| "qemu-system-x86_64".to_string())
+}
+
+/// A running VM. Dropping it kills QEMU.
+pub struct Vm {
+    child: Child,
+    pub console: Console,
+    monitor: PathBuf,
+    deadline: Instant,
+    exit: Option<ExitStatus>,
+    qemu_log: PathBuf,
+}
+
+impl Vm {
+    /// The QEMU command line for `cfg` with firmware from `assets`.
+    pub fn command(
+        cfg: &VmConfig,
+        assets: &Assets,
+        vars: &Path,
+        monitor: &Path,
+    ) -> Result<Command, QemuError> {
+        let code = assets.ovmf_code()?;
+        let mut cmd = Command::new(qemu_program());
+        cmd.args(["-accel", "tcg", "-M", "q35", "-cpu", "max"])
+            .args([
+                "-smp",
+                &cfg.smp.to_string(),
+                "-m",
+                &cfg.memory_mib.to_string(),
+            ])
+            .args(["-nodefaults", "-display", "none", "-no-reboot"])
+            .args(["-serial", "stdio"])
+            .arg("-monitor")
+            .arg(format!("unix:{},server,nowait", monitor.display()))
+            .arg("-drive")
+            .arg(format!(
+                "if=pflash,format=raw,unit=0,readonly=on,file={}",
+                code.display()
+            ))
+            .arg("-drive")
+            .arg(format!(
+                "if=pflash,format=raw,unit=1,file={}",
+                vars.display()
+            ))
+            .arg("-drive")
+            .arg(format!("if=virtio,format=raw,file={}", cfg.disk.display()));
+        if cfg.watchdog {
+            cmd.args(["-device", "i6300esb"]);
+        }
+        cmd.args(&cfg.extra_args);
+        Ok(cmd)
+    }
+
+    /// Starts QEMU; the console is being read from the first byte.
+    pub fn start(cfg: &VmConfig, assets: &Assets) -> Result<Vm, QemuError> {
+        let vars = match &cfg.vars {
+            Some(v) => v.clone(),
+            None => {
+                let from = assets.ovmf_vars()?;
+                let to = cfg.dir.join(format!("{}.vars.fd", cfg.name));
+                std::fs::copy(&from, &to).map_err(|source| QemuError::Vars {
+                    from: from.clone(),
+                    to: to.clone(),
+                    source,
+                })?;
+                to
+            }
+        };
+        let monitor = cfg.dir.join(format!("{}.monitor", cfg.name));
+        let _ = std::fs::remove_file(&monitor);
+        let qemu_log = cfg.dir.join(format!("{}.qemu.log", cfg.name));
+        let qemu_err = std::fs::File::create(&qemu_log).map_err(|source| QemuError::Spawn {
+            program: format!("(log {})", qemu_log.display()),
+            source,
+        })?;
+        let mut cmd = Self::command(cfg, assets, &vars, &monitor)?;
+        let _ = writeln!(&qemu_err, "{cmd:?}");
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(qemu_err));
+        // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches no
+        // memory; it makes the kernel kill QEMU if the test process dies
+        // without running destructors (e.g. SIGKILL from a CI timeout).
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().map_err(|source| QemuError::Spawn {
+            program: qemu_program(),
+            source,
+        })?;
+        let stdout = child.stdout.take();
+        let console_log = cfg.dir.join(format!("{}.console.log", cfg.name));
+        let console = match stdout {
+            Some(out) => Console::spawn(out, &console_log),
+            None => Console::spawn(std::io::empty(), &console_log),
+        };
+        let console = match console {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(e.into());
+            }
+        };
+        Ok(Vm {
+            child,
+            console,
+            monitor,
+            deadline: Instant::now() + cfg.lifetime,
+            exit: None,
+            qemu_log,
+        })
+    }
+
+    /// Time left before the VM's hard lifetime ends.
+    fn left(&self) -> Duration {
+        self.deadline.saturating_duration_since(Instant::now())
+    }
+
+    /// Waits for a console line matching `pattern` (bounded also by the VM's lifetime).
+    pub fn expect(
+        &mut self,
+        pattern: impl Into<Pattern>,
+        timeout: Duration,
+    ) -> Result<String, QemuError> {
+        let t = timeout.min(self.left());
+        self.console
+            .expect(pattern, t)
+            .map_err(|e| self.with_qemu_log(e))
+    }
+
+    /// `Console::expect_anywhere`, bounded by the VM's lifetime.
+    pub fn expect_anywhere(
+        &mut self,
+        pattern: impl Into<Pattern>,
+        timeout: Duration,
+    ) -> Result<String, QemuError> {
+        let t = timeout.min(self.left());
+        self.console
+            .expect_anywhere(pattern, t)
+            .map_err(|e| self.with_qemu_log(e))
+    }
+
+    /// Appends QEMU's own messages to a console error: QEMU failing to start
+    /// shows up only there.
+    fn with_qemu_log(&self, e: ConsoleError) -> QemuError {
+        let qemu = std::fs::read_to_string(&self.qemu_log).unwrap_or_default();
+        match e {
+            ConsoleError::Closed { pattern, log, tail } => {
+                QemuError::Console(ConsoleError::Closed {
+                    pattern,
+                    log,
+                    tail: format!("{tail}\n--- QEMU ({}) ---\n{qemu}", self.qemu_log.display()),
+                })
+            }
+            other => QemuError::Console(other),
+        }
+    }
+
+    /// Sends one command to the QEMU monitor (e.g. `system_powerdown`, `quit`).
+    pub fn monitor(&self, command: &str) -> Result<String, QemuError> {
+        let err = |source| QemuError::Monitor {
+            path: self.monitor.clone(),
+            source,
+        };
+        let mut s = UnixStream::connect(&self.monitor).map_err(err)?;
+        s.set_read_timeout(Some(Duration::from_millis(500)))
+            .map_err(err)?;
+        writeln!(s, "{command}").map_err(err)?;
+        let mut out = Vec::new();
+        let mut buf = [0u8; 4096];
+        // The monitor never closes the connection: read until it goes quiet.
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::WouldBlock
+                        || e.kind() == std::io::ErrorKind::TimedOut =>
+                {
+                    break;
+                }
+                Err(e) => return Err(err(e)),
+            }
+        }
+        Ok(String::from_utf8_lossy(&out).into_owned())
+    }
+
+    /// Waits for QEMU to exit by itself (the guest powered off or rebooted
+    /// under `-no-reboot`); kills it after `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus, QemuError> {
+        if let Some(st) = self.exit {
+            return Ok(st);
+        }
+        let deadline = Instant::now() + timeout.min(self.left());
+        loop {
+            if let Some(st) = self.child.try_wait().map_err(QemuError::Wait)? {
+                self.exit = Some(st);
+                // Collect the last console lines QEMU wrote before exiting.
+                self.console.drain(Duration::from_millis(500));
+                return Ok(st);
+            }
+            if Instant::now() >= deadline {
+                self.kill();
+                self.console.drain(Duration::from_millis(200));
+                return Err(QemuError::ExitTimeout {
+                    timeout,
+                    log: self.console.log_path().to_path_buf(),
+                    tail: self.console.tail(),
+                });
+            }
+            self.console.drain(Duration::from_millis(100));
+        }
+    }
+
+    /// Kills QEMU now (idempotent).
+    pub fn kill(&mut self) {
+        if self.exit.is_none() {
+            let _ = self.child.kill();
+            if let Ok(st) = self.child.wait() {
+                self.exit = Some(st);
+            }
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

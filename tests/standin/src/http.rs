@@ -1,0 +1,265 @@
+//! Plain HTTP/1.1 on std::net, just enough for the endpoints the stand-in
+//! serves and the requests its kubectl and agent make. Real k3s/k0s serve
+//! HTTPS on 6443; the stand-in serves plain HTTP until the agent-join test
+//! needs TLS (see docs/standin.md).
+
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream, ToSocketAddrs};
+use std::time::Duration;
+use thiserror::Error;
+
+/// Largest request head the server reads.
+const MAX_HEAD: usize = 16 * 1024;
+
+#[derive(Debug, Error)]
+pub enum HttpError {
+    #[error("bad URL {url:?}: {what}")]
+    Url { url: String, what: &'static str },
+    #[error("resolving {addr}: {source}")]
+    Resolve { addr: String, source: io::Error },
+    #[error("connecting to {addr}: {source}")]
+    Connect { addr: String, source: io::Error },
+    #[error("talking to {addr}: {source}")]
+    Io { addr: String, source: io::Error },
+    #[error("malformed response from {addr}")]
+    Response { addr: String },
+}
+
+/// `http(s)://host[:port][/path]` split into parts. `https` is accepted and
+/// spoken as plain HTTP (the stand-in has no TLS yet).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Url {
+    pub host: String,
+    pub port: u16,
+    pub path: String,
+}
+
+impl Url {
+    pub fn parse(url: &str) -> Result<Url, HttpError> {
+        let bad = |what| HttpError::Url {
+            url: url.to_string(),
+            what,
+        };
+        let rest = url
+            .strip_prefix("https://")
+            .or_else(|| url.strip_prefix("http://"))
+            .ok_or_else(|| bad("expected http:// or https://"))?;
+        let (hostport, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, "/"),
+        };
+        let (host, port) = if let Some(v6) = hostport.strip_prefix('[') {
+            let (h, p) = v6.split_once(']').ok_or_else(|| bad("unterminated ["))?;
+            (h, p.strip_prefix(':'))
+        } else {
+            match hostport.rsplit_once(':') {
+                Some((h, p)) => (h, Some(p)),
+                None => (hostport, None),
+            }
+        };
+        if host.is_empty() {
+            return Err(bad("empty host"));
+        }
+        let port = match port {
+            Some(p) => p.parse().map_err(|_| bad("bad port"))?,
+            None => 6443,
+        };
+        Ok(Url {
+            host: host.to_string(),
+            port,
+            path: path.to_string(),
+        })
+    }
+
+    fn addr(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// A response as the client sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Response {
+    pub status: u16,
+    pub body: String,
+}
+
+/// `GET` `path` from `base` (whose own path is ignored), with optional bearer token.
+pub fn get(
+    base: &Url,
+    path: &str,
+    bearer: Option<&str>,
+    timeout: Duration,
+) -> Result<Response, HttpError> {
+    let addr = base.addr();
+    let sock = addr
+        .to_socket_addrs()
+        .map_err(|source| HttpError::Resolve {
+            addr: addr.clone(),
+            source,
+        })?
+        .next()
+        .ok_or_else(|| HttpError::Resolve {
+            addr: addr.clone(),
+            source: io::Error::new(io::ErrorKind::NotFound, "no address"),
+        })?;
+    let mut stream =
+        TcpStream::connect_timeout(&sock, timeout).map_err(|source| HttpError::Connect {
+            addr: addr.clone(),
+            source,
+        })?;
+    let io_err = |source| HttpError::Io {
+        addr: addr.clone(),
+        source,
+    };
+    stream.set_read_timeout(Some(timeout)).map_err(io_err)?;
+    stream.set_write_timeout(Some(timeout)).map_err(io_err)?;
+    let auth = bearer
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: k8s-standin\r\n{auth}Connection: close\r\n\r\n"
+    )
+    .map_err(io_err)?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).map_err(io_err)?;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| HttpError::Response { addr: addr.clone() })?;
+    let status = head
+        .lines()
+        .next()
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| HttpError::Response { addr: addr.clone() })?;
+    Ok(Response {
+        status,
+        body: body.to_string(),
+    })
+}
+
+/// A request as the server sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    pub method: String,
+    pub path: String,
+    /// The bearer token from `Authorization: Bearer`, if any.
+    pub bearer: Option<String>,
+}
+
+/// Serves `listener` forever, one thread per connection, answering with `handler`.
+pub fn serve<H>(listener: TcpListener, handler: H) -> io::Error
+where
+    H: Fn(&Request) -> (u16, String, &'static str) + Send + Sync + 'static,
+{
+    let handler = std::sync::Arc::new(handler);
+    loop {
+        let stream = match listener.accept() {
+            Ok((s, _)) => s,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return e,
+        };
+        let handler = handler.clone();
+        std::thread::spawn(move || {
+            // A client that goes away mid-request is its own problem.
+            let _ = handle(stream, &*handler);
+        });
+    }
+}
+
+fn handle<H>(stream: TcpStream, handler: &H) -> io::Result<()>
+where
+    H: Fn(&Request) -> (u16, String, &'static str),
+{
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    stream.set_write_timeout(Some(Duration::from_secs(10)))?;
+    let mut reader = BufReader::new(stream.try_clone()?).take(MAX_HEAD as u64);
+    let mut line = String::new();
+    reader.read_line(&mut line)?;
+    let mut parts = line.split_whitespace();
+    let method = parts.next().unwrap_or("").to_string();
+    let path = parts.next().unwrap_or("").to_string();
+    let mut bearer = None;
+    loop {
+        let mut h = String::new();
+        if reader.read_line(&mut h)? == 0 || h == "\r\n" || h == "\n" {
+            break;
+        }
+        if let Some((k, v)) = h.split_once(':')
+            && k.trim().eq_ignore_ascii_case("authorization")
+            && let Some(t) = v.trim().strip_prefix("Bearer ")
+        {
+            bearer = Some(t.trim().to_string());
+        }
+    }
+    let req = Request {
+        method,
+        path,
+        bearer,
+    };
+    let (status, body, content_type) = if req.method.is_empty() || req.path.is_empty() {
+        (400, "bad request\n".to_string(), "text/plain")
+    } else {
+        handler(&req)
+    };
+    let reason = match status {
+        200 => "OK",
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        _ => "Unknown",
+    };
+    let mut stream = stream;
+    write!(
+        stream,
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    stream.flush()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_urls() {
+        let u = Url::parse("https://10.0.2.15:6443").unwrap();
+        assert_eq!(
+            (u.host.as_str(), u.port, u.path.as_str()),
+            ("10.0.2.15", 6443, "/")
+        );
+        let u = Url::parse("http://server/readyz").unwrap();
+        assert_eq!((u.port, u.path.as_str()), (6443, "/readyz"));
+        let u = Url::parse("http://[::1]:7000/x").unwrap();
+        assert_eq!((u.host.as_str(), u.port), ("::1", 7000));
+        assert!(Url::parse("ftp://x").is_err());
+        assert!(Url::parse("http://:80").is_err());
+        assert!(Url::parse("http://x:port").is_err());
+    }
+
+    #[test]
+    fn round_trip() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            serve(listener, |r: &Request| {
+                (
+                    200,
+                    format!("{} {} {:?}", r.method, r.path, r.bearer),
+                    "text/plain",
+                )
+            })
+        });
+        let base = Url::parse(&format!("http://127.0.0.1:{port}")).unwrap();
+        let r = get(&base, "/x?y", Some("tok"), Duration::from_secs(5)).unwrap();
+        assert_eq!(r.status, 200);
+        assert_eq!(r.body, "GET /x?y Some(\"tok\")");
+    }
+}
