@@ -45,6 +45,11 @@ pub enum Stage2Error {
     Random(sys::Errno),
     #[error("setting hostname {name:?}: {errno}")]
     Hostname { name: String, errno: sys::Errno },
+    #[error("bringing up interface {name}: {errno}")]
+    Interface {
+        name: &'static str,
+        errno: sys::Errno,
+    },
     #[error(transparent)]
     Image(#[from] crate::image::ImageError),
 }
@@ -74,6 +79,7 @@ const PHASES: &[(&str, Phase)] = &[
     ("kernel-mounts", kernel_mounts),
     ("machine-id", machine_id),
     ("node-config", node_config),
+    ("network", network),
     ("services", load_services),
     ("kubernetes", kubernetes),
 ];
@@ -421,6 +427,12 @@ fn node_config(ctx: &mut Context) -> Result<(), Stage2Error> {
     std::fs::write(etc_hostname, format!("{name}\n")).map_err(file_err("writing", etc_hostname))?;
     ctx.hostname = name;
     Ok(())
+}
+
+/// Loopback first: services and readiness checks talk to 127.0.0.1.
+/// (Interfaces from the node config come with the node-config work.)
+fn network(_ctx: &mut Context) -> Result<(), Stage2Error> {
+    sys::interface_up("lo").map_err(|errno| Stage2Error::Interface { name: "lo", errno })
 }
 
 fn load_services(ctx: &mut Context) -> Result<(), Stage2Error> {

@@ -107,6 +107,40 @@ pub fn ctrl_alt_del_to_signal() -> Result<(), Errno> {
     nix::sys::reboot::set_cad_enabled(false)
 }
 
+/// Set `IFF_UP` on a network interface (`SIOCGIFFLAGS` then `SIOCSIFFLAGS`).
+/// Used for `lo`: nothing answers on 127.0.0.1 until it is up.
+pub fn interface_up(name: &str) -> Result<(), Errno> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let bytes = name.as_bytes();
+    if bytes.is_empty() || bytes.len() >= libc::IFNAMSIZ {
+        return Err(Errno::EINVAL);
+    }
+    // SAFETY: socket(2) with constant arguments; the fd is owned right away.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(Errno::last());
+    }
+    // SAFETY: `fd` is a fresh, valid descriptor that nothing else owns.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: ifreq is plain old data; all-zero is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(bytes) {
+        *dst = *src as libc::c_char;
+    }
+    // SAFETY: SIOCGIFFLAGS reads `req.ifr_name` and writes `ifru_flags` of a
+    // correctly sized, initialised ifreq that lives across the call.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS as _, &mut req) } < 0 {
+        return Err(Errno::last());
+    }
+    // SAFETY: the union member written by SIOCGIFFLAGS is `ifru_flags`.
+    unsafe { req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short };
+    // SAFETY: as above; SIOCSIFFLAGS only reads the ifreq.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS as _, &req) } < 0 {
+        return Err(Errno::last());
+    }
+    Ok(())
+}
+
 /// `sync(2)`.
 pub fn sync() {
     nix::unistd::sync();
