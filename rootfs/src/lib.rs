@@ -1,2 +1,3 @@
 //! Root filesystem trees: overlays and (later) Alpine packages.
+pub mod apk;
 pub mod tree;
