@@ -32,4 +32,8 @@ pub mod version;
 
 pub use dep::Dependency;
 pub use index::{Index, PackageInfo, Trust};
+pub use install::{InstallOptions, Installer};
 pub use keys::KeyRing;
+pub use package::ApkFile;
+pub use repo::{Cache, Repository};
+pub use resolve::{Candidate, RepoRef, Resolution, resolve};
