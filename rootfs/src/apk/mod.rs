@@ -37,3 +37,98 @@ pub use keys::KeyRing;
 pub use package::ApkFile;
 pub use repo::{Cache, Repository};
 pub use resolve::{Candidate, RepoRef, Resolution, resolve};
+
+use std::path::PathBuf;
+
+use crate::tree::Tree;
+
+/// Any failure of [`install_world`], naming the step.
+#[derive(Debug, thiserror::Error)]
+pub enum ApkError {
+    #[error("loading signing keys: {0}")]
+    Keys(#[from] keys::KeyError),
+    #[error("repository index: {0}")]
+    Repo(#[from] repo::RepoError),
+    #[error("resolving packages: {0}")]
+    Resolve(#[from] resolve::ResolveError),
+    #[error("installing packages: {0}")]
+    Install(#[from] install::InstallError),
+}
+
+/// Everything [`install_world`] needs besides the package list.
+pub struct WorldSource<'a> {
+    pub repos: &'a [Repository],
+    /// apk architecture name: `x86_64`, `aarch64`, `armv7`, `armhf`.
+    pub arch: &'a str,
+    pub keys: &'a KeyRing,
+    pub cache: &'a Cache,
+    pub transport: &'a dyn repo::Transport,
+    pub options: InstallOptions,
+    /// Parallel downloads.
+    pub threads: usize,
+    /// Called with (packages done, total) while fetching.
+    pub progress: &'a (dyn Fn(usize, usize) + Sync),
+    /// Time stamped on files Basalt writes itself (SOURCE_DATE_EPOCH).
+    pub mtime: u64,
+}
+
+/// What the builder gets back: the resolved set, the verified files it was
+/// installed from (in the same order), and the warnings to show.
+#[derive(Debug)]
+pub struct InstalledWorld {
+    pub resolution: Resolution,
+    pub files: Vec<PathBuf>,
+    pub report: install::InstallReport,
+}
+
+/// The whole pipeline: fetch and verify indexes, resolve `world`, fetch and
+/// verify packages, extract them into `tree`, replay scripts, write apk's database.
+pub fn install_world(
+    src: &WorldSource<'_>,
+    world: &[Dependency],
+    tree: &mut Tree,
+) -> Result<InstalledWorld, ApkError> {
+    let mut indexes = Vec::with_capacity(src.repos.len());
+    for r in src.repos {
+        indexes.push(r.fetch_index(src.arch, src.keys, src.transport)?);
+    }
+    let refs: Vec<RepoRef<'_>> = src
+        .repos
+        .iter()
+        .zip(&indexes)
+        .map(|(r, index)| RepoRef {
+            tag: r.tag.as_deref(),
+            index,
+        })
+        .collect();
+    let resolution = resolve(&refs, world)?;
+    let jobs: Vec<repo::FetchJob<'_>> = resolution
+        .packages
+        .iter()
+        .map(|c| repo::FetchJob {
+            repo: &src.repos[c.repo],
+            info: &c.package,
+        })
+        .collect();
+    let files = repo::fetch_all(
+        &jobs,
+        src.arch,
+        src.keys,
+        src.cache,
+        src.transport,
+        src.threads,
+        src.progress,
+    )?;
+    let mut installer = Installer::new(src.options.clone());
+    for (c, path) in resolution.packages.iter().zip(&files) {
+        let trust = src.repos[c.repo].trust;
+        let apk = repo::load_verified(path, &c.package, src.keys, trust)?;
+        installer.install(tree, &c.package, &apk)?;
+    }
+    let report = installer.finish(tree, world, src.arch, src.mtime)?;
+    Ok(InstalledWorld {
+        resolution,
+        files,
+        report,
+    })
+}

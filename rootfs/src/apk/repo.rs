@@ -35,6 +35,8 @@ pub enum RepoError {
     Index(#[from] IndexError),
     #[error(transparent)]
     Package(#[from] PackageError),
+    #[error("{path}: {source}")]
+    Verify { path: PathBuf, source: PackageError },
     #[error(
         "package {package}: the index has no identity checksum, so it cannot be cached by content"
     )]
@@ -186,7 +188,15 @@ impl Repository {
                     }
                 }
                 let bytes = self.get(arch, &file, t)?;
-                ApkFile::parse(&bytes, &info.id())?.verify(info, keys, self.trust)?;
+                let url = self.location(arch, &file);
+                let verr = |source| RepoError::Verify {
+                    path: PathBuf::from(&url),
+                    source,
+                };
+                ApkFile::parse(&bytes, &info.id())
+                    .map_err(verr)?
+                    .verify(info, keys, self.trust)
+                    .map_err(verr)?;
                 cache.store(&cached, &bytes)?;
                 return Ok(cached);
             }
@@ -207,8 +217,12 @@ pub fn load_verified(
         path: path.to_path_buf(),
         source,
     })?;
-    let apk = ApkFile::parse(&bytes, &info.id())?;
-    apk.verify(info, keys, trust)?;
+    let verr = |source| RepoError::Verify {
+        path: path.to_path_buf(),
+        source,
+    };
+    let apk = ApkFile::parse(&bytes, &info.id()).map_err(verr)?;
+    apk.verify(info, keys, trust).map_err(verr)?;
     Ok(apk)
 }
 

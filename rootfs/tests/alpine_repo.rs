@@ -1,0 +1,359 @@
+//! A local signed Alpine repository built by `tests/alpine/make-repo` (openssl,
+//! gzip, tar, Python's tarfile — not Basalt's code), then read back through the
+//! library: good packages resolve and extract with their modes, links and apk
+//! database; each hostile package is refused with its package and file named.
+//!
+//! Set BASALT_ASSETS (tests/assets/fetch) to package the real busybox-static.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use basalt_rootfs::apk::install::{InstallOptions, Installer, Setuid};
+use basalt_rootfs::apk::repo::{self, HttpTransport, RepoError};
+use basalt_rootfs::apk::{
+    ApkError, Cache, Dependency, Index, KeyRing, RepoRef, Repository, Trust, WorldSource,
+    install_world, resolve,
+};
+use basalt_rootfs::tree::{EntryKind, Tree};
+
+struct Repo {
+    root: PathBuf,
+}
+
+fn scripts() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/alpine")
+}
+
+/// The repository is built once per test run (the scripts take a while) into
+/// cargo's scratch directory for integration tests.
+fn build_repo() -> &'static Repo {
+    static REPO: OnceLock<Repo> = OnceLock::new();
+    REPO.get_or_init(|| {
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("alpine-repo");
+        let _ = std::fs::remove_dir_all(&dir);
+        let trees = dir.join("trees");
+        let root = dir.join("repo");
+        let run = |cmd: &mut Command| {
+            let out = cmd.output().unwrap();
+            assert!(
+                out.status.success(),
+                "{cmd:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        run(Command::new(scripts().join("make-trees")).arg(&trees));
+        run(Command::new(scripts().join("make-repo"))
+            .arg(&trees)
+            .arg(&root));
+        Repo { root }
+    })
+}
+
+fn keys(repo: &Repo) -> KeyRing {
+    let mut k = KeyRing::alpine().unwrap();
+    k.add_dir(&repo.root.join("keys")).unwrap();
+    k
+}
+
+fn index(repo: &Repo, keys: &KeyRing) -> (Repository, Index) {
+    let r = Repository::parse(repo.root.to_str().unwrap());
+    let idx = r
+        .fetch_index("x86_64", keys, &HttpTransport::default())
+        .unwrap();
+    (r, idx)
+}
+
+fn world(s: &str) -> Vec<Dependency> {
+    Dependency::parse_list(s).unwrap()
+}
+
+/// Fetch, verify and install `names` one by one into a fresh tree.
+fn install(repo: &Repo, names: &[&str], options: InstallOptions) -> Result<Tree, String> {
+    let keys = keys(repo);
+    let (r, idx) = index(repo, &keys);
+    let cache = Cache::new(repo.root.join("cache"));
+    let mut tree = Tree::new();
+    let mut inst = Installer::new(options);
+    for n in names {
+        let info = idx.packages.iter().find(|p| p.name == *n).unwrap();
+        let path = r
+            .fetch_package("x86_64", info, &keys, &cache, &HttpTransport::default())
+            .map_err(|e| e.to_string())?;
+        let apk = repo::load_verified(&path, info, &keys, r.trust).map_err(|e| e.to_string())?;
+        inst.install(&mut tree, info, &apk)
+            .map_err(|e| e.to_string())?;
+    }
+    inst.finish(&mut tree, &world(&names.join(" ")), "x86_64", 1)
+        .map_err(|e| e.to_string())?;
+    Ok(tree)
+}
+
+#[test]
+fn good_world_resolves_and_extracts() {
+    let repo = build_repo();
+    let keys = keys(repo);
+    let repos = [Repository::parse(repo.root.to_str().unwrap())];
+    let cache = Cache::new(repo.root.join("cache"));
+    let w = world("alpine-baselayout busybox ca-certificates-bundle good-app");
+    let mut tree = Tree::new();
+    let got = install_world(
+        &WorldSource {
+            repos: &repos,
+            arch: "x86_64",
+            keys: &keys,
+            cache: &cache,
+            transport: &HttpTransport::default(),
+            options: InstallOptions::default(),
+            threads: 4,
+            progress: &|_, _| {},
+            mtime: 1_700_000_000,
+        },
+        &w,
+        &mut tree,
+    )
+    .unwrap();
+    assert_eq!(
+        got.resolution.ids(),
+        [
+            "alpine-baselayout-3.2.0-r23",
+            "busybox-1.35.0-r17",
+            "ca-certificates-bundle-20220614-r0",
+            "good-app-1.0-r0",
+            // install_if: good-app=1.0-r0 and good-lib are both installed
+            "good-app-extras-1.0-r0",
+            "good-lib-1.2-r0",
+            "musl-1.2.3-r0",
+            // virtual `virt-shell`: shell-b has the higher provider_priority
+            "shell-b-1.0-r0",
+        ]
+    );
+
+    let file = |p: &str| match &tree.get(p).unwrap_or_else(|| panic!("{p} missing")).kind {
+        EntryKind::File(d) => d.read().unwrap(),
+        k => panic!("{p} is {k:?}"),
+    };
+    assert_eq!(file("etc/good.conf"), b"from good-app");
+    assert_eq!(file("usr/share/good-app/extras"), b"extras");
+    assert!(
+        String::from_utf8(file("etc/passwd"))
+            .unwrap()
+            .starts_with("root:x:0:0")
+    );
+    let tmp = tree.get("tmp").unwrap();
+    assert!(tmp.is_dir());
+    assert_eq!(tmp.mode, 0o1777);
+    assert_eq!(tree.get("root").unwrap().mode, 0o700);
+    let app = tree.get("usr/bin/good-app").unwrap();
+    assert_eq!(
+        (app.mode, app.uid, app.gid, app.mtime),
+        (0o755, 0, 0, 1_700_000_000)
+    );
+    match &tree.get("var/run").unwrap().kind {
+        EntryKind::Symlink(t) => assert_eq!(t, Path::new("/run")),
+        k => panic!("var/run is {k:?}"),
+    }
+    // busybox applets, found in the binary without running it.
+    let (links, _) = got.report.busybox_links.unwrap();
+    assert!(links >= 4, "{links} applet links");
+    match &tree.get("bin/ls").unwrap().kind {
+        EntryKind::Symlink(t) => assert_eq!(t, Path::new("/bin/busybox")),
+        k => panic!("bin/ls is {k:?}"),
+    }
+    if std::env::var_os("BASALT_ASSETS").is_some() {
+        assert!(links > 200, "real busybox: {links} applet links");
+        assert!(tree.get("sbin/modprobe").is_some());
+    }
+    // Scripts: busybox's is replayed, alpine-baselayout's reported.
+    assert!(
+        got.report
+            .handled
+            .iter()
+            .any(|h| h.starts_with("busybox .post-install"))
+    );
+    assert!(
+        got.report
+            .warnings
+            .iter()
+            .any(|w| w.starts_with("alpine-baselayout .pre-install: NOT RUN")),
+        "{:?}",
+        got.report.warnings
+    );
+    // apk's database, parsed back with the index parser.
+    let installed = String::from_utf8(file("lib/apk/db/installed")).unwrap();
+    let recs = basalt_rootfs::apk::index::parse_records(&installed, "installed").unwrap();
+    assert_eq!(recs.len(), 8);
+    assert!(
+        installed.contains("F:usr/bin\nM:0:0:755\nR:good-app\na:0:0:755\nZ:Q1"),
+        "{installed}"
+    );
+    assert_eq!(
+        String::from_utf8(file("etc/apk/world")).unwrap(),
+        "alpine-baselayout\nbusybox\nca-certificates-bundle\ngood-app\n"
+    );
+}
+
+#[test]
+fn replaces_allows_and_conflict_refuses() {
+    let repo = build_repo();
+    let t = install(
+        repo,
+        &["good-app", "good-override"],
+        InstallOptions::default(),
+    )
+    .unwrap();
+    match &t.get("etc/good.conf").unwrap().kind {
+        EntryKind::File(d) => assert_eq!(d.read().unwrap(), b"from good-override"),
+        k => panic!("{k:?}"),
+    }
+    let e = install(repo, &["good-app", "good-clash"], InstallOptions::default()).unwrap_err();
+    assert!(
+        e.contains("good-clash") && e.contains("etc/good.conf") && e.contains("good-app"),
+        "{e}"
+    );
+}
+
+#[test]
+fn hostile_packages_are_refused_naming_package_and_file() {
+    let repo = build_repo();
+    let apk = |n: &str| format!("x86_64/hostile-{n}-1.0-r0.apk");
+    let cases: &[(&str, &[&str])] = &[
+        (
+            "badsig",
+            &["hostile-badsig-1.0-r0", &apk("badsig"), "does not match"],
+        ),
+        (
+            "tampered",
+            &["hostile-tampered-1.0-r0", &apk("tampered"), "datahash"],
+        ),
+        (
+            "badsum",
+            &[
+                "hostile-badsum-1.0-r0",
+                "usr/share/hostile-badsum/payload",
+                "PAX checksum",
+            ],
+        ),
+        (
+            "nosum",
+            &[
+                "hostile-nosum-1.0-r0",
+                "usr/share/hostile-nosum/payload",
+                "no APK-TOOLS.checksum.SHA1",
+            ],
+        ),
+        (
+            "traversal",
+            &[
+                "hostile-traversal-1.0-r0",
+                "../../etc/escaped",
+                "escapes the root",
+            ],
+        ),
+        (
+            "symlink",
+            &[
+                "hostile-symlink-1.0-r0",
+                "usr/lib/hostile-link/shadow",
+                "through symlink",
+            ],
+        ),
+        (
+            "device",
+            &[
+                "hostile-device-1.0-r0",
+                "dev/hostile-mem",
+                "character device",
+            ],
+        ),
+        (
+            "setuid",
+            &[
+                "hostile-setuid-1.0-r0",
+                "usr/share/hostile-setuid/payload",
+                "setuid",
+            ],
+        ),
+    ];
+    for (name, want) in cases {
+        let err = install(
+            repo,
+            &[&format!("hostile-{name}")],
+            InstallOptions::default(),
+        )
+        .expect_err(name);
+        for w in *want {
+            assert!(err.contains(w), "hostile-{name}: {err:?} lacks {w:?}");
+        }
+    }
+    // setuid passes when the image definition allows that path.
+    let allow = InstallOptions {
+        setuid: Setuid::Paths(["usr/share/hostile-setuid/payload".into()].into()),
+    };
+    let t = install(repo, &["hostile-setuid"], allow).unwrap();
+    assert_eq!(
+        t.get("usr/share/hostile-setuid/payload").unwrap().mode & 0o4000,
+        0o4000
+    );
+    // Nothing was written outside the temp dir by the traversal package.
+    assert!(!repo.root.join("../etc/escaped").exists());
+}
+
+#[test]
+fn unsatisfiable_dependency_names_the_chain() {
+    let repo = build_repo();
+    let keys = keys(repo);
+    let (_, idx) = index(repo, &keys);
+    let err = resolve(
+        &[RepoRef {
+            tag: None,
+            index: &idx,
+        }],
+        &world("busybox hostile-unsat"),
+    )
+    .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "world needs hostile-unsat, hostile-unsat-1.0-r0 needs does-not-exist>=2 \
+         which no repository provides"
+    );
+}
+
+#[test]
+fn index_trust() {
+    let repo = build_repo();
+    let path = repo.root.join("x86_64/APKINDEX.tar.gz");
+    let bytes = std::fs::read(&path).unwrap();
+    // Without the repository's key: refused, naming the key.
+    let e =
+        Index::from_tar_gz(&bytes, &KeyRing::alpine().unwrap(), Trust::Signed, "idx").unwrap_err();
+    assert!(e.to_string().contains("basalt-test.rsa.pub"), "{e}");
+    // Unsigned copy (second gzip member only): refused unless trusted-unsigned.
+    let members = basalt_rootfs::apk::archive::split_members(&bytes, "idx").unwrap();
+    let unsigned = members[1].raw.to_vec();
+    assert!(Index::from_tar_gz(&unsigned, &keys(repo), Trust::Signed, "idx").is_err());
+    let idx =
+        Index::from_tar_gz(&unsigned, &KeyRing::empty(), Trust::TrustedUnsigned, "idx").unwrap();
+    assert_eq!(idx.packages.len(), 20);
+    // A package from a signed repository whose index has no key: through the
+    // whole pipeline the error names the step.
+    let repos = [Repository::parse(repo.root.to_str().unwrap())];
+    let mut tree = Tree::new();
+    let e = install_world(
+        &WorldSource {
+            repos: &repos,
+            arch: "x86_64",
+            keys: &KeyRing::alpine().unwrap(),
+            cache: &Cache::new(repo.root.join("cache")),
+            transport: &HttpTransport::default(),
+            options: InstallOptions::default(),
+            threads: 1,
+            progress: &|_, _| {},
+            mtime: 0,
+        },
+        &world("musl"),
+        &mut tree,
+    )
+    .unwrap_err();
+    assert!(matches!(e, ApkError::Repo(RepoError::Index(_))), "{e}");
+}
