@@ -357,3 +357,86 @@ fn index_trust() {
     .unwrap_err();
     assert!(matches!(e, ApkError::Repo(RepoError::Index(_))), "{e}");
 }
+
+/// Serves the local repository's files as if they were at a URL, counting requests.
+struct Mirror {
+    root: PathBuf,
+    requests: std::sync::Mutex<Vec<String>>,
+}
+
+impl repo::Transport for Mirror {
+    fn get(&self, url: &str) -> Result<Vec<u8>, String> {
+        self.requests.lock().unwrap().push(url.to_string());
+        let rel = url
+            .strip_prefix("https://mirror.invalid/alpine/")
+            .ok_or("unknown host")?;
+        std::fs::read(self.root.join(rel)).map_err(|e| e.to_string())
+    }
+}
+
+#[test]
+fn url_repository_fetches_in_parallel_into_the_content_addressed_cache() {
+    let repo = build_repo();
+    let keys = keys(repo);
+    let mirror = Mirror {
+        root: repo.root.clone(),
+        requests: Default::default(),
+    };
+    let cache_dir = tempfile::tempdir().unwrap();
+    let cache = Cache::new(cache_dir.path());
+    let r = Repository::parse("https://mirror.invalid/alpine");
+    let idx = r.fetch_index("x86_64", &keys, &mirror).unwrap();
+    let names = ["musl", "good-app", "good-lib", "shell-b", "busybox"];
+    let infos: Vec<_> = names
+        .iter()
+        .map(|n| idx.packages.iter().find(|p| p.name == *n).unwrap())
+        .collect();
+    let jobs: Vec<_> = infos
+        .iter()
+        .map(|info| repo::FetchJob { repo: &r, info })
+        .collect();
+    let calls = std::sync::atomic::AtomicUsize::new(0);
+    let progress = |done: usize, total: usize| {
+        assert!(done <= total);
+        calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    };
+    let paths = repo::fetch_all(&jobs, "x86_64", &keys, &cache, &mirror, 3, &progress).unwrap();
+    assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), names.len());
+    for (p, info) in paths.iter().zip(&infos) {
+        // Named by the identity checksum, i.e. the SHA-1 of the control member.
+        let hex = info.checksum.as_ref().unwrap().hex();
+        assert_eq!(p, &cache.package_path(&hex));
+        assert_eq!(
+            std::fs::read(p).unwrap(),
+            std::fs::read(repo.root.join("x86_64").join(info.file_name())).unwrap()
+        );
+    }
+    let before = mirror.requests.lock().unwrap().len();
+    // Warm: no network at all.
+    repo::fetch_all(&jobs, "x86_64", &keys, &cache, &mirror, 3, &|_, _| {}).unwrap();
+    assert_eq!(mirror.requests.lock().unwrap().len(), before);
+    // A damaged cache entry is detected and fetched again.
+    let bad = &paths[1];
+    let mut bytes = std::fs::read(bad).unwrap();
+    let n = bytes.len();
+    bytes[n / 2] ^= 0xff;
+    std::fs::write(bad, &bytes).unwrap();
+    repo::fetch_all(&jobs, "x86_64", &keys, &cache, &mirror, 1, &|_, _| {}).unwrap();
+    assert_eq!(mirror.requests.lock().unwrap().len(), before + 1);
+    assert!(repo::load_verified(bad, infos[1], &keys, Trust::Signed).is_ok());
+    // A mirror serving a tampered package: refused, nothing cached under its name.
+    let evil = idx
+        .packages
+        .iter()
+        .find(|p| p.name == "hostile-tampered")
+        .unwrap();
+    let e = r
+        .fetch_package("x86_64", evil, &keys, &cache, &mirror)
+        .unwrap_err();
+    assert!(e.to_string().contains("hostile-tampered-1.0-r0.apk"), "{e}");
+    assert!(
+        !cache
+            .package_path(&evil.checksum.as_ref().unwrap().hex())
+            .exists()
+    );
+}
