@@ -36,7 +36,7 @@ pub use install::{InstallOptions, Installer};
 pub use keys::KeyRing;
 pub use package::ApkFile;
 pub use repo::{Cache, Repository};
-pub use resolve::{Candidate, RepoRef, Resolution, resolve};
+pub use resolve::{Candidate, RepoRef, Resolution, resolve, resolve_pinned};
 
 use std::path::PathBuf;
 

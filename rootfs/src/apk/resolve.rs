@@ -111,6 +111,8 @@ struct Offer<'a> {
 
 struct Universe<'a> {
     pkgs: Vec<Pkg<'a>>,
+    /// Lockfile pins: package name → the only identity checksum allowed.
+    pins: &'a BTreeMap<String, String>,
     by_name: HashMap<&'a str, Vec<Offer<'a>>>,
     install_if: Vec<usize>,
 }
@@ -139,7 +141,7 @@ struct State {
 }
 
 impl<'a> Universe<'a> {
-    fn new(repos: &[RepoRef<'a>]) -> Universe<'a> {
+    fn new(repos: &[RepoRef<'a>], pins: &'a BTreeMap<String, String>) -> Universe<'a> {
         let mut pkgs = Vec::new();
         for (ri, r) in repos.iter().enumerate() {
             for info in &r.index.packages {
@@ -172,6 +174,7 @@ impl<'a> Universe<'a> {
         }
         Universe {
             pkgs,
+            pins,
             by_name,
             install_if,
         }
@@ -193,6 +196,11 @@ impl<'a> Universe<'a> {
     }
 
     fn eligible(&self, p: usize, dep_tag: Option<&str>, inherited: &[String]) -> bool {
+        if let Some(pin) = self.pins.get(&self.pkgs[p].info.name) {
+            if self.pkgs[p].checksum.as_deref() != Some(pin.as_str()) {
+                return false;
+            }
+        }
         match self.pkgs[p].tag {
             None => true,
             Some(t) => dep_tag == Some(t) || inherited.iter().any(|i| i == t),
@@ -447,7 +455,18 @@ impl<'a> Universe<'a> {
 
 /// Resolve `world` against `repos` (earlier repositories win ties).
 pub fn resolve(repos: &[RepoRef<'_>], world: &[Dependency]) -> Result<Resolution, ResolveError> {
-    let u = Universe::new(repos);
+    resolve_pinned(repos, world, &BTreeMap::new())
+}
+
+/// Resolve with a lockfile: a package named in `pins` may only be the one with
+/// that identity checksum (`Q1…`). A pin that no repository still serves makes
+/// its package unavailable, so the error names what needed it.
+pub fn resolve_pinned(
+    repos: &[RepoRef<'_>],
+    world: &[Dependency],
+    pins: &BTreeMap<String, String>,
+) -> Result<Resolution, ResolveError> {
+    let u = Universe::new(repos, pins);
     let mut st = State::default();
     for d in world {
         if d.conflict {
@@ -694,6 +713,33 @@ mod tests {
         assert!(e.to_string().contains("forbids"), "{e}");
         let e = run(&repos, "a !a").unwrap_err();
         assert!(e.to_string().contains("the world forbids"), "{e}");
+    }
+
+    #[test]
+    fn lockfile_pins() {
+        let mut old = pkg("a", "1", "", "");
+        old.checksum = crate::apk::index::Checksum::parse("Q1AAAAAAAAAAAAAAAAAAAAAAAAAAA=");
+        let mut new = pkg("a", "2", "", "");
+        new.checksum = crate::apk::index::Checksum::parse("Q1BBBBBBBBBBBBBBBBBBBBBBBBBBB=");
+        let i = idx(vec![old, new]);
+        let repos = [RepoRef {
+            tag: None,
+            index: &i,
+        }];
+        let pins = BTreeMap::from([(
+            "a".to_string(),
+            "Q1AAAAAAAAAAAAAAAAAAAAAAAAAAA=".to_string(),
+        )]);
+        let r = resolve_pinned(&repos, &world("a"), &pins).unwrap();
+        assert_eq!(r.ids(), ["a-1"]);
+        let gone = BTreeMap::from([(
+            "a".to_string(),
+            "Q1CCCCCCCCCCCCCCCCCCCCCCCCCCC=".to_string(),
+        )]);
+        assert!(matches!(
+            resolve_pinned(&repos, &world("a"), &gone),
+            Err(ResolveError::NotProvided { .. })
+        ));
     }
 
     #[test]
