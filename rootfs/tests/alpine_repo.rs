@@ -517,3 +517,61 @@ fn damaged_packages_are_refused_and_never_panic() {
         "refused {refused}, accepted {accepted}"
     );
 }
+
+/// A minimal HTTP/1.1 file server on localhost, one thread, `Connection: close`.
+fn serve(root: PathBuf) -> String {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut request = String::new();
+            let _ = reader.read_line(&mut request);
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+            }
+            let path = request.split_whitespace().nth(1).unwrap_or("/").to_string();
+            let file = root.join(path.trim_start_matches('/'));
+            let (status, body) = match std::fs::read(&file) {
+                Ok(b) if !path.contains("..") => ("200 OK", b),
+                _ => ("404 Not Found", Vec::new()),
+            };
+            let _ = write!(
+                stream,
+                "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = stream.write_all(&body);
+        }
+    });
+    format!("http://{addr}")
+}
+
+#[test]
+fn http_repository_through_ureq() {
+    let repo = build_repo();
+    let keys = keys(repo);
+    let base = serve(repo.root.clone());
+    let r = Repository::parse(&format!("{base}/"));
+    let http = HttpTransport::default();
+    let idx = r.fetch_index("x86_64", &keys, &http).unwrap();
+    let info = idx.packages.iter().find(|p| p.name == "good-app").unwrap();
+    let cache_dir = tempfile::tempdir().unwrap();
+    let cache = Cache::new(cache_dir.path());
+    let path = r
+        .fetch_package("x86_64", info, &keys, &cache, &http)
+        .unwrap();
+    assert!(path.starts_with(cache_dir.path()));
+    repo::load_verified(&path, info, &keys, Trust::Signed).unwrap();
+    let e = r.fetch_index("aarch64", &keys, &http).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains(&format!("{base}/aarch64/APKINDEX.tar.gz")),
+        "{e}"
+    );
+}

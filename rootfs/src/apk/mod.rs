@@ -120,7 +120,8 @@ pub fn install_world(
         src.progress,
     )?;
     let mut installer = Installer::new(src.options.clone());
-    for (c, path) in resolution.packages.iter().zip(&files) {
+    for k in resolution.install_order() {
+        let (c, path) = (&resolution.packages[k], &files[k]);
         let trust = src.repos[c.repo].trust;
         let apk = repo::load_verified(path, &c.package, src.keys, trust)?;
         installer.install(tree, &c.package, &apk)?;

@@ -50,6 +50,46 @@ impl Resolution {
     pub fn get(&self, name: &str) -> Option<&Candidate> {
         self.packages.iter().find(|c| c.package.name == name)
     }
+
+    /// Positions in `packages`, dependencies before the packages that need them
+    /// (apk's install order; ties and cycles broken by name), so a package's
+    /// files land on the directories and links its dependencies provide.
+    pub fn install_order(&self) -> Vec<usize> {
+        let satisfies = |c: &Candidate, d: &Dependency| {
+            let csum = c.package.checksum.as_ref().map(ToString::to_string);
+            (c.package.name == d.name
+                && d.version_matches(Some(&c.package.version), csum.as_deref()))
+                || c.package
+                    .provides
+                    .iter()
+                    .any(|p| p.name == d.name && d.version_matches(p.version.as_deref(), None))
+        };
+        let mut order = Vec::with_capacity(self.packages.len());
+        let mut state = vec![0u8; self.packages.len()]; // 0 new, 1 visiting, 2 done
+        fn visit(
+            i: usize,
+            pkgs: &[Candidate],
+            state: &mut [u8],
+            order: &mut Vec<usize>,
+            satisfies: &dyn Fn(&Candidate, &Dependency) -> bool,
+        ) {
+            if state[i] != 0 {
+                return;
+            }
+            state[i] = 1;
+            for d in pkgs[i].package.depends.iter().filter(|d| !d.conflict) {
+                if let Some(j) = pkgs.iter().position(|c| satisfies(c, d)) {
+                    visit(j, pkgs, state, order, satisfies);
+                }
+            }
+            state[i] = 2;
+            order.push(i);
+        }
+        for i in 0..self.packages.len() {
+            visit(i, &self.packages, &mut state, &mut order, &satisfies);
+        }
+        order
+    }
 }
 
 /// The chain of "X needs Y" that led to a failure; the first link is the world.
@@ -713,6 +753,29 @@ mod tests {
         assert!(e.to_string().contains("forbids"), "{e}");
         let e = run(&repos, "a !a").unwrap_err();
         assert!(e.to_string().contains("the world forbids"), "{e}");
+    }
+
+    #[test]
+    fn install_order_puts_dependencies_first() {
+        let i = idx(vec![
+            pkg("app", "1", "so:libz.so.1 base", ""),
+            pkg("base", "1", "", ""),
+            pkg("zlib", "1", "base", "so:libz.so.1=1"),
+        ]);
+        let r = resolve(
+            &[RepoRef {
+                tag: None,
+                index: &i,
+            }],
+            &world("app"),
+        )
+        .unwrap();
+        let names: Vec<&str> = r
+            .install_order()
+            .into_iter()
+            .map(|k| r.packages[k].package.name.as_str())
+            .collect();
+        assert_eq!(names, ["base", "zlib", "app"]);
     }
 
     #[test]
