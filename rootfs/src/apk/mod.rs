@@ -16,6 +16,41 @@
 //!
 //! Nothing here ever trusts an archive: no `unpack()`, no host chown, no
 //! path from a package used on the host file system.
+//!
+//! [`install_world`] runs the whole pipeline; the builder calls it like this:
+//!
+//! ```no_run
+//! use basalt_rootfs::apk::{self, Cache, Dependency, InstallOptions, KeyRing, Repository};
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let mut keys = KeyRing::alpine()?; // Alpine's keys, built in
+//! keys.add_dir(std::path::Path::new("keys"))?; // keys the image definition adds
+//! let repos = [
+//!     Repository::parse("https://dl-cdn.alpinelinux.org/alpine/v3.17/main"),
+//!     Repository::parse("@local /srv/my-repo").trusted_unsigned(),
+//! ];
+//! let world = Dependency::parse_list("alpine-baselayout busybox linux-virt iptables")?;
+//! let mut tree = basalt_rootfs::tree::Tree::new();
+//! let done = apk::install_world(
+//!     &apk::WorldSource {
+//!         repos: &repos,
+//!         arch: "x86_64",
+//!         keys: &keys,
+//!         cache: &Cache::default_location()?,
+//!         transport: &apk::repo::HttpTransport::default(),
+//!         options: InstallOptions::default(),
+//!         threads: 4,
+//!         progress: &|done, total| eprintln!("{done}/{total}"),
+//!         mtime: 1_700_000_000,
+//!     },
+//!     &world,
+//!     &mut tree,
+//! )?;
+//! for w in &done.report.warnings {
+//!     eprintln!("warning: {w}");
+//! }
+//! # Ok(())
+//! # }
+//! ```
 
 pub mod archive;
 pub mod busybox;

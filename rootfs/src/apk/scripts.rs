@@ -52,31 +52,28 @@ pub fn review(package: &str, script: &str) -> Option<ScriptNote> {
             true,
             "applet symlinks to /bin/busybox created natively (busybox --install -s)".to_string(),
         ),
-        ("busybox", _) => (false, "busybox script not replicated".to_string()),
+        ("busybox", _) => (false, "its effect is not replicated".to_string()),
         ("alpine-baselayout" | "alpine-baselayout-data", _) => (
             false,
-            "not run; users and groups come from the etc/passwd, etc/group and etc/shadow files \
+            "users and groups come from the etc/passwd, etc/group and etc/shadow files \
              the package ships; any other effect is not replicated"
                 .to_string(),
         ),
         ("ca-certificates", ".trigger") => (
             false,
-            "update-ca-certificates not run; add ca-certificates-bundle, which ships \
+            "update-ca-certificates: add ca-certificates-bundle, which ships \
              etc/ssl/certs/ca-certificates.crt ready-made"
                 .to_string(),
         ),
         ("mkinitfs", ".trigger") => (
             false,
-            "mkinitfs not run; Basalt's boot does not use mkinitfs' initramfs".to_string(),
+            "Basalt's boot does not use mkinitfs' initramfs".to_string(),
         ),
         (p, _) if p.starts_with("linux-") => (
             false,
-            "kernel script not run; Basalt's builder installs the kernel itself".to_string(),
+            "Basalt's builder installs the kernel itself".to_string(),
         ),
-        _ => (
-            false,
-            "script not run and its effect not replicated".to_string(),
-        ),
+        _ => (false, "its effect is not replicated".to_string()),
     };
     Some(ScriptNote {
         package: package.to_string(),
