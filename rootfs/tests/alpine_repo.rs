@@ -89,6 +89,24 @@ fn install(repo: &Repo, names: &[&str], options: InstallOptions) -> Result<Tree,
     Ok(tree)
 }
 
+/// Install one package; return the report's warnings.
+fn install_report(repo: &Repo, name: &str) -> Vec<String> {
+    let keys = keys(repo);
+    let (r, idx) = index(repo, &keys);
+    let info = idx.packages.iter().find(|p| p.name == name).unwrap();
+    let cache = Cache::new(repo.root.join("cache"));
+    let path = r
+        .fetch_package("x86_64", info, &keys, &cache, &HttpTransport::default())
+        .unwrap();
+    let apk = repo::load_verified(&path, info, &keys, r.trust).unwrap();
+    let mut tree = Tree::new();
+    let mut inst = Installer::new(InstallOptions::default());
+    inst.install(&mut tree, info, &apk).unwrap();
+    inst.finish(&mut tree, &world(name), "x86_64", 0)
+        .unwrap()
+        .warnings
+}
+
 #[test]
 fn good_world_resolves_and_extracts() {
     let repo = build_repo();
@@ -295,6 +313,14 @@ fn hostile_packages_are_refused_naming_package_and_file() {
         t.get("usr/share/hostile-setuid/payload").unwrap().mode & 0o4000,
         0o4000
     );
+    // An extended attribute cannot be kept: installed, and reported.
+    let report = install_report(repo, "cap-ping");
+    assert!(
+        report.iter().any(
+            |w| w.contains("cap-ping-1.0-r0 bin/cap-ping") && w.contains("security.capability")
+        ),
+        "{report:?}"
+    );
     // Nothing was written outside the temp dir by the traversal package.
     assert!(!repo.root.join("../etc/escaped").exists());
 }
@@ -334,7 +360,7 @@ fn index_trust() {
     assert!(Index::from_tar_gz(&unsigned, &keys(repo), Trust::Signed, "idx").is_err());
     let idx =
         Index::from_tar_gz(&unsigned, &KeyRing::empty(), Trust::TrustedUnsigned, "idx").unwrap();
-    assert_eq!(idx.packages.len(), 20);
+    assert_eq!(idx.packages.len(), 21);
     // A package from a signed repository whose index has no key: through the
     // whole pipeline the error names the step.
     let repos = [Repository::parse(repo.root.to_str().unwrap())];

@@ -12,6 +12,7 @@ written with Python's tarfile module (an independent implementation):
       the target), as abuild-tar --hash does (REFERENCE.md 5.1). Prints the
       installed size (sum of regular file sizes).
       hostile: traversal | symlink-escape | device | setuid | bad-file-checksum | nosum
+      (or `xattr`: a file capability record on the first file, not hostile)
   apk-tar.py segment <out.tar> <name>=<file> ...
       Tar *segment* (no end-of-archive blocks, as abuild-tar --cut): the control
       member (.PKGINFO, scripts) or the signature member (.SIGN.RSA.<key>).
@@ -36,12 +37,16 @@ def pax_info(name, **kw):
     return ti
 
 
-def add_file(tar, name, data, mode=0o644, checksum="ok"):
+def add_file(tar, name, data, mode=0o644, checksum="ok", xattr=False):
     ti = pax_info(name, size=len(data), mode=mode, type=tarfile.REGTYPE)
     if checksum == "ok":
         ti.pax_headers = {"APK-TOOLS.checksum.SHA1": hashlib.sha1(data).hexdigest()}
     elif checksum == "bad":
         ti.pax_headers = {"APK-TOOLS.checksum.SHA1": hashlib.sha1(data + b"x").hexdigest()}
+    if xattr:
+        # A file capability (cap_net_raw+ep), as GNU tar --xattrs records it.
+        ti.pax_headers["SCHILY.xattr.security.capability"] = \
+            "\x01\x00\x00\x02\x00\x20\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00"
     tar.addfile(ti, io.BytesIO(data))
 
 
@@ -79,8 +84,9 @@ def data(root, out, hostile):
                     checksum = None
                 if first_file and hostile == "setuid":
                     mode |= 0o4000
+                xattr = first_file and hostile == "xattr"
                 first_file = False
-                add_file(tar, rel, content, mode, checksum)
+                add_file(tar, rel, content, mode, checksum, xattr)
         if hostile == "traversal":
             add_file(tar, "../../etc/escaped", b"escaped\n")
         elif hostile == "symlink-escape":

@@ -141,21 +141,30 @@ pub struct Installer {
     packages: Vec<DbPackage>,
     replaces: HashMap<String, Vec<Dependency>>,
     notes: Vec<scripts::ScriptNote>,
+    xattr_warnings: Vec<String>,
 }
 
-fn pax_sha1(ent: &mut tar::Entry<'_, &[u8]>) -> Result<Option<String>, std::io::Error> {
+/// The PAX records Basalt reads: the file checksum, and the names of extended
+/// attributes (`SCHILY.xattr.*`, e.g. `security.capability`), which the tree
+/// cannot hold and which are therefore reported.
+fn pax_records(
+    ent: &mut tar::Entry<'_, &[u8]>,
+) -> Result<(Option<String>, Vec<String>), std::io::Error> {
     let Some(exts) = ent.pax_extensions()? else {
-        return Ok(None);
+        return Ok((None, Vec::new()));
     };
+    let mut sha1 = None;
+    let mut xattrs = Vec::new();
     for e in exts {
         let e = e?;
-        if e.key_bytes() == b"APK-TOOLS.checksum.SHA1" {
-            return Ok(Some(
-                String::from_utf8_lossy(e.value_bytes()).trim().to_string(),
-            ));
+        let key = e.key_bytes();
+        if key == b"APK-TOOLS.checksum.SHA1" {
+            sha1 = Some(String::from_utf8_lossy(e.value_bytes()).trim().to_string());
+        } else if let Some(x) = key.strip_prefix(b"SCHILY.xattr.") {
+            xattrs.push(String::from_utf8_lossy(x).into_owned());
         }
     }
-    Ok(None)
+    Ok((sha1, xattrs))
 }
 
 fn hex(b: &[u8]) -> String {
@@ -290,6 +299,12 @@ impl Installer {
             let gid = h.gid().map_err(terr)? as u32;
             let mtime = h.mtime().map_err(terr)?;
             Self::check_parents(tree, &label, &path)?;
+            let (pax_sum, xattrs) = pax_records(&mut ent).map_err(terr)?;
+            for x in xattrs {
+                self.xattr_warnings.push(format!(
+                    "{label} {shown}: extended attribute {x} not kept (the root tree has no xattrs)"
+                ));
+            }
             let meta = |sha1| DbFile {
                 uid,
                 gid,
@@ -325,11 +340,9 @@ impl Installer {
                             });
                         }
                     }
-                    let want = pax_sha1(&mut ent).map_err(terr)?.ok_or_else(|| {
-                        InstallError::NoChecksum {
-                            package: label.clone(),
-                            path: shown.clone(),
-                        }
+                    let want = pax_sum.clone().ok_or_else(|| InstallError::NoChecksum {
+                        package: label.clone(),
+                        path: shown.clone(),
                     })?;
                     let mut data = Vec::new();
                     ent.read_to_end(&mut data).map_err(terr)?;
@@ -356,7 +369,7 @@ impl Installer {
                         .map_err(terr)?
                         .map(|c| c.into_owned())
                         .unwrap_or_default();
-                    if let Some(want) = pax_sha1(&mut ent).map_err(terr)? {
+                    if let Some(want) = pax_sum.clone() {
                         let sum: [u8; 20] =
                             Sha1::digest(target.as_os_str().as_encoded_bytes()).into();
                         if !hex(&sum).eq_ignore_ascii_case(&want) {
@@ -445,7 +458,10 @@ impl Installer {
         arch: &str,
         mtime: u64,
     ) -> Result<InstallReport, InstallError> {
-        let mut report = InstallReport::default();
+        let mut report = InstallReport {
+            warnings: self.xattr_warnings.clone(),
+            ..Default::default()
+        };
         for n in &self.notes {
             if n.handled {
                 report.handled.push(n.to_string());
