@@ -178,12 +178,13 @@ impl Tree {
                 }
             }
         }
-        if let Some(existing) = self.entries.get(&rel) {
-            if existing.is_dir() && !entry.is_dir() {
-                return Err(TreeError::ReplaceDir {
-                    path: rel.display().to_string(),
-                });
-            }
+        if let Some(existing) = self.entries.get(&rel)
+            && existing.is_dir()
+            && !entry.is_dir()
+        {
+            return Err(TreeError::ReplaceDir {
+                path: rel.display().to_string(),
+            });
         }
         self.entries.insert(rel, entry);
         Ok(())

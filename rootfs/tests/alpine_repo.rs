@@ -504,14 +504,13 @@ fn damaged_packages_are_refused_and_never_panic() {
                 "changed signature accepted (flip at {at})"
             );
         }
-        if let Ok(apk) = basalt_rootfs::apk::ApkFile::parse(&bad, "good-app") {
-            if apk
+        if let Ok(apk) = basalt_rootfs::apk::ApkFile::parse(&bad, "good-app")
+            && apk
                 .verify(&unchecked, &keys, Trust::TrustedUnsigned)
                 .is_ok()
-            {
-                let mut tree = Tree::new();
-                let _ = Installer::new(InstallOptions::default()).install(&mut tree, info, &apk);
-            }
+        {
+            let mut tree = Tree::new();
+            let _ = Installer::new(InstallOptions::default()).install(&mut tree, info, &apk);
         }
     }
     // Damage inside the decompressed data tar (past every hash): the walker
@@ -530,10 +529,10 @@ fn damaged_packages_are_refused_and_never_panic() {
             Err(_) => refused += 1,
             Ok(()) => {
                 accepted += 1;
-                if let Some(e) = tree.get("usr/bin/good-app") {
-                    if let EntryKind::File(d) = &e.kind {
-                        assert_eq!(d.read().unwrap(), b"#!/bin/sh\necho good\n");
-                    }
+                if let Some(e) = tree.get("usr/bin/good-app")
+                    && let EntryKind::File(d) = &e.kind
+                {
+                    assert_eq!(d.read().unwrap(), b"#!/bin/sh\necho good\n");
                 }
             }
         }

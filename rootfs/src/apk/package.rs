@@ -232,13 +232,13 @@ impl ApkFile {
             if datahash.is_none() {
                 signed.extend_from_slice(&self.data_raw);
             }
-            if let Err(source) = keys.verify_any(&self.signatures, &signed) {
-                if trust == Trust::Signed {
-                    return Err(PackageError::Signature {
-                        package: package(),
-                        source,
-                    });
-                }
+            if let Err(source) = keys.verify_any(&self.signatures, &signed)
+                && trust == Trust::Signed
+            {
+                return Err(PackageError::Signature {
+                    package: package(),
+                    source,
+                });
             }
         }
         if let Some(want) = datahash {

@@ -236,10 +236,10 @@ impl<'a> Universe<'a> {
     }
 
     fn eligible(&self, p: usize, dep_tag: Option<&str>, inherited: &[String]) -> bool {
-        if let Some(pin) = self.pins.get(&self.pkgs[p].info.name) {
-            if self.pkgs[p].checksum.as_deref() != Some(pin.as_str()) {
-                return false;
-            }
+        if let Some(pin) = self.pins.get(&self.pkgs[p].info.name)
+            && self.pkgs[p].checksum.as_deref() != Some(pin.as_str())
+        {
+            return false;
         }
         match self.pkgs[p].tag {
             None => true,

@@ -1,0 +1,557 @@
+//! Image definitions: what goes on a board (schema: docs/image-definition.md).
+//!
+//! Host paths in a definition are relative to the definition's directory and
+//! may use `${VAR}` / `${VAR:-default}` environment expansion; an unset
+//! variable without a default is an error naming the key. Loading resolves
+//! every path, so later steps never see a relative or unexpanded path.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Default image definitions shipped with basalt, per board: (board, text).
+pub const EMBEDDED_DEFAULTS: &[(&str, &str)] =
+    &[("x86_64", include_str!("../defaults/x86_64.toml"))];
+
+/// The basalt source checkout this binary was built from: the fallback for
+/// `${BASALT_SOURCE_DIR}` in the embedded default definitions.
+pub fn source_dir() -> PathBuf {
+    match std::env::var_os("BASALT_SOURCE_DIR") {
+        Some(v) => PathBuf::from(v),
+        None => Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from(".")),
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Distribution {
+    K3s,
+    K0s,
+}
+
+impl Distribution {
+    pub fn name(self) -> &'static str {
+        match self {
+            Distribution::K3s => "k3s",
+            Distribution::K0s => "k0s",
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDefinition {
+    name: Option<String>,
+    board: String,
+    os_version: String,
+    source_date_epoch: Option<u64>,
+    #[serde(default)]
+    cmdline: String,
+    kubernetes: RawKubernetes,
+    #[serde(default)]
+    overlays: Vec<RawOverlay>,
+    #[serde(default)]
+    services: Vec<String>,
+    node_config: Option<RawNodeConfig>,
+    #[serde(default)]
+    symlinks: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKubernetes {
+    distribution: Distribution,
+    binary: Option<String>,
+    source: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOverlay {
+    source: String,
+    dest: Option<String>,
+    owner: Option<String>,
+    #[serde(default)]
+    modes: BTreeMap<String, u32>,
+    #[serde(default)]
+    exclude: Vec<String>,
+    busybox_links: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawNodeConfig {
+    File(String),
+    Inline(toml::Table),
+}
+
+/// A loaded image definition, every host path absolute and expanded.
+#[derive(Debug, Clone)]
+pub struct ImageDefinition {
+    /// Where it came from (for messages).
+    pub file: String,
+    pub name: Option<String>,
+    /// Board name or path (resolved against the definition's directory).
+    pub board: String,
+    pub base_dir: PathBuf,
+    pub os_version: String,
+    pub source_date_epoch: Option<u64>,
+    pub cmdline: String,
+    pub kubernetes: Kubernetes,
+    pub overlays: Vec<Overlay>,
+    /// Service files: (file name in /etc/basalt/services, host path).
+    pub services: Vec<(String, PathBuf)>,
+    pub node_config: Option<NodeConfigSource>,
+    /// Extra symlinks: path in root → target.
+    pub symlinks: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Kubernetes {
+    pub distribution: Distribution,
+    /// Absolute path of the binary in the root.
+    pub binary: String,
+    /// Host file installed at `binary` (else an overlay must provide it).
+    pub source: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Overlay {
+    pub spec: basalt_rootfs::overlay::OverlaySpec,
+    /// Path (inside the overlay) of a busybox binary to make applet symlinks for.
+    pub busybox_links: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub enum NodeConfigSource {
+    File(PathBuf),
+    Inline(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ImageDefError {
+    #[error("cannot read image definition {file}: {err}")]
+    Read {
+        file: PathBuf,
+        #[source]
+        err: std::io::Error,
+    },
+    #[error("image definition {file}: {err}")]
+    Parse {
+        file: String,
+        #[source]
+        err: Box<toml::de::Error>,
+    },
+    #[error("image definition {file}: key `{key}`: {why}")]
+    Invalid {
+        file: String,
+        key: String,
+        why: String,
+    },
+    #[error(
+        "no default image definition for board {board:?}; write one (docs/image-definition.md)"
+    )]
+    NoDefault { board: String },
+}
+
+/// Expand `${VAR}` and `${VAR:-default}` (the default may itself hold `${..}`).
+/// `$` not followed by `{` is kept as is. Returns the name of the first unset
+/// variable without a default as the error.
+pub fn expand_env(s: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Result<String, String> {
+    let mut out = String::new();
+    let mut rest = s;
+    while let Some(i) = rest.find("${") {
+        out.push_str(&rest[..i]);
+        let after = &rest[i + 2..];
+        // Find the matching `}` allowing nesting in the default.
+        let mut depth = 1;
+        let mut end = None;
+        let bytes = after.as_bytes();
+        let mut j = 0;
+        while j < bytes.len() {
+            if bytes[j] == b'$' && bytes.get(j + 1) == Some(&b'{') {
+                depth += 1;
+                j += 2;
+                continue;
+            }
+            if bytes[j] == b'}' {
+                depth -= 1;
+                if depth == 0 {
+                    end = Some(j);
+                    break;
+                }
+            }
+            j += 1;
+        }
+        let Some(end) = end else {
+            return Err(format!("unterminated `${{` in {s:?}"));
+        };
+        let inner = &after[..end];
+        let (name, default) = match inner.find(":-") {
+            Some(k) => (&inner[..k], Some(&inner[k + 2..])),
+            None => (inner, None),
+        };
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            return Err(format!("`${{{inner}}}` is not a variable reference"));
+        }
+        match (lookup(name).filter(|v| !v.is_empty()), default) {
+            (Some(v), _) => out.push_str(&v),
+            (None, Some(d)) => out.push_str(&expand_env(d, lookup)?),
+            (None, None) => {
+                return Err(format!(
+                    "environment variable {name} is not set (used as ${{{name}}})"
+                ));
+            }
+        }
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+fn env_lookup(name: &str) -> Option<String> {
+    if name == "BASALT_SOURCE_DIR" {
+        return Some(source_dir().display().to_string());
+    }
+    std::env::var(name).ok()
+}
+
+impl ImageDefinition {
+    /// Load from a file; relative paths resolve against its directory.
+    pub fn load(path: &Path) -> Result<ImageDefinition, ImageDefError> {
+        let text = std::fs::read_to_string(path).map_err(|err| ImageDefError::Read {
+            file: path.to_path_buf(),
+            err,
+        })?;
+        let base = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
+        let base = std::path::absolute(&base).unwrap_or(base);
+        Self::parse(&text, &path.display().to_string(), &base, &env_lookup)
+    }
+
+    /// The default definition shipped for `board`.
+    pub fn embedded_default(board: &str) -> Result<ImageDefinition, ImageDefError> {
+        let Some((b, text)) = EMBEDDED_DEFAULTS.iter().find(|(b, _)| *b == board) else {
+            return Err(ImageDefError::NoDefault {
+                board: board.to_string(),
+            });
+        };
+        let base = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."));
+        Self::parse(
+            text,
+            &format!("the embedded default for board {b}"),
+            &base,
+            &env_lookup,
+        )
+    }
+
+    pub fn parse(
+        text: &str,
+        file: &str,
+        base: &Path,
+        lookup: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<ImageDefinition, ImageDefError> {
+        let raw: RawDefinition = toml::from_str(text).map_err(|err| ImageDefError::Parse {
+            file: file.to_string(),
+            err: Box::new(err),
+        })?;
+        let bad = |key: &str, why: String| ImageDefError::Invalid {
+            file: file.to_string(),
+            key: key.to_string(),
+            why,
+        };
+        let path = |key: &str, s: &str| -> Result<PathBuf, ImageDefError> {
+            let e = expand_env(s, lookup).map_err(|why| bad(key, why))?;
+            if e.is_empty() {
+                return Err(bad(key, "is empty".into()));
+            }
+            Ok(base.join(e))
+        };
+
+        if raw.os_version.is_empty()
+            || !raw
+                .os_version
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "._-+~".contains(c))
+        {
+            return Err(bad(
+                "os_version",
+                format!(
+                    "{:?} must be non-empty and use only letters, digits and . _ - + ~",
+                    raw.os_version
+                ),
+            ));
+        }
+        if let Some(n) = &raw.name
+            && (n.is_empty()
+                || !n
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "._-+".contains(c)))
+        {
+            return Err(bad(
+                "name",
+                format!("{n:?} must be a plain file name (letters, digits, . _ - +)"),
+            ));
+        }
+        let board = expand_env(&raw.board, lookup).map_err(|why| bad("board", why))?;
+        let board = if board.ends_with(".toml") || board.contains('/') {
+            base.join(board).display().to_string()
+        } else {
+            board
+        };
+
+        let k = &raw.kubernetes;
+        let binary = k
+            .binary
+            .clone()
+            .unwrap_or_else(|| format!("/usr/bin/{}", k.distribution.name()));
+        if !binary.starts_with('/') || binary.split('/').any(|c| c == "..") {
+            return Err(bad(
+                "kubernetes.binary",
+                format!("{binary:?} must be an absolute path in the root"),
+            ));
+        }
+        let kubernetes = Kubernetes {
+            distribution: k.distribution,
+            binary,
+            source: k
+                .source
+                .as_deref()
+                .map(|s| path("kubernetes.source", s))
+                .transpose()?,
+        };
+
+        let mut overlays = Vec::new();
+        for (i, o) in raw.overlays.iter().enumerate() {
+            let key = |k: &str| format!("overlays[{i}].{k}");
+            let owner = match &o.owner {
+                None => None,
+                Some(s) => {
+                    let parsed = s
+                        .split_once(':')
+                        .and_then(|(u, g)| Some((u.parse().ok()?, g.parse().ok()?)));
+                    Some(parsed.ok_or_else(|| {
+                        bad(&key("owner"), format!("{s:?} is not \"uid:gid\" (numbers)"))
+                    })?)
+                }
+            };
+            let mut modes = BTreeMap::new();
+            for (p, m) in &o.modes {
+                if *m > 0o7777 {
+                    return Err(bad(
+                        &key("modes"),
+                        format!("{p:?}: mode {m:#o} has bits beyond 0o7777 (write 0o755)"),
+                    ));
+                }
+                modes.insert(PathBuf::from(p), *m);
+            }
+            overlays.push(Overlay {
+                spec: basalt_rootfs::overlay::OverlaySpec {
+                    source: path(&key("source"), &o.source)?,
+                    dest: PathBuf::from(o.dest.clone().unwrap_or_else(|| "/".into())),
+                    owner,
+                    modes,
+                    exclude: o.exclude.clone(),
+                },
+                busybox_links: o.busybox_links.clone(),
+            });
+        }
+
+        let mut services = Vec::new();
+        for (i, s) in raw.services.iter().enumerate() {
+            let key = format!("services[{i}]");
+            let p = path(&key, s)?;
+            let name = p
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .filter(|n| n.ends_with(".toml"))
+                .ok_or_else(|| bad(&key, format!("{s:?} must name a .toml file")))?;
+            if services.iter().any(|(n, _)| *n == name) {
+                return Err(bad(&key, format!("a second service file named {name}")));
+            }
+            services.push((name, p));
+        }
+
+        let node_config = match raw.node_config {
+            None => None,
+            Some(RawNodeConfig::File(f)) => Some(NodeConfigSource::File(path("node_config", &f)?)),
+            Some(RawNodeConfig::Inline(t)) => Some(NodeConfigSource::Inline(
+                toml::to_string(&t).map_err(|e| bad("node_config", e.to_string()))?,
+            )),
+        };
+
+        for (p, t) in &raw.symlinks {
+            if p.split('/').any(|c| c == "..") || t.is_empty() {
+                return Err(bad(
+                    "symlinks",
+                    format!(
+                        "{p:?} -> {t:?}: path must stay in the root and the target be non-empty"
+                    ),
+                ));
+            }
+        }
+
+        Ok(ImageDefinition {
+            file: file.to_string(),
+            name: raw.name,
+            board,
+            base_dir: base.to_path_buf(),
+            os_version: raw.os_version,
+            source_date_epoch: raw.source_date_epoch,
+            cmdline: raw.cmdline,
+            kubernetes,
+            overlays,
+            services,
+            node_config,
+            symlinks: raw.symlinks,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let v: Vec<(String, String)> = vars
+            .iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect();
+        move |n: &str| v.iter().find(|(k, _)| k == n).map(|(_, x)| x.clone())
+    }
+
+    const MIN: &str = r#"
+board = "x86_64"
+os_version = "0.1.0"
+[kubernetes]
+distribution = "k3s"
+"#;
+
+    #[test]
+    fn expand() {
+        let e = env(&[("A", "/x"), ("E", "")]);
+        assert_eq!(expand_env("${A}/b", &e).unwrap(), "/x/b");
+        assert_eq!(expand_env("${B:-/d}/b", &e).unwrap(), "/d/b");
+        assert_eq!(expand_env("${B:-${A}/c}", &e).unwrap(), "/x/c");
+        assert_eq!(expand_env("${E:-def}", &e).unwrap(), "def");
+        assert_eq!(expand_env("$A", &e).unwrap(), "$A");
+        let err = expand_env("${NOPE}/x", &e).unwrap_err();
+        assert!(err.contains("NOPE"), "{err}");
+        assert!(expand_env("${A", &e).is_err());
+    }
+
+    #[test]
+    fn minimal_definition_defaults() {
+        let d = ImageDefinition::parse(MIN, "m.toml", Path::new("/base"), &env(&[])).unwrap();
+        assert_eq!(d.kubernetes.binary, "/usr/bin/k3s");
+        assert!(d.overlays.is_empty() && d.node_config.is_none());
+    }
+
+    #[test]
+    fn full_definition() {
+        let text = r#"
+name = "edge"
+board = "x86_64"
+os_version = "1.2.3"
+source_date_epoch = 1700000000
+cmdline = "quiet"
+services = ["svc/sshd.toml"]
+[kubernetes]
+distribution = "k0s"
+binary = "/usr/local/bin/k0s"
+source = "${BIN}/k0s"
+[[overlays]]
+source = "${ASSETS}/kernel"
+exclude = [".stamp"]
+[[overlays]]
+source = "files.tar.zst"
+dest = "/opt"
+owner = "1000:1000"
+modes = { "bin/x" = 0o755 }
+[node_config]
+hostname = "n1"
+[symlinks]
+"bin/sh" = "/bin/busybox"
+"#;
+        let d = ImageDefinition::parse(
+            text,
+            "f.toml",
+            Path::new("/base"),
+            &env(&[("BIN", "/b"), ("ASSETS", "rel")]),
+        )
+        .unwrap();
+        assert_eq!(d.kubernetes.distribution, Distribution::K0s);
+        assert_eq!(d.kubernetes.source.as_deref(), Some(Path::new("/b/k0s")));
+        assert_eq!(d.overlays[0].spec.source, Path::new("/base/rel/kernel"));
+        assert_eq!(d.overlays[1].spec.owner, Some((1000, 1000)));
+        assert_eq!(d.overlays[1].spec.modes[Path::new("bin/x")], 0o755);
+        assert_eq!(d.services[0].0, "sshd.toml");
+        match d.node_config {
+            Some(NodeConfigSource::Inline(t)) => assert!(t.contains("hostname = \"n1\"")),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn err(text: &str) -> String {
+        ImageDefinition::parse(text, "defs/bad.toml", Path::new("/b"), &env(&[]))
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn errors_name_file_and_key() {
+        let e = err(&format!(
+            "{MIN}\n[[overlays]]\nsource = \"${{BASALT_ASSETS}}/k\"\n"
+        ));
+        assert!(
+            e.contains("defs/bad.toml") && e.contains("overlays[0].source"),
+            "{e}"
+        );
+        assert!(e.contains("BASALT_ASSETS is not set"), "{e}");
+
+        let e = err(&MIN.replace("os_version", "os_versoin"));
+        assert!(
+            e.contains("defs/bad.toml") && e.contains("os_versoin"),
+            "{e}"
+        );
+
+        let e = err(&MIN.replace("k3s", "k8s"));
+        assert!(e.contains("k8s"), "{e}");
+
+        let e = err(&format!(
+            "{MIN}\n[[overlays]]\nsource = \"x\"\nowner = \"root\"\n"
+        ));
+        assert!(e.contains("overlays[0].owner"), "{e}");
+
+        let e = err(&format!("{MIN}binary = \"usr/bin/k3s\"\n"));
+        assert!(e.contains("kubernetes.binary"), "{e}");
+
+        let e = err(&MIN.replace("0.1.0", "0.1 beta"));
+        assert!(e.contains("os_version"), "{e}");
+
+        let e = err(&format!("services = [\"a.conf\"]\n{MIN}"));
+        assert!(e.contains("services[0]"), "{e}");
+    }
+
+    #[test]
+    fn embedded_default_parses_with_fallbacks() {
+        let (_, text) = EMBEDDED_DEFAULTS[0];
+        let d = ImageDefinition::parse(text, "default", Path::new("/"), &|n| {
+            (n == "BASALT_SOURCE_DIR").then(|| "/src".to_string())
+        })
+        .unwrap();
+        assert!(
+            d.overlays[0]
+                .spec
+                .source
+                .starts_with("/src/.cache/assets/amd64")
+        );
+    }
+}

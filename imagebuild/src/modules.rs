@@ -1,0 +1,659 @@
+//! Kernel modules for the initramfs: the board's module names resolved to
+//! `.ko` files in the root tree, with their dependencies, in load order.
+//!
+//! Dependencies come from `modules.dep` when the kernel package ships one;
+//! Debian's packages do not (depmod runs at install time), so otherwise they
+//! come from each module's ELF `.modinfo` section: `depends=` (hard, must
+//! exist) and `softdep=pre: ...` (loaded first when present, as modprobe
+//! does; tokens outside a `pre:`/`post:` group are ignored, as kmod does).
+//! Built-in modules (`modules.builtin`) are satisfied without a file.
+//!
+//! Never executes or loads anything: it only reads bytes.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use basalt_rootfs::tree::{EntryKind, Tree};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModulesError {
+    #[error("no kernel modules directory {dir}/<version>/ in the root tree")]
+    NoModulesDir { dir: String },
+    #[error(
+        "several kernel versions under {dir}/ ({found}) and none matches the kernel file {kernel}"
+    )]
+    AmbiguousVersion {
+        dir: String,
+        found: String,
+        kernel: String,
+    },
+    #[error(
+        "module {name:?} (needed by {needed_by}) is neither a .ko file under {dir} nor built in"
+    )]
+    NotFound {
+        name: String,
+        needed_by: String,
+        dir: String,
+    },
+    #[error("cannot read module {path}: {err}")]
+    Read {
+        path: String,
+        #[source]
+        err: std::io::Error,
+    },
+    #[error("module {path}: {why}")]
+    Elf { path: String, why: String },
+    #[error("module dependency cycle through {name}")]
+    Cycle { name: String },
+    #[error("{file}: line {line}: {why}")]
+    DepFile {
+        file: String,
+        line: usize,
+        why: String,
+    },
+}
+
+/// Module names compare with `-` and `_` as the same character.
+pub fn canonical_name(name: &str) -> String {
+    name.replace('-', "_")
+}
+
+/// Find a section by name in an ELF32/ELF64 file of either endianness.
+pub fn elf_section<'a>(data: &'a [u8], want: &str) -> Result<Option<&'a [u8]>, String> {
+    if data.len() < 0x34 || &data[..4] != b"\x7fELF" {
+        return Err("not an ELF file".into());
+    }
+    let is64 = match data[4] {
+        1 => false,
+        2 => true,
+        c => return Err(format!("unknown ELF class {c}")),
+    };
+    let le = match data[5] {
+        1 => true,
+        2 => false,
+        d => return Err(format!("unknown ELF data encoding {d}")),
+    };
+    let rd = |off: usize, n: usize| -> Result<u64, String> {
+        let b = data
+            .get(off..off + n)
+            .ok_or_else(|| format!("truncated ELF at byte {off}"))?;
+        let mut v: u64 = 0;
+        for i in 0..n {
+            let byte = if le { b[n - 1 - i] } else { b[i] };
+            v = (v << 8) | u64::from(byte);
+        }
+        Ok(v)
+    };
+    let to_usize = |v: u64| usize::try_from(v).map_err(|_| "ELF offset too large".to_string());
+    let (shoff, shentsize, shnum, shstrndx) = if is64 {
+        (rd(0x28, 8)?, rd(0x3A, 2)?, rd(0x3C, 2)?, rd(0x3E, 2)?)
+    } else {
+        (rd(0x20, 4)?, rd(0x2E, 2)?, rd(0x30, 2)?, rd(0x32, 2)?)
+    };
+    let (shoff, shentsize) = (to_usize(shoff)?, to_usize(shentsize)?);
+    // (name offset, file offset, size) of section i
+    let section = |i: usize| -> Result<(u64, usize, usize), String> {
+        let base = shoff + i * shentsize;
+        if is64 {
+            Ok((
+                rd(base, 4)?,
+                to_usize(rd(base + 0x18, 8)?)?,
+                to_usize(rd(base + 0x20, 8)?)?,
+            ))
+        } else {
+            Ok((
+                rd(base, 4)?,
+                to_usize(rd(base + 0x10, 4)?)?,
+                to_usize(rd(base + 0x14, 4)?)?,
+            ))
+        }
+    };
+    let (_, stroff, strsize) = section(to_usize(shstrndx)?)?;
+    let strtab = data
+        .get(stroff..stroff + strsize)
+        .ok_or("section name table outside the file")?;
+    for i in 0..to_usize(shnum)? {
+        let (name_off, off, size) = section(i)?;
+        let name_off = to_usize(name_off)?;
+        let Some(rest) = strtab.get(name_off..) else {
+            continue;
+        };
+        let name = rest.split(|&b| b == 0).next().unwrap_or_default();
+        if name == want.as_bytes() {
+            return data
+                .get(off..off + size)
+                .map(Some)
+                .ok_or_else(|| format!("section {want} outside the file"));
+        }
+    }
+    Ok(None)
+}
+
+/// What a module's `.modinfo` says about its dependencies.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct ModInfo {
+    pub depends: Vec<String>,
+    pub softdep_pre: Vec<String>,
+}
+
+/// Parse `.modinfo` (NUL-separated `key=value` strings).
+pub fn parse_modinfo(section: &[u8]) -> ModInfo {
+    let mut info = ModInfo::default();
+    for item in section.split(|&b| b == 0) {
+        let s = String::from_utf8_lossy(item);
+        if let Some(v) = s.strip_prefix("depends=") {
+            info.depends
+                .extend(v.split(',').filter(|x| !x.is_empty()).map(canonical_name));
+        } else if let Some(v) = s.strip_prefix("softdep=") {
+            let mut in_pre = false;
+            for tok in v.split_whitespace() {
+                match tok {
+                    "pre:" => in_pre = true,
+                    "post:" => in_pre = false,
+                    t if in_pre => info.softdep_pre.push(canonical_name(t)),
+                    _ => {}
+                }
+            }
+        }
+    }
+    info
+}
+
+/// The modules chosen for the initramfs.
+#[derive(Debug, Clone)]
+pub struct Resolved {
+    pub kernel_version: String,
+    /// Paths relative to `<modules_dir>/<kernel_version>/`, in load order.
+    pub order: Vec<PathBuf>,
+}
+
+/// Pick the kernel version directory: the only one, or the one named in the
+/// kernel file's name (`vmlinuz-<version>`).
+pub fn kernel_version(
+    tree: &Tree,
+    modules_dir: &str,
+    kernel: &Path,
+) -> Result<String, ModulesError> {
+    let dir = Path::new(modules_dir);
+    let versions: Vec<String> = tree
+        .iter()
+        .filter(|(p, e)| e.is_dir() && p.parent() == Some(dir))
+        .filter_map(|(p, _)| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .collect();
+    match versions.as_slice() {
+        [] => Err(ModulesError::NoModulesDir {
+            dir: modules_dir.into(),
+        }),
+        [one] => Ok(one.clone()),
+        many => {
+            let kname = kernel
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            many.iter()
+                .find(|v| kname.ends_with(v.as_str()))
+                .cloned()
+                .ok_or_else(|| ModulesError::AmbiguousVersion {
+                    dir: modules_dir.into(),
+                    found: many.join(", "),
+                    kernel: kernel.display().to_string(),
+                })
+        }
+    }
+}
+
+/// Where a module's dependencies come from.
+pub trait DepSource {
+    /// Hard dependencies and `pre:` soft dependencies of the module at `rel`.
+    fn deps(&self, rel: &Path) -> Result<ModInfo, ModulesError>;
+}
+
+/// Dependencies read from each module's `.modinfo` in the tree.
+pub struct ModinfoDeps<'a> {
+    pub tree: &'a Tree,
+    pub base: PathBuf,
+}
+
+impl DepSource for ModinfoDeps<'_> {
+    fn deps(&self, rel: &Path) -> Result<ModInfo, ModulesError> {
+        let path = self.base.join(rel);
+        let shown = path.display().to_string();
+        let data = match self.tree.get(&path).map(|e| &e.kind) {
+            Some(EntryKind::File(d)) => d.read().map_err(|err| ModulesError::Read {
+                path: shown.clone(),
+                err,
+            })?,
+            _ => {
+                return Err(ModulesError::Read {
+                    path: shown,
+                    err: std::io::Error::other("not a regular file in the root tree"),
+                });
+            }
+        };
+        let sec = elf_section(&data, ".modinfo")
+            .map_err(|why| ModulesError::Elf {
+                path: shown.clone(),
+                why,
+            })?
+            .ok_or_else(|| ModulesError::Elf {
+                path: shown,
+                why: "no .modinfo section".into(),
+            })?;
+        Ok(parse_modinfo(sec))
+    }
+}
+
+/// Dependencies from a `modules.dep` file (`kernel/a.ko: kernel/b.ko ...`).
+pub struct DepFile {
+    pub deps: BTreeMap<PathBuf, Vec<PathBuf>>,
+}
+
+impl DepFile {
+    pub fn parse(text: &str, file: &str) -> Result<DepFile, ModulesError> {
+        let mut deps = BTreeMap::new();
+        for (i, line) in text.lines().enumerate() {
+            if line.trim().is_empty() {
+                continue;
+            }
+            let (m, d) = line.split_once(':').ok_or_else(|| ModulesError::DepFile {
+                file: file.into(),
+                line: i + 1,
+                why: "no `:`".into(),
+            })?;
+            deps.insert(
+                PathBuf::from(m.trim()),
+                d.split_whitespace().map(PathBuf::from).collect(),
+            );
+        }
+        Ok(DepFile { deps })
+    }
+}
+
+impl DepSource for DepFile {
+    fn deps(&self, rel: &Path) -> Result<ModInfo, ModulesError> {
+        // modules.dep names files; turn them back into names for the resolver.
+        Ok(ModInfo {
+            depends: self
+                .deps
+                .get(rel)
+                .map(|v| v.iter().map(|p| module_name(p)).collect())
+                .unwrap_or_default(),
+            softdep_pre: Vec::new(),
+        })
+    }
+}
+
+/// Module name of a `.ko` path.
+pub fn module_name(p: &Path) -> String {
+    let f = p
+        .file_name()
+        .map(|n| n.to_string_lossy())
+        .unwrap_or_default();
+    canonical_name(f.strip_suffix(".ko").unwrap_or(&f))
+}
+
+/// Resolve `wanted` (names) to files in dependency order. `index` maps names
+/// to paths; `builtin` holds names compiled into the kernel.
+pub fn order(
+    wanted: &[String],
+    index: &BTreeMap<String, PathBuf>,
+    builtin: &BTreeSet<String>,
+    deps: &dyn DepSource,
+    dir_for_errors: &str,
+) -> Result<Vec<PathBuf>, ModulesError> {
+    #[derive(Clone, Copy, PartialEq)]
+    enum Mark {
+        Visiting,
+        Done,
+    }
+    struct Walk<'a> {
+        index: &'a BTreeMap<String, PathBuf>,
+        builtin: &'a BTreeSet<String>,
+        deps: &'a dyn DepSource,
+        dir: &'a str,
+        marks: BTreeMap<String, Mark>,
+        out: Vec<PathBuf>,
+    }
+    impl Walk<'_> {
+        fn visit(
+            &mut self,
+            name: &str,
+            needed_by: &str,
+            optional: bool,
+        ) -> Result<(), ModulesError> {
+            match self.marks.get(name) {
+                Some(Mark::Done) => return Ok(()),
+                Some(Mark::Visiting) => {
+                    return Err(ModulesError::Cycle { name: name.into() });
+                }
+                None => {}
+            }
+            let Some(rel) = self.index.get(name).cloned() else {
+                if self.builtin.contains(name) || optional {
+                    self.marks.insert(name.into(), Mark::Done);
+                    return Ok(());
+                }
+                return Err(ModulesError::NotFound {
+                    name: name.into(),
+                    needed_by: needed_by.into(),
+                    dir: self.dir.into(),
+                });
+            };
+            self.marks.insert(name.into(), Mark::Visiting);
+            let info = self.deps.deps(&rel)?;
+            for d in &info.softdep_pre {
+                self.visit(d, name, true)?;
+            }
+            for d in &info.depends {
+                self.visit(d, name, false)?;
+            }
+            self.marks.insert(name.into(), Mark::Done);
+            self.out.push(rel);
+            Ok(())
+        }
+    }
+    let mut w = Walk {
+        index,
+        builtin,
+        deps,
+        dir: dir_for_errors,
+        marks: BTreeMap::new(),
+        out: Vec::new(),
+    };
+    for name in wanted {
+        w.visit(&canonical_name(name), "the board", false)?;
+    }
+    Ok(w.out)
+}
+
+/// Resolve the board's modules against the root tree.
+pub fn resolve(
+    tree: &Tree,
+    modules_dir: &str,
+    kernel: &Path,
+    wanted: &[String],
+) -> Result<Resolved, ModulesError> {
+    let kver = kernel_version(tree, modules_dir, kernel)?;
+    let base = Path::new(modules_dir).join(&kver);
+    let mut index = BTreeMap::new();
+    for (p, e) in tree.iter() {
+        if let (Ok(rel), EntryKind::File(_)) = (p.strip_prefix(&base), &e.kind)
+            && rel.extension().is_some_and(|x| x == "ko")
+        {
+            // First one wins on a name clash, in sorted path order: deterministic.
+            index
+                .entry(module_name(rel))
+                .or_insert_with(|| rel.to_path_buf());
+        }
+    }
+    let read_text = |name: &str| -> Result<Option<String>, ModulesError> {
+        let p = base.join(name);
+        match tree.get(&p).map(|e| &e.kind) {
+            Some(EntryKind::File(d)) => {
+                let bytes = d.read().map_err(|err| ModulesError::Read {
+                    path: p.display().to_string(),
+                    err,
+                })?;
+                Ok(Some(String::from_utf8_lossy(&bytes).into_owned()))
+            }
+            _ => Ok(None),
+        }
+    };
+    let builtin: BTreeSet<String> = read_text("modules.builtin")?
+        .map(|t| t.lines().map(|l| module_name(Path::new(l))).collect())
+        .unwrap_or_default();
+    let dir_shown = base.display().to_string();
+    let order = match read_text("modules.dep")? {
+        Some(text) => {
+            let df = DepFile::parse(&text, &format!("{dir_shown}/modules.dep"))?;
+            order(wanted, &index, &builtin, &df, &dir_shown)?
+        }
+        None => {
+            let src = ModinfoDeps {
+                tree,
+                base: base.clone(),
+            };
+            order(wanted, &index, &builtin, &src, &dir_shown)?
+        }
+    };
+    Ok(Resolved {
+        kernel_version: kver,
+        order,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use basalt_rootfs::tree::{Entry, FileData};
+
+    const KVER: &str = "6.1.0-56-cloud-amd64";
+
+    fn assets() -> Option<PathBuf> {
+        let base = std::env::var_os("BASALT_ASSETS")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| crate::imagedef::source_dir().join(".cache/assets"));
+        let k = base.join("amd64/kernel");
+        if k.is_dir() {
+            Some(k)
+        } else {
+            eprintln!(
+                "SKIPPED: no kernel assets at {} (run tests/assets/fetch)",
+                k.display()
+            );
+            None
+        }
+    }
+
+    #[test]
+    fn modinfo_of_a_real_module() {
+        let Some(k) = assets() else { return };
+        let mods = k.join("lib/modules");
+        let kver = std::fs::read_dir(&mods)
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .file_name();
+        let data =
+            std::fs::read(mods.join(kver).join("kernel/drivers/virtio/virtio_pci.ko")).unwrap();
+        let sec = elf_section(&data, ".modinfo").unwrap().unwrap();
+        let info = parse_modinfo(sec);
+        assert_eq!(
+            info.depends,
+            [
+                "virtio_ring",
+                "virtio_pci_modern_dev",
+                "virtio_pci_legacy_dev",
+                "virtio"
+            ]
+        );
+        assert!(elf_section(&data, ".nosuchsection").unwrap().is_none());
+    }
+
+    #[test]
+    fn softdep_pre_only() {
+        let info =
+            parse_modinfo(b"name=x\0softdep=pre: ecb crc32c post: foo\0softdep=gcm\0depends=\0");
+        assert_eq!(info.softdep_pre, ["ecb", "crc32c"]);
+        assert!(info.depends.is_empty());
+    }
+
+    #[test]
+    fn elf32_big_endian_section() {
+        // Minimal ELF32 BE: header, a .modinfo section and a name table.
+        let mut f = vec![0u8; 0x34];
+        f[..4].copy_from_slice(b"\x7fELF");
+        f[4] = 1;
+        f[5] = 2;
+        let names = b"\0.shstrtab\0.modinfo\0";
+        let modinfo = b"depends=a,b-c\0";
+        let names_off = f.len();
+        f.extend_from_slice(names);
+        let mi_off = f.len();
+        f.extend_from_slice(modinfo);
+        let shoff = f.len();
+        let sh = |name: u32, off: usize, size: usize| {
+            let mut s = vec![0u8; 40];
+            s[0..4].copy_from_slice(&name.to_be_bytes());
+            s[0x10..0x14].copy_from_slice(&(off as u32).to_be_bytes());
+            s[0x14..0x18].copy_from_slice(&(size as u32).to_be_bytes());
+            s
+        };
+        f.extend(sh(0, 0, 0));
+        f.extend(sh(1, names_off, names.len()));
+        f.extend(sh(11, mi_off, modinfo.len()));
+        f[0x20..0x24].copy_from_slice(&(shoff as u32).to_be_bytes());
+        f[0x2E..0x30].copy_from_slice(&40u16.to_be_bytes());
+        f[0x30..0x32].copy_from_slice(&3u16.to_be_bytes());
+        f[0x32..0x34].copy_from_slice(&1u16.to_be_bytes());
+        let sec = elf_section(&f, ".modinfo").unwrap().unwrap();
+        assert_eq!(parse_modinfo(sec).depends, ["a", "b_c"]);
+        assert!(
+            elf_section(
+                b"not elf at all, long enough to pass the length check....",
+                ".x"
+            )
+            .is_err()
+        );
+    }
+
+    struct Fake(BTreeMap<&'static str, (Vec<&'static str>, Vec<&'static str>)>);
+    impl DepSource for Fake {
+        fn deps(&self, rel: &Path) -> Result<ModInfo, ModulesError> {
+            let (d, s) = self
+                .0
+                .get(module_name(rel).as_str())
+                .cloned()
+                .unwrap_or_default();
+            Ok(ModInfo {
+                depends: d.into_iter().map(String::from).collect(),
+                softdep_pre: s.into_iter().map(String::from).collect(),
+            })
+        }
+    }
+
+    fn idx(names: &[&str]) -> BTreeMap<String, PathBuf> {
+        names
+            .iter()
+            .map(|n| (n.to_string(), PathBuf::from(format!("kernel/{n}.ko"))))
+            .collect()
+    }
+
+    #[test]
+    fn dependencies_first_softdeps_before_and_optional() {
+        let fake = Fake(BTreeMap::from([
+            ("vfat", (vec!["fat"], vec![])),
+            ("fat", (vec![], vec![])),
+            (
+                "ext4",
+                (
+                    vec!["jbd2", "mbcache"],
+                    vec!["crc32c_generic", "missing_soft"],
+                ),
+            ),
+            ("jbd2", (vec![], vec![])),
+        ]));
+        let index = idx(&["vfat", "fat", "ext4", "jbd2", "mbcache", "crc32c_generic"]);
+        let got = order(
+            &["vfat".into(), "ext4".into(), "fat".into()],
+            &index,
+            &BTreeSet::new(),
+            &fake,
+            "d",
+        )
+        .unwrap();
+        let names: Vec<String> = got.iter().map(|p| module_name(p)).collect();
+        assert_eq!(
+            names,
+            ["fat", "vfat", "crc32c_generic", "jbd2", "mbcache", "ext4"]
+        );
+    }
+
+    #[test]
+    fn missing_cycle_and_builtin() {
+        let fake = Fake(BTreeMap::from([
+            ("a", (vec!["b"], vec![])),
+            ("b", (vec!["a"], vec![])),
+            ("c", (vec!["nope"], vec![])),
+            ("d", (vec!["ext4"], vec![])),
+        ]));
+        let index = idx(&["a", "b", "c", "d"]);
+        let e = order(&["a".into()], &index, &BTreeSet::new(), &fake, "d").unwrap_err();
+        assert!(matches!(e, ModulesError::Cycle { .. }), "{e}");
+        let e = order(&["c".into()], &index, &BTreeSet::new(), &fake, "d").unwrap_err();
+        assert!(
+            e.to_string().contains("\"nope\"") && e.to_string().contains("c"),
+            "{e}"
+        );
+        let builtin = BTreeSet::from(["ext4".to_string()]);
+        let got = order(&["d".into(), "ext4".into()], &index, &builtin, &fake, "d").unwrap();
+        assert_eq!(got, [PathBuf::from("kernel/d.ko")]);
+    }
+
+    #[test]
+    fn modules_dep_file_is_used_when_present() {
+        let mut t = Tree::new();
+        let base = format!("lib/modules/{KVER}");
+        for m in ["kernel/fs/fat/fat.ko", "kernel/fs/fat/vfat.ko"] {
+            // Not ELF: proves modules.dep is read instead of .modinfo.
+            t.insert(
+                format!("{base}/{m}"),
+                Entry::file(FileData::Bytes(Default::default()), 0o644),
+            )
+            .unwrap();
+        }
+        t.insert(
+            format!("{base}/modules.dep"),
+            Entry::file(
+                FileData::Bytes(std::sync::Arc::new(
+                    b"kernel/fs/fat/vfat.ko: kernel/fs/fat/fat.ko\nkernel/fs/fat/fat.ko:\n"
+                        .to_vec(),
+                )),
+                0o644,
+            ),
+        )
+        .unwrap();
+        let r = resolve(
+            &t,
+            "lib/modules",
+            Path::new("boot/vmlinuz-x"),
+            &["vfat".into()],
+        )
+        .unwrap();
+        assert_eq!(r.kernel_version, KVER);
+        assert_eq!(
+            r.order,
+            [
+                PathBuf::from("kernel/fs/fat/fat.ko"),
+                PathBuf::from("kernel/fs/fat/vfat.ko")
+            ]
+        );
+    }
+
+    #[test]
+    fn board_modules_resolve_on_real_kernel() {
+        let Some(k) = assets() else { return };
+        let spec = basalt_rootfs::overlay::OverlaySpec {
+            source: k,
+            exclude: vec!["usr".into()],
+            ..Default::default()
+        };
+        let tree = basalt_rootfs::overlay::load(&spec).unwrap();
+        let board = crate::board::Board::embedded("x86_64").unwrap();
+        let r = resolve(
+            &tree,
+            "lib/modules",
+            Path::new("boot/vmlinuz-6"),
+            &board.initramfs.modules,
+        )
+        .unwrap();
+        let names: Vec<String> = r.order.iter().map(|p| module_name(p)).collect();
+        let pos = |n: &str| names.iter().position(|x| x == n).unwrap();
+        assert!(pos("virtio_ring") < pos("virtio_blk"));
+        assert!(pos("virtio") < pos("virtio_pci"));
+        assert!(pos("virtio_pci_modern_dev") < pos("virtio_pci"));
+        assert!(pos("fat") < pos("vfat"));
+        assert_eq!(names.len(), 11, "{names:?}");
+    }
+}
