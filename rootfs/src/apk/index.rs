@@ -326,6 +326,35 @@ impl Index {
     }
 }
 
+impl Index {
+    /// The newest package called `name` (what `basalt packages info` shows).
+    pub fn newest(&self, name: &str) -> Option<&PackageInfo> {
+        self.packages
+            .iter()
+            .filter(|p| p.name == name)
+            .max_by(|a, b| super::version::compare(&a.version, &b.version))
+    }
+
+    /// Packages whose name or description contains `needle` (case-insensitive),
+    /// sorted by name then version (what `basalt packages search` shows).
+    pub fn search(&self, needle: &str) -> Vec<&PackageInfo> {
+        let n = needle.to_lowercase();
+        let mut v: Vec<&PackageInfo> = self
+            .packages
+            .iter()
+            .filter(|p| {
+                p.name.to_lowercase().contains(&n) || p.description.to_lowercase().contains(&n)
+            })
+            .collect();
+        v.sort_by(|a, b| {
+            a.name
+                .cmp(&b.name)
+                .then(super::version::compare(&a.version, &b.version))
+        });
+        v
+    }
+}
+
 /// Parse APKINDEX text (also the format of `lib/apk/db/installed`, whose extra
 /// file lines are ignored here).
 pub fn parse_records(text: &str, what: &str) -> Result<Vec<PackageInfo>, IndexError> {
@@ -511,6 +540,42 @@ mod tests {
         assert!(matches!(err, IndexError::Unsigned { .. }), "{err}");
         let idx = Index::from_tar_gz(&unsigned, &keys, Trust::TrustedUnsigned, name).unwrap();
         assert_eq!(idx.packages.len(), 4929);
+    }
+
+    #[test]
+    fn search_and_newest() {
+        let keys = KeyRing::alpine().unwrap();
+        let (name, bytes) = both().remove(0);
+        let idx = Index::from_tar_gz(&bytes, &keys, Trust::Signed, name).unwrap();
+        assert_eq!(idx.newest("musl").unwrap().version, "1.2.3-r2");
+        assert!(idx.newest("no-such").is_none());
+        let hits = idx.search("conntrack");
+        assert!(hits.iter().any(|p| p.name == "conntrack-tools"));
+        assert!(hits.windows(2).all(|w| w[0].name <= w[1].name));
+    }
+
+    /// Damaged index text (the signature aside): errors, never panics.
+    #[test]
+    fn mangled_records_never_panic() {
+        let (name, bytes) = both().remove(0);
+        let members = archive::split_members(&bytes, name).unwrap();
+        let entries = archive::read_small_entries(&members[1].data, name).unwrap();
+        let text = entries
+            .iter()
+            .find(|e| e.name == "APKINDEX")
+            .unwrap()
+            .data
+            .clone();
+        let text = &text[..200_000];
+        let mut seed: u64 = 42;
+        for _ in 0..300 {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
+            let mut t = text.to_vec();
+            let at = (seed >> 33) as usize % t.len();
+            let pool = b"\n:=<>!@~ \x00Q";
+            t[at] = pool[(seed >> 20) as usize % pool.len()];
+            let _ = parse_records(&String::from_utf8_lossy(&t), "mangled");
+        }
     }
 
     #[test]
