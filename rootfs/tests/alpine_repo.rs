@@ -226,7 +226,9 @@ fn replaces_allows_and_conflict_refuses() {
     }
     let e = install(repo, &["good-app", "good-clash"], InstallOptions::default()).unwrap_err();
     assert!(
-        e.contains("good-clash") && e.contains("etc/good.conf") && e.contains("good-app"),
+        e.contains("package good-clash-1.0-r0")
+            && e.contains("etc/good.conf")
+            && e.contains("good-app"),
         "{e}"
     );
 }

@@ -230,7 +230,7 @@ impl Installer {
 
     /// Decide whether `package` may write non-directory `path`; `Ok(false)` = keep
     /// the existing owner's copy.
-    fn claim(&mut self, package: &str, path: &Path) -> Result<bool, InstallError> {
+    fn claim(&mut self, package: &str, label: &str, path: &Path) -> Result<bool, InstallError> {
         let Some(owner) = self.owners.get(path).cloned() else {
             self.owners.insert(path.to_path_buf(), package.to_string());
             return Ok(true);
@@ -253,7 +253,7 @@ impl Installer {
             Ok(false)
         } else {
             Err(InstallError::FileConflict {
-                package: package.to_string(),
+                package: label.to_string(),
                 path: path.display().to_string(),
                 owner,
             })
@@ -355,7 +355,7 @@ impl Installer {
                             actual: hex(&sum),
                         });
                     }
-                    if !self.claim(package, &path)? {
+                    if !self.claim(package, &label, &path)? {
                         continue;
                     }
                     db.files.insert(path.clone(), meta(Some(sum)));
@@ -381,7 +381,7 @@ impl Installer {
                             });
                         }
                     }
-                    if !self.claim(package, &path)? {
+                    if !self.claim(package, &label, &path)? {
                         continue;
                     }
                     let sum: [u8; 20] = Sha1::digest(target.as_os_str().as_encoded_bytes()).into();
@@ -402,7 +402,7 @@ impl Installer {
                             target: target.display().to_string(),
                         });
                     };
-                    if !self.claim(package, &path)? {
+                    if !self.claim(package, &label, &path)? {
                         continue;
                     }
                     let sha = db.files.get(&tnorm).and_then(|f| f.sha1);
