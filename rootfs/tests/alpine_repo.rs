@@ -602,3 +602,39 @@ fn http_repository_through_ureq() {
         "{e}"
     );
 }
+
+/// `.SIGN.RSA256.`: the index member re-signed with SHA-256 by openssl; a
+/// SHA-1 signature under the RSA256 name must not pass.
+#[test]
+fn rsa256_index_signature() {
+    let repo = build_repo();
+    let keys = keys(repo);
+    let dir = tempfile::tempdir().unwrap();
+    let bytes = std::fs::read(repo.root.join("x86_64/APKINDEX.tar.gz")).unwrap();
+    let members = basalt_rootfs::apk::archive::split_members(&bytes, "idx").unwrap();
+    let member = dir.path().join("index.tar.gz");
+    std::fs::write(&member, members[1].raw).unwrap();
+    let make = |digest: &str| -> Vec<u8> {
+        let script = format!(
+            "set -e; cd {d}; openssl dgst -{digest} -sign {key} -out sig index.tar.gz; \
+             python3 {py} segment sig.tar .SIGN.RSA256.basalt-test.rsa.pub=sig; \
+             gzip -9 -n -c sig.tar > sig.tar.gz; cat sig.tar.gz index.tar.gz > out.tar.gz",
+            d = dir.path().display(),
+            key = repo.root.join("keys/basalt-test.rsa").display(),
+            py = scripts().join("apk-tar.py").display(),
+        );
+        let st = Command::new("bash")
+            .arg("-c")
+            .arg(&script)
+            .status()
+            .unwrap();
+        assert!(st.success());
+        std::fs::read(dir.path().join("out.tar.gz")).unwrap()
+    };
+    let good = make("sha256");
+    let idx = Index::from_tar_gz(&good, &keys, Trust::Signed, "rsa256").unwrap();
+    assert_eq!(idx.signed_by.as_deref(), Some("basalt-test.rsa.pub"));
+    let wrong = make("sha1");
+    let e = Index::from_tar_gz(&wrong, &keys, Trust::Signed, "rsa256").unwrap_err();
+    assert!(e.to_string().contains("RSA/SHA-256"), "{e}");
+}
