@@ -243,6 +243,10 @@ fn hostile_packages_are_refused_naming_package_and_file() {
             &["hostile-badsig-1.0-r0", &apk("badsig"), "does not match"],
         ),
         (
+            "unsigned",
+            &["hostile-unsigned-1.0-r0", &apk("unsigned"), "not signed"],
+        ),
+        (
             "tampered",
             &["hostile-tampered-1.0-r0", &apk("tampered"), "datahash"],
         ),
@@ -362,7 +366,7 @@ fn index_trust() {
     assert!(Index::from_tar_gz(&unsigned, &keys(repo), Trust::Signed, "idx").is_err());
     let idx =
         Index::from_tar_gz(&unsigned, &KeyRing::empty(), Trust::TrustedUnsigned, "idx").unwrap();
-    assert_eq!(idx.packages.len(), 21);
+    assert_eq!(idx.packages.len(), 22);
     // A package from a signed repository whose index has no key: through the
     // whole pipeline the error names the step.
     let repos = [Repository::parse(repo.root.to_str().unwrap())];
