@@ -1,3 +1,4 @@
-//! Root filesystem trees: overlays and (later) Alpine packages.
+//! Root filesystem trees: overlays and Alpine packages.
+pub mod apk;
 pub mod overlay;
 pub mod tree;
