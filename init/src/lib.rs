@@ -7,4 +7,5 @@
 //! Formats that the builder writes and this crate reads (slot naming, the
 //! kernel command line, node config) live here, in modules the builder uses.
 
+pub mod nodeconfig;
 pub mod slot;

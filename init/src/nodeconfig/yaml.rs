@@ -1,0 +1,214 @@
+//! YAML (cloud-init) into the value tree, through serde-saphyr.
+//!
+//! serde-saphyr's budget stays on: it is what stops alias bombs and runaway
+//! nesting in a file anyone with the SD card can write. Keys must be scalars;
+//! duplicate keys are errors.
+
+use std::fmt;
+
+use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde_saphyr::{Budget, DuplicateKeyPolicy, Spanned};
+
+use super::tree::{Entry, Kind, Pos, Value};
+
+/// The largest YAML file read, in bytes (cloud-init files are small).
+pub const MAX_YAML_BYTES: usize = 4 * 1024 * 1024;
+
+/// Parse one YAML document into the tree. An empty document (or only
+/// comments) is `Kind::Null` at 1:1.
+pub fn parse(text: &str) -> Result<Value, (Pos, String)> {
+    let mut budget = Budget::default();
+    budget.max_depth = 32;
+    budget.max_nodes = 100_000;
+    budget.max_documents = 1;
+    budget.max_aliases = 1_000;
+    budget.max_total_scalar_bytes = MAX_YAML_BYTES;
+    let options = serde_saphyr::options! {
+        budget: Some(budget),
+        duplicate_keys: DuplicateKeyPolicy::Error,
+        strict_booleans: true,
+        leading_zero_numbers_as_strings: true,
+        legacy_octal_numbers: false,
+    };
+    if text.trim().is_empty()
+        || text
+            .lines()
+            .all(|l| l.trim().is_empty() || l.trim_start().starts_with('#'))
+    {
+        return Ok(Value {
+            kind: Kind::Null,
+            pos: Pos::START,
+        });
+    }
+    let root: Result<Spanned<Raw>, _> = serde_saphyr::from_str_with_options(text, options);
+    match root {
+        Ok(root) => Ok(root.value.into_value(pos_of(&root.referenced))),
+        Err(err) => {
+            let pos = err.location().map_or(Pos::START, |l| pos_of(&l));
+            Err((pos, message_of(&err)))
+        }
+    }
+}
+
+fn pos_of(loc: &serde_saphyr::Location) -> Pos {
+    let line = loc.line().max(1);
+    let column = loc.column().max(1);
+    Pos {
+        line: u32::try_from(line).unwrap_or(u32::MAX),
+        column: u32::try_from(column).unwrap_or(u32::MAX),
+    }
+}
+
+/// The error's own words, without serde-saphyr's location prefix or snippet.
+fn message_of(err: &serde_saphyr::Error) -> String {
+    let text = err.without_snippet().to_string();
+    let first = text.lines().next().unwrap_or("invalid YAML").trim();
+    let first = first.strip_prefix("error: ").unwrap_or(first);
+    // serde-saphyr may say "line 3 column 5: ..." or "... at line 3, column 5".
+    let cut = first.find(" at line ").map_or(first, |i| &first[..i]);
+    let cut = match cut.split_once(": ") {
+        Some((head, rest)) if head.starts_with("line ") => rest,
+        _ => cut,
+    };
+    let cut = cut.split(", set DuplicateKeyPolicy").next().unwrap_or(cut);
+    if cut.contains("budget breached") {
+        let what = if cut.contains("Documents") {
+            "more than one YAML document (`---`); use one".to_owned()
+        } else {
+            format!(
+                "too large or too deeply nested for a node config, refused ({})",
+                cut.trim_start_matches("budget breached: ")
+            )
+        };
+        return format!("YAML: {what}");
+    }
+    format!("YAML: {cut}")
+}
+
+/// What serde-saphyr hands us; positions are attached by the `Spanned` around it.
+enum Raw {
+    Null,
+    Bool(bool),
+    Int(i128),
+    Float(f64),
+    Str(String),
+    Seq(Vec<Spanned<Raw>>),
+    Map(Vec<(Spanned<Raw>, Spanned<Raw>)>),
+}
+
+impl Raw {
+    fn into_value(self, pos: Pos) -> Value {
+        let kind = match self {
+            Raw::Null => Kind::Null,
+            Raw::Bool(b) => Kind::Bool(b),
+            Raw::Int(value) => Kind::Int { value, radix: 10 },
+            Raw::Float(f) => Kind::Float(f),
+            Raw::Str(s) => Kind::Str(s),
+            Raw::Seq(items) => Kind::Seq(
+                items
+                    .into_iter()
+                    .map(|s| s.value.into_value(pos_of(&s.referenced)))
+                    .collect(),
+            ),
+            Raw::Map(entries) => Kind::Map(
+                entries
+                    .into_iter()
+                    .map(|(k, v)| {
+                        let key_pos = pos_of(&k.referenced);
+                        let key = match k.value {
+                            Raw::Str(s) => s,
+                            Raw::Null => "null".to_owned(),
+                            Raw::Bool(b) => b.to_string(),
+                            Raw::Int(i) => i.to_string(),
+                            Raw::Float(f) => f.to_string(),
+                            // Rejected in the visitor; keep a readable name anyway.
+                            Raw::Seq(_) | Raw::Map(_) => "<collection>".to_owned(),
+                        };
+                        Entry {
+                            key,
+                            key_pos,
+                            value: v.value.into_value(pos_of(&v.referenced)),
+                        }
+                    })
+                    .collect(),
+            ),
+        };
+        Value { kind, pos }
+    }
+}
+
+impl<'de> Deserialize<'de> for Raw {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(RawVisitor)
+    }
+}
+
+struct RawVisitor;
+
+impl<'de> Visitor<'de> for RawVisitor {
+    type Value = Raw;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any YAML value")
+    }
+    fn visit_unit<E>(self) -> Result<Raw, E> {
+        Ok(Raw::Null)
+    }
+    fn visit_none<E>(self) -> Result<Raw, E> {
+        Ok(Raw::Null)
+    }
+    fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Raw, D::Error> {
+        Raw::deserialize(d)
+    }
+    fn visit_bool<E>(self, v: bool) -> Result<Raw, E> {
+        Ok(Raw::Bool(v))
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<Raw, E> {
+        Ok(Raw::Int(i128::from(v)))
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<Raw, E> {
+        Ok(Raw::Int(i128::from(v)))
+    }
+    fn visit_i128<E>(self, v: i128) -> Result<Raw, E> {
+        Ok(Raw::Int(v))
+    }
+    fn visit_u128<E: de::Error>(self, v: u128) -> Result<Raw, E> {
+        i128::try_from(v)
+            .map(Raw::Int)
+            .map_err(|_| E::custom("integer too large"))
+    }
+    fn visit_f64<E>(self, v: f64) -> Result<Raw, E> {
+        Ok(Raw::Float(v))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Raw, E> {
+        Ok(Raw::Str(v.to_owned()))
+    }
+    fn visit_string<E>(self, v: String) -> Result<Raw, E> {
+        Ok(Raw::Str(v))
+    }
+    fn visit_bytes<E: de::Error>(self, v: &[u8]) -> Result<Raw, E> {
+        String::from_utf8(v.to_vec())
+            .map(Raw::Str)
+            .map_err(|_| E::custom("binary values are not supported"))
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Raw, A::Error> {
+        let mut items = Vec::new();
+        while let Some(item) = seq.next_element::<Spanned<Raw>>()? {
+            items.push(item);
+        }
+        Ok(Raw::Seq(items))
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Raw, A::Error> {
+        let mut entries = Vec::new();
+        while let Some(key) = map.next_key::<Spanned<Raw>>()? {
+            if matches!(key.value, Raw::Seq(_) | Raw::Map(_)) {
+                return Err(de::Error::custom(
+                    "keys must be plain scalars, not lists or mappings",
+                ));
+            }
+            let value = map.next_value::<Spanned<Raw>>()?;
+            entries.push((key, value));
+        }
+        Ok(Raw::Map(entries))
+    }
+}
