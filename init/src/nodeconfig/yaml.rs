@@ -42,12 +42,39 @@ pub fn parse(text: &str) -> Result<Value, (Pos, String)> {
     }
     let root: Result<Spanned<Raw>, _> = serde_saphyr::from_str_with_options(text, options);
     match root {
-        Ok(root) => Ok(root.value.into_value(pos_of(&root.referenced))),
+        Ok(root) => root
+            .value
+            .into_value(pos_of(&root.referenced))
+            .map_err(|(pos, msg)| {
+                (
+                    if pos.line == 0 {
+                        explicit_key(text)
+                    } else {
+                        pos
+                    },
+                    msg,
+                )
+            }),
         Err(err) => {
             let pos = err.location().map_or(Pos::START, |l| pos_of(&l));
             Err((pos, message_of(&err)))
         }
     }
+}
+
+/// Where the first explicit (`? `) key starts: the only way to write a
+/// list or mapping as a key in block style, and serde-saphyr gives no
+/// location for it.
+fn explicit_key(text: &str) -> Pos {
+    let mut offset = 0;
+    for line in text.split_inclusive('\n') {
+        let trimmed = line.trim_start();
+        if trimmed.starts_with("? ") || trimmed.trim_end() == "?" {
+            return Pos::of_offset(text, offset + (line.len() - trimmed.len()));
+        }
+        offset += line.len();
+    }
+    Pos::START
 }
 
 fn pos_of(loc: &serde_saphyr::Location) -> Pos {
@@ -97,7 +124,7 @@ enum Raw {
 }
 
 impl Raw {
-    fn into_value(self, pos: Pos) -> Value {
+    fn into_value(self, pos: Pos) -> Result<Value, (Pos, String)> {
         let kind = match self {
             Raw::Null => Kind::Null,
             Raw::Bool(b) => Kind::Bool(b),
@@ -108,7 +135,7 @@ impl Raw {
                 items
                     .into_iter()
                     .map(|s| s.value.into_value(pos_of(&s.referenced)))
-                    .collect(),
+                    .collect::<Result<_, _>>()?,
             ),
             Raw::Map(entries) => Kind::Map(
                 entries
@@ -121,19 +148,36 @@ impl Raw {
                             Raw::Bool(b) => b.to_string(),
                             Raw::Int(i) => i.to_string(),
                             Raw::Float(f) => f.to_string(),
-                            // Rejected in the visitor; keep a readable name anyway.
-                            Raw::Seq(_) | Raw::Map(_) => "<collection>".to_owned(),
+                            Raw::Seq(_) | Raw::Map(_) => {
+                                // Complex keys carry no location: `parse` finds it.
+                                let at = if k.referenced.line() == 0 {
+                                    Pos { line: 0, column: 0 }
+                                } else {
+                                    key_pos
+                                };
+                                return Err((
+                                    at,
+                                    "YAML: keys must be plain scalars, not lists or mappings"
+                                        .to_owned(),
+                                ));
+                            }
                         };
-                        Entry {
+                        let mut value = v.value.into_value(pos_of(&v.referenced))?;
+                        // A mapping's own position is its first key; point at
+                        // the key that names it instead, as for TOML tables.
+                        if matches!(value.kind, Kind::Map(_)) {
+                            value.pos = key_pos;
+                        }
+                        Ok(Entry {
                             key,
                             key_pos,
-                            value: v.value.into_value(pos_of(&v.referenced)),
-                        }
+                            value,
+                        })
                     })
-                    .collect(),
+                    .collect::<Result<_, _>>()?,
             ),
         };
-        Value { kind, pos }
+        Ok(Value { kind, pos })
     }
 }
 
@@ -201,11 +245,6 @@ impl<'de> Visitor<'de> for RawVisitor {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Raw, A::Error> {
         let mut entries = Vec::new();
         while let Some(key) = map.next_key::<Spanned<Raw>>()? {
-            if matches!(key.value, Raw::Seq(_) | Raw::Map(_)) {
-                return Err(de::Error::custom(
-                    "keys must be plain scalars, not lists or mappings",
-                ));
-            }
             let value = map.next_value::<Spanned<Raw>>()?;
             entries.push((key, value));
         }
