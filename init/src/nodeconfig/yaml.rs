@@ -19,7 +19,7 @@ pub const MAX_YAML_BYTES: usize = 4 * 1024 * 1024;
 pub fn parse(text: &str) -> Result<Value, (Pos, String)> {
     let mut budget = Budget::default();
     budget.max_depth = 32;
-    budget.max_nodes = 100_000;
+    budget.max_nodes = 20_000;
     budget.max_documents = 1;
     budget.max_aliases = 1_000;
     budget.max_total_scalar_bytes = MAX_YAML_BYTES;
