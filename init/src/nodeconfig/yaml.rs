@@ -7,7 +7,7 @@
 use std::fmt;
 
 use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
-use serde_saphyr::{Budget, DuplicateKeyPolicy, Spanned};
+use serde_saphyr::{Budget, DuplicateKeyPolicy, MessageFormatter, Spanned, UserMessageFormatter};
 
 use super::tree::{Entry, Kind, Pos, Value};
 
@@ -29,6 +29,7 @@ pub fn parse(text: &str) -> Result<Value, (Pos, String)> {
         strict_booleans: true,
         leading_zero_numbers_as_strings: true,
         legacy_octal_numbers: false,
+        with_snippet: false,
     };
     if text.trim().is_empty()
         || text
@@ -86,30 +87,31 @@ fn pos_of(loc: &serde_saphyr::Location) -> Pos {
     }
 }
 
-/// The error's own words, without serde-saphyr's location prefix or snippet.
+/// The error's own words, without location or snippet. Taken from the
+/// formatter directly (not `Display`), so serde-saphyr's snippet renderer is
+/// never linked into PID 1.
 fn message_of(err: &serde_saphyr::Error) -> String {
-    let text = err.without_snippet().to_string();
-    let first = text.lines().next().unwrap_or("invalid YAML").trim();
-    let first = first.strip_prefix("error: ").unwrap_or(first);
-    // serde-saphyr may say "line 3 column 5: ..." or "... at line 3, column 5".
-    let cut = first.find(" at line ").map_or(first, |i| &first[..i]);
-    let cut = match cut.split_once(": ") {
-        Some((head, rest)) if head.starts_with("line ") => rest,
-        _ => cut,
-    };
-    let cut = cut.split(", set DuplicateKeyPolicy").next().unwrap_or(cut);
-    if cut.contains("budget breached") {
-        let what = if cut.contains("Documents") {
+    let mut err = err;
+    while let serde_saphyr::Error::AliasError { error, .. }
+    | serde_saphyr::Error::WithSnippet { error, .. } = err
+    {
+        err = error;
+    }
+    let text = UserMessageFormatter.format_message(err);
+    let text: String = text.chars().filter(|c| !c.is_control()).collect();
+    let text = text
+        .split(", set DuplicateKeyPolicy")
+        .next()
+        .unwrap_or(&text);
+    if text.contains("budget breached") || matches!(err, serde_saphyr::Error::Budget { .. }) {
+        let what = if text.contains("Documents") || text.contains("documents") {
             "more than one YAML document (`---`); use one".to_owned()
         } else {
-            format!(
-                "too large or too deeply nested for a node config, refused ({})",
-                cut.trim_start_matches("budget breached: ")
-            )
+            format!("too large or too deeply nested for a node config, refused ({text})")
         };
         return format!("YAML: {what}");
     }
-    format!("YAML: {cut}")
+    format!("YAML: {text}")
 }
 
 /// What serde-saphyr hands us; positions are attached by the `Spanned` around it.
