@@ -186,3 +186,96 @@ fn schema_doc_carries_the_examples_verbatim() {
         );
     }
 }
+
+/// A second pair, covering what the full example does not: k0s worker with a
+/// token file, Wi-Fi by PSK hash and open, NTP off, IPv6 gateway, a default
+/// route, `network:`-wrapped network-config, unquoted dotted sysctl keys.
+#[test]
+fn second_pair_is_equal_too() {
+    let hash = "a".repeat(64);
+    let toml = format!(
+        r#"
+[[users]]
+name = "root"
+ssh_authorized_keys = ["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIH39+wjtvg8YEKEwXDlvWLYLIKWtP55/ac/fl0II1zua k"]
+
+[network.interfaces.wl]
+match = {{ name = "wlan*" }}
+addresses = ["fd00::2/64"]
+gateway6 = "fd00::1"
+routes = [{{ to = "default", via = "fd00::fe" }}]
+wifi = {{ ssid = "barn", psk_hash = "{hash}", country = "DE" }}
+
+[network.interfaces.guest]
+wifi = {{ ssid = "open-net" }}
+
+[time]
+ntp_servers = []
+
+[kernel.sysctl]
+net.ipv4.ip_forward = 1
+
+[kubernetes]
+distribution = "k0s"
+role = "worker"
+token_file = "/boot/k0s-join.token"
+"#
+    );
+    let user_data = r#"#cloud-config
+ssh_authorized_keys: ["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIH39+wjtvg8YEKEwXDlvWLYLIKWtP55/ac/fl0II1zua k"]
+ntp:
+  enabled: false
+basalt:
+  kernel:
+    sysctl:
+      net.ipv4.ip_forward: 1
+  kubernetes: {distribution: k0s, role: worker, token_file: /boot/k0s-join.token}
+"#;
+    let network = format!(
+        r#"network:
+  version: 2
+  wifis:
+    wl:
+      match: {{name: "wlan*"}}
+      addresses: ["fd00::2/64"]
+      gateway6: "fd00::1"
+      routes: [{{to: default, via: "fd00::fe"}}]
+      regulatory-domain: DE
+      access-points:
+        barn: {{password: "{hash}"}}
+    guest:
+      access-points:
+        open-net:
+"#
+    );
+    let a = show(load_toml(Path::new("node.toml"), &toml));
+    let src = nodeconfig::CloudInitSources {
+        meta_data: None,
+        user_data: Some(user_data),
+        network_config: Some(&network),
+    };
+    let b = show(nodeconfig::parse_cloud_init(Path::new(""), &src));
+    assert_eq!(a, b);
+    let wl = &a.network.interfaces["wl"];
+    assert!(!wl.dhcp4);
+    assert_eq!(wl.routes[0].to.to_string(), "::/0");
+    assert!(matches!(
+        &wl.wifi.as_ref().expect("wifi").auth,
+        WifiAuth::PskHash(_)
+    ));
+    assert_eq!(
+        a.network.interfaces["guest"].wifi.as_ref().map(|w| &w.auth),
+        Some(&WifiAuth::Open)
+    );
+    assert!(a.network.interfaces["guest"].dhcp4);
+    assert_eq!(a.time.ntp_servers, Some(Vec::new()));
+    assert_eq!(a.kernel.sysctl["net.ipv4.ip_forward"], "1");
+    let k = a.kubernetes.expect("kubernetes");
+    assert_eq!(
+        (k.role, k.token),
+        (
+            Role::Worker,
+            Some(Token::File("/boot/k0s-join.token".into()))
+        )
+    );
+}

@@ -598,19 +598,51 @@ fn kernel(ctx: &mut Ctx, v: &Value, name: &str) -> Kernel {
 }
 
 /// sysctl name → value; values may be written as strings or integers.
+/// Nested tables are joined with `.`, so TOML's unquoted dotted keys
+/// (`net.ipv4.ip_forward = 1`) mean what they look like.
 pub fn sysctls(ctx: &mut Ctx, v: &Value, name: &str) -> BTreeMap<String, String> {
     let mut out = BTreeMap::new();
+    let mut seen: BTreeMap<String, Pos> = BTreeMap::new();
+    sysctls_into(ctx, v, name, "", &mut out, &mut seen);
+    out
+}
+
+fn sysctls_into(
+    ctx: &mut Ctx,
+    v: &Value,
+    name: &str,
+    prefix: &str,
+    out: &mut BTreeMap<String, String>,
+    seen: &mut BTreeMap<String, Pos>,
+) {
     let Some(entries) = entries(ctx, v, name) else {
-        return out;
+        return;
     };
     for e in entries {
-        let key_name = format!("{name}.{}", e.key);
+        let key = if prefix.is_empty() {
+            e.key.clone()
+        } else {
+            format!("{prefix}.{}", e.key)
+        };
+        let key_name = format!("{name}.{key}");
+        if let Kind::Map(_) = e.value.kind {
+            sysctls_into(ctx, &e.value, name, &key, out, seen);
+            continue;
+        }
         if ctx
-            .check(e.key_pos, name, check::sysctl_name(&e.key))
+            .check(e.key_pos, name, check::sysctl_name(&key))
             .is_none()
         {
             continue;
         }
+        if let Some(first) = seen.get(&key) {
+            ctx.err(
+                e.key_pos,
+                format!("`{key_name}` is already set at line {}", first.line),
+            );
+            continue;
+        }
+        seen.insert(key.clone(), e.key_pos);
         let value = match &e.value.kind {
             Kind::Int { value, .. } => Some(value.to_string()),
             Kind::Str(_) => checked(ctx, &e.value, &key_name, |_| Ok(())),
@@ -620,10 +652,9 @@ pub fn sysctls(ctx: &mut Ctx, v: &Value, name: &str) -> BTreeMap<String, String>
             }
         };
         if let Some(value) = value {
-            out.insert(e.key.clone(), value);
+            out.insert(key, value);
         }
     }
-    out
 }
 
 const FILE_ROOTS: &[&str] = &["etc", "var"];
