@@ -120,13 +120,16 @@ fn meta_data(ctx: &mut Ctx, root: &Value) -> Option<String> {
     if let Some(e) = t.get("instance-id") {
         // cloud-init uses it to run once per instance; Basalt applies the
         // config at every boot, so it is checked but has no effect.
-        checked(ctx, &e.value, "instance-id", |s| {
-            if s.is_empty() {
-                Err("must not be empty".to_owned())
-            } else {
-                Ok(())
-            }
-        });
+        // Often written as a bare number.
+        if !matches!(e.value.kind, Kind::Int { .. }) {
+            checked(ctx, &e.value, "instance-id", |s| {
+                if s.is_empty() {
+                    Err("must not be empty".to_owned())
+                } else {
+                    Ok(())
+                }
+            });
+        }
     }
     let e = t.get("local-hostname")?;
     checked(ctx, &e.value, "local-hostname", check::hostname)

@@ -190,9 +190,15 @@ pub fn integer(ctx: &mut Ctx, v: &Value, name: &str, min: i128, max: i128) -> Op
         return None;
     };
     if value < min || value > max {
+        // Numbers past i128 were clamped by the TOML reader: don't print the clamp.
+        let shown = if value.unsigned_abs() > u128::from(u64::MAX) {
+            "the number".to_owned()
+        } else {
+            value.to_string()
+        };
         ctx.err(
             v.pos,
-            format!("`{name}`: {value} is out of range ({min} to {max})"),
+            format!("`{name}`: {shown} is out of range ({min} to {max})"),
         );
         return None;
     }
