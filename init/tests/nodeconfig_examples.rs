@@ -279,3 +279,30 @@ basalt:
         )
     );
 }
+
+#[test]
+fn a_windows_txt_extension_is_named() {
+    let dir = std::env::temp_dir().join(format!("basalt-nodeconfig-txt-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    std::fs::write(dir.join("node.toml.txt"), "hostname = \"a\"\n").expect("write");
+    let err = load_dir_or_file(&dir).expect_err("node.toml.txt is not node.toml");
+    std::fs::remove_dir_all(&dir).expect("clean up");
+    assert!(
+        err[0].message.contains("rename it to `node.toml`"),
+        "{}",
+        err[0]
+    );
+    assert_eq!((err[0].line, err[0].column), (1, 1));
+}
+
+#[test]
+fn both_syntaxes_in_one_directory_is_an_error() {
+    let dir = std::env::temp_dir().join(format!("basalt-nodeconfig-both-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    std::fs::write(dir.join("node.toml"), "").expect("write");
+    std::fs::write(dir.join("user-data"), "#cloud-config\n").expect("write");
+    let err = load_dir_or_file(&dir).expect_err("two syntaxes");
+    std::fs::remove_dir_all(&dir).expect("clean up");
+    assert!(err[0].message.contains("keep one syntax"), "{}", err[0]);
+    assert!(err[0].file.ends_with("node.toml"));
+}

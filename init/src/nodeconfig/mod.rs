@@ -162,10 +162,22 @@ pub fn load_dir_or_file(path: &Path) -> Result<NodeConfig, Vec<Diagnostic>> {
             )]),
             (true, true) => load_toml_file(&toml_path),
             (false, false) => load_cloud_init(path),
-            (false, true) => Err(vec![Diagnostic::whole_file(
-                path,
-                "no node config here (node.toml, or cloud-init meta-data/user-data/network-config)",
-            )]),
+            (false, true) => {
+                // Windows hides known extensions: "node.toml" saved by
+                // Notepad is really "node.toml.txt".
+                let hidden_txt = ["node.toml", "user-data", "meta-data", "network-config"]
+                    .iter()
+                    .map(|n| format!("{n}.txt"))
+                    .find(|n| path.join(n).exists());
+                let message = match hidden_txt {
+                    Some(n) => format!(
+                        "found `{n}` but no node config: rename it to `{}` (Windows hides the .txt extension)",
+                        n.trim_end_matches(".txt")
+                    ),
+                    None => "no node config here (node.toml, or cloud-init meta-data/user-data/network-config)".to_owned(),
+                };
+                Err(vec![Diagnostic::whole_file(path, message)])
+            }
         };
     }
     let is_cloud = path
