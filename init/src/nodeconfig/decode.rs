@@ -17,6 +17,9 @@ use super::schema::{
 };
 use super::tree::{Entry, Kind, Pos, Value};
 
+/// At most this many diagnostics are reported per file.
+pub const MAX_DIAGNOSTICS: usize = 100;
+
 /// Errors found while reading one file.
 pub struct Ctx {
     pub file: PathBuf,
@@ -32,6 +35,19 @@ impl Ctx {
     }
 
     pub fn err(&mut self, pos: Pos, message: impl Into<String>) {
+        // A runaway file must not turn into a runaway list of errors.
+        if self.diags.len() > MAX_DIAGNOSTICS {
+            return;
+        }
+        if self.diags.len() == MAX_DIAGNOSTICS {
+            self.diags.push(Diagnostic {
+                file: self.file.clone(),
+                line: pos.line,
+                column: pos.column,
+                message: format!("more than {MAX_DIAGNOSTICS} errors in this file; stopping here"),
+            });
+            return;
+        }
         self.diags.push(Diagnostic {
             file: self.file.clone(),
             line: pos.line,
@@ -98,6 +114,9 @@ pub fn table<'a>(
         return None;
     };
     for e in entries {
+        if ctx.diags.len() > MAX_DIAGNOSTICS {
+            break;
+        }
         if !allowed.contains(&e.key.as_str()) {
             unknown_key(ctx, e, path, allowed);
         }

@@ -28,8 +28,13 @@ use std::path::{Path, PathBuf};
 pub use cloudinit::Sources as CloudInitSources;
 pub use schema::*;
 
-/// The largest config file read, in bytes.
-pub const MAX_FILE_BYTES: u64 = 4 * 1024 * 1024;
+/// The largest config file read, in bytes (a 1 MiB file in base64 fits).
+pub const MAX_FILE_BYTES: u64 = 2 * 1024 * 1024;
+
+/// The most separators (`,` `=` newline) a `node.toml` may hold: a bound on
+/// the number of values, checked before parsing because the parser's own
+/// memory grows with them (~150 bytes each).
+pub const MAX_TOML_SEPARATORS: usize = 200_000;
 
 /// The cloud-init NoCloud file names, in the order they are read.
 pub const CLOUD_INIT_FILES: [&str; 3] = ["meta-data", "user-data", "network-config"];
@@ -79,6 +84,18 @@ pub fn schema_doc() -> &'static str {
 /// diagnostics.
 pub fn load_toml(path: &Path, text: &str) -> Result<NodeConfig, Vec<Diagnostic>> {
     let text = strip_bom(text);
+    let separators = text
+        .bytes()
+        .filter(|b| matches!(b, b',' | b'=' | b'\n'))
+        .count();
+    if separators > MAX_TOML_SEPARATORS {
+        return Err(vec![Diagnostic::whole_file(
+            path,
+            format!(
+                "{separators} values or lines; a node config has far fewer (the limit is {MAX_TOML_SEPARATORS})"
+            ),
+        )]);
+    }
     let root = toml::parse(text).map_err(|(pos, message)| {
         vec![Diagnostic {
             file: path.to_path_buf(),

@@ -3,7 +3,7 @@
 
 use toml::de::{DeTable, DeValue};
 
-use super::tree::{Entry, Kind, Pos, Value};
+use super::tree::{Entry, Kind, LineIndex, Pos, Value};
 
 /// Parse a TOML document into the tree.
 pub fn parse(text: &str) -> Result<Value, (Pos, String)> {
@@ -21,19 +21,20 @@ pub fn parse(text: &str) -> Result<Value, (Pos, String)> {
         (pos, format!("TOML: {message}"))
     })?;
     let span = root.span();
+    let ix = LineIndex::new(text);
     Ok(Value {
-        kind: table(text, root.into_inner()),
-        pos: Pos::of_offset(text, span.start),
+        kind: table(&ix, root.into_inner()),
+        pos: ix.pos(span.start),
     })
 }
 
-fn table(text: &str, t: DeTable<'_>) -> Kind {
+fn table(ix: &LineIndex<'_>, t: DeTable<'_>) -> Kind {
     let mut entries: Vec<Entry> = t
         .into_iter()
         .map(|(k, v)| {
-            let key_pos = Pos::of_offset(text, k.span().start);
+            let key_pos = ix.pos(k.span().start);
             let value_span = v.span();
-            let mut value = value(text, v.into_inner(), Pos::of_offset(text, value_span.start));
+            let mut value = value(ix, v.into_inner(), ix.pos(value_span.start));
             // A table's own span may be empty (implicit or dotted tables):
             // point at its key, which is what the user wrote.
             if matches!(value.kind, Kind::Map(_)) {
@@ -50,7 +51,7 @@ fn table(text: &str, t: DeTable<'_>) -> Kind {
     Kind::Map(entries)
 }
 
-fn value(text: &str, v: DeValue<'_>, pos: Pos) -> Value {
+fn value(ix: &LineIndex<'_>, v: DeValue<'_>, pos: Pos) -> Value {
     let kind = match v {
         DeValue::String(s) => Kind::Str(s.into_owned()),
         DeValue::Integer(i) => {
@@ -71,12 +72,12 @@ fn value(text: &str, v: DeValue<'_>, pos: Pos) -> Value {
             items
                 .into_iter()
                 .map(|item| {
-                    let p = Pos::of_offset(text, item.span().start);
-                    value(text, item.into_inner(), p)
+                    let p = ix.pos(item.span().start);
+                    value(ix, item.into_inner(), p)
                 })
                 .collect(),
         ),
-        DeValue::Table(t) => table(text, t),
+        DeValue::Table(t) => table(ix, t),
     };
     Value { kind, pos }
 }

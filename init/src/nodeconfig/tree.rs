@@ -41,6 +41,73 @@ impl fmt::Display for Pos {
     }
 }
 
+/// Byte offset → `Pos` for one text, in O(log lines) per lookup: the TOML
+/// reader asks for a position for every value, and scanning from the start
+/// each time is quadratic on a large file.
+pub struct LineIndex<'a> {
+    text: &'a str,
+    /// Byte offset where each line starts.
+    line_starts: Vec<usize>,
+    /// Characters before each 64-byte block (a character is a byte that is
+    /// not a UTF-8 continuation byte, so blocks may split characters).
+    block_chars: Vec<usize>,
+}
+
+const BLOCK: usize = 64;
+
+impl<'a> LineIndex<'a> {
+    pub fn new(text: &'a str) -> LineIndex<'a> {
+        let bytes = text.as_bytes();
+        let mut line_starts = vec![0];
+        line_starts.extend(
+            bytes
+                .iter()
+                .enumerate()
+                .filter(|(_, b)| **b == b'\n')
+                .map(|(i, _)| i + 1),
+        );
+        let mut block_chars = Vec::with_capacity(bytes.len() / BLOCK + 1);
+        let mut total = 0;
+        for block in bytes.chunks(BLOCK) {
+            block_chars.push(total);
+            total += block.iter().filter(|b| !is_continuation(**b)).count();
+        }
+        block_chars.push(total);
+        LineIndex {
+            text,
+            line_starts,
+            block_chars,
+        }
+    }
+
+    fn chars_before(&self, offset: usize) -> usize {
+        let block = offset / BLOCK;
+        let base = self.block_chars.get(block).copied().unwrap_or(0);
+        let start = block * BLOCK;
+        let partial = self.text.as_bytes().get(start..offset).unwrap_or(&[]);
+        base + partial.iter().filter(|b| !is_continuation(**b)).count()
+    }
+
+    pub fn pos(&self, offset: usize) -> Pos {
+        let offset = offset.min(self.text.len());
+        let line = self.line_starts.partition_point(|&s| s <= offset);
+        let start = self
+            .line_starts
+            .get(line.saturating_sub(1))
+            .copied()
+            .unwrap_or(0);
+        let column = self.chars_before(offset) - self.chars_before(start) + 1;
+        Pos {
+            line: u32::try_from(line.max(1)).unwrap_or(u32::MAX),
+            column: u32::try_from(column).unwrap_or(u32::MAX),
+        }
+    }
+}
+
+fn is_continuation(b: u8) -> bool {
+    b & 0xC0 == 0x80
+}
+
 /// One node of the tree.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Value {
@@ -85,6 +152,28 @@ impl Kind {
             Kind::Datetime(_) => "a date/time",
             Kind::Seq(_) => "a list",
             Kind::Map(_) => "a table",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn line_index_agrees_with_the_direct_count() {
+        let text = "a = 1\r\n# \u{e9}t\u{e9} \u{1f4a5}\nb = \"\u{e9}\"\n\n".repeat(9)
+            + &"x".repeat(200)
+            + "\u{e9}z";
+        let index = LineIndex::new(&text);
+        for offset in 0..=text.len() + 3 {
+            if text.is_char_boundary(offset.min(text.len())) {
+                assert_eq!(
+                    index.pos(offset),
+                    Pos::of_offset(&text, offset),
+                    "offset {offset}"
+                );
+            }
         }
     }
 }

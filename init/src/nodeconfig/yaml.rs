@@ -11,8 +11,8 @@ use serde_saphyr::{Budget, DuplicateKeyPolicy, MessageFormatter, Spanned, UserMe
 
 use super::tree::{Entry, Kind, Pos, Value};
 
-/// The largest YAML file read, in bytes (cloud-init files are small).
-pub const MAX_YAML_BYTES: usize = 4 * 1024 * 1024;
+/// The most scalar text one YAML file may hold (files are capped at 2 MiB anyway).
+pub const MAX_YAML_BYTES: usize = 2 * 1024 * 1024;
 
 /// Parse one YAML document into the tree. An empty document (or only
 /// comments) is `Kind::Null` at 1:1.
