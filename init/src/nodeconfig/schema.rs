@@ -242,3 +242,108 @@ pub struct Console {
     /// A root shell on the serial console when boot fails. Off by default.
     pub emergency_shell: bool,
 }
+
+impl NodeConfig {
+    /// `later` laid over `self`: how the config on the FAT partition
+    /// (later) combines with the image definition's default (self).
+    ///
+    /// Entries keyed by a name merge by that name, the later entry winning:
+    /// users (by name), network interfaces (by config name), files (by
+    /// path), sysctls (by name); kernel modules are the union. Every other
+    /// section is taken from `later` when it differs from the default there,
+    /// else kept from `self` — so a section is overridden by writing it,
+    /// and setting a section back to exactly its defaults does not undo the
+    /// image's value.
+    pub fn overlay(mut self, later: NodeConfig) -> NodeConfig {
+        fn pick<T: PartialEq + Default>(base: T, later: T) -> T {
+            if later == T::default() { base } else { later }
+        }
+        if later.hostname.is_some() {
+            self.hostname = later.hostname;
+        }
+        for u in later.users {
+            match self.users.iter_mut().find(|x| x.name == u.name) {
+                Some(x) => *x = u,
+                None => self.users.push(u),
+            }
+        }
+        self.users.sort_by(|a, b| a.name.cmp(&b.name));
+        self.ssh = pick(self.ssh, later.ssh);
+        self.network.interfaces.extend(later.network.interfaces);
+        self.time = pick(self.time, later.time);
+        for m in later.kernel.modules {
+            if !self.kernel.modules.contains(&m) {
+                self.kernel.modules.push(m);
+            }
+        }
+        self.kernel.sysctl.extend(later.kernel.sysctl);
+        for f in later.files {
+            match self.files.iter_mut().find(|x| x.path == f.path) {
+                Some(x) => *x = f,
+                None => self.files.push(f),
+            }
+        }
+        self.files.sort_by(|a, b| a.path.cmp(&b.path));
+        if later.kubernetes.is_some() {
+            self.kubernetes = later.kubernetes;
+        }
+        self.update = pick(self.update, later.update);
+        self.console = pick(self.console, later.console);
+        self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn user(name: &str, key: &str) -> User {
+        User {
+            name: name.to_owned(),
+            ssh_authorized_keys: vec![key.to_owned()],
+            groups: Vec::new(),
+            password_hash: None,
+        }
+    }
+
+    #[test]
+    fn overlay_merges_named_entries_and_overrides_written_sections() {
+        let mut base = NodeConfig {
+            hostname: Some("image".into()),
+            ..NodeConfig::default()
+        };
+        base.users = vec![user("ops", "k1"), user("root", "k0")];
+        base.ssh.port = 2222;
+        base.kernel.modules = vec!["overlay".into()];
+        base.kernel
+            .sysctl
+            .insert("vm.swappiness".into(), "10".into());
+        base.console.emergency_shell = true;
+
+        let mut later = NodeConfig {
+            users: vec![user("ops", "k2")],
+            ..NodeConfig::default()
+        };
+        later.kernel.modules = vec!["overlay".into(), "wireguard".into()];
+        later
+            .kernel
+            .sysctl
+            .insert("vm.swappiness".into(), "60".into());
+        later.time.timezone = Some("UTC".into());
+
+        let c = base.overlay(later);
+        assert_eq!(c.hostname.as_deref(), Some("image"), "unset in later: kept");
+        assert_eq!(c.users.len(), 2);
+        assert_eq!(
+            c.users[0].ssh_authorized_keys,
+            ["k2"],
+            "same name: later wins"
+        );
+        assert_eq!(c.users[1].name, "root");
+        assert_eq!(c.ssh.port, 2222, "section left at defaults in later: kept");
+        assert_eq!(c.kernel.modules, ["overlay", "wireguard"]);
+        assert_eq!(c.kernel.sysctl["vm.swappiness"], "60");
+        assert_eq!(c.time.timezone.as_deref(), Some("UTC"));
+        assert!(c.console.emergency_shell);
+    }
+}
