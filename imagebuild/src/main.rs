@@ -110,6 +110,13 @@ enum Cmd {
 
 #[derive(Subcommand)]
 enum ConfigCmd {
+    /// Check a node.toml or a cloud-init directory with the device's own parser.
+    Check {
+        /// A node.toml, a cloud-init file, or a directory of them.
+        config: PathBuf,
+    },
+    /// Print the documented node config schema.
+    Schema,
     /// Write a node config into an image's (or flashed device's) config partition.
     Inject {
         image: PathBuf,
@@ -261,6 +268,27 @@ fn main() -> Result<()> {
             if !st.success() {
                 bail!("QEMU exited with {st}");
             }
+            Ok(())
+        }
+        Cmd::Config {
+            cmd: ConfigCmd::Check { config },
+        } => match basalt_init::nodeconfig::load_dir_or_file(&config) {
+            Ok(_) => {
+                println!("{}: OK", config.display());
+                Ok(())
+            }
+            Err(diags) => {
+                for d in &diags {
+                    eprintln!("{d}");
+                }
+                eprintln!("{}: {} error(s)", config.display(), diags.len());
+                std::process::exit(1);
+            }
+        },
+        Cmd::Config {
+            cmd: ConfigCmd::Schema,
+        } => {
+            print!("{}", basalt_init::nodeconfig::schema_doc());
             Ok(())
         }
         Cmd::Config {

@@ -43,6 +43,8 @@ pub enum RootError {
         "the Kubernetes binary {binary} is not in the root tree: set kubernetes.source in the image definition or add it with an overlay"
     )]
     NoKubernetes { binary: String },
+    #[error("the image's default node config is invalid:\n{diagnostics}")]
+    NodeConfig { diagnostics: String },
     #[error("serialising {what}: {err}")]
     Toml {
         what: &'static str,
@@ -212,21 +214,32 @@ pub fn image_facts(def: &ImageDefinition, board: &Board) -> Result<String, RootE
     })
 }
 
-/// Read the node config the image definition names (file or inline).
+/// Read the node config the image definition names (file or inline), checked
+/// with the device's own parser (`basalt_init::nodeconfig`).
 pub fn node_config_text(def: &ImageDefinition) -> Result<Option<String>, RootError> {
-    match &def.node_config {
-        None => Ok(None),
-        Some(NodeConfigSource::Inline(t)) => Ok(Some(t.clone())),
-        Some(NodeConfigSource::File(p)) => {
-            std::fs::read_to_string(p)
-                .map(Some)
-                .map_err(|err| RootError::Read {
-                    what: "node config",
-                    path: p.clone(),
-                    err,
-                })
-        }
-    }
+    let (origin, text) = match &def.node_config {
+        None => return Ok(None),
+        Some(NodeConfigSource::Inline(t)) => (
+            def.base_dir.join("[node_config] of the image definition"),
+            t.clone(),
+        ),
+        Some(NodeConfigSource::File(p)) => (
+            p.clone(),
+            std::fs::read_to_string(p).map_err(|err| RootError::Read {
+                what: "node config",
+                path: p.clone(),
+                err,
+            })?,
+        ),
+    };
+    basalt_init::nodeconfig::load_toml(&origin, &text).map_err(|diags| RootError::NodeConfig {
+        diagnostics: diags
+            .iter()
+            .map(|d| d.to_string())
+            .collect::<Vec<_>>()
+            .join("\n"),
+    })?;
+    Ok(Some(text))
 }
 
 /// Add the builder's own files. `/boot` is emptied: the ESP is mounted there.

@@ -316,3 +316,43 @@ fn config_inject_into_an_image() {
     let ud = run_ok(Command::new("mtype").args(["-i", &at, "::/user-data"]));
     assert_eq!(ud, "#cloud-config\nhostname: a\n");
 }
+
+#[test]
+fn config_check_reports_file_line_column() {
+    let d = Dir::new("check");
+    let good = d.0.join("good.toml");
+    std::fs::write(&good, "hostname = \"n1\"\n").unwrap();
+    run_ok(basalt().args(["config", "check"]).arg(&good));
+    let bad = d.0.join("bad.toml");
+    std::fs::write(
+        &bad,
+        "hostname = \"n1\"\n\n[kubernetes]\ndistributon = \"k3s\"\n",
+    )
+    .unwrap();
+    let out = basalt()
+        .args(["config", "check"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&format!("{}:4:1:", bad.display())), "{err}");
+    assert!(err.contains("distribution"), "no suggestion: {err}");
+    // The same parser guards injection: nothing is written.
+    let (img, _) = make_image(&d.0);
+    let before = std::fs::read(&img).unwrap();
+    let out = basalt()
+        .args(["config", "inject"])
+        .arg(&img)
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        std::fs::read(&img).unwrap() == before,
+        "a refused config changed the image"
+    );
+    // `config schema` prints the documented schema.
+    let schema = run_ok(basalt().args(["config", "schema"]));
+    assert!(schema.contains("hostname") && schema.contains("kubernetes"));
+}
