@@ -84,6 +84,9 @@ enum Cmd {
         memory: u32,
         #[arg(long, default_value_t = 2)]
         cpus: u32,
+        /// Accelerator: `auto` (KVM if /dev/kvm opens), `kvm` or `tcg`.
+        #[arg(long, default_value = "auto", value_parser = ["auto", "kvm", "tcg"])]
+        accel: String,
         /// Host port forwarded to the node's Kubernetes API (6443).
         #[arg(long, default_value_t = 6443)]
         api_port: u16,
@@ -243,6 +246,7 @@ fn main() -> Result<()> {
             arch,
             memory,
             cpus,
+            accel,
             api_port,
             ssh_port,
             persist,
@@ -252,6 +256,7 @@ fn main() -> Result<()> {
                 image,
                 arch,
                 memory_mib: memory,
+                accel,
                 cpus,
                 api_port,
                 ssh_port,

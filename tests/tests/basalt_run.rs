@@ -3,7 +3,10 @@
 //! the node's 6443: the Kubernetes stand-in's `/readyz` answers through it.
 //!
 //! The image is the e2e test image without its test-only services (so it does
-//! not power itself off): a copy of tests/images/x86_64.toml minus `services`.
+//! not power itself off): a copy of tests/images/x86_64.toml whose only extra
+//! service is `e2e-net`, a test-only shell service that loads virtio_net and
+//! gives eth0 QEMU user networking's fixed guest address (10.0.2.15), because
+//! interfaces from the node config are not applied by init yet.
 
 use anyhow::{Context, Result, bail, ensure};
 use basalt_tests::{build, repo_root, work_dir};
@@ -36,19 +39,34 @@ fn http_get(port: u16, path: &str) -> Result<String> {
     Ok(reply)
 }
 
+/// Test-only: the network QEMU's user mode expects, without DHCP.
+const NET_SERVICE: &str = r#"# Test-only (tests/tests/basalt_run.rs): eth0 on QEMU user networking.
+exec = ["/bin/sh", "-c", '''
+m=/lib/modules/$(uname -r)/kernel
+insmod $m/net/core/failover.ko; insmod $m/drivers/net/net_failover.ko; insmod $m/drivers/net/virtio_net.ko
+i=0; while [ ! -e /sys/class/net/eth0 ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i+1)); done
+ip link set eth0 up && ip addr add 10.0.2.15/24 dev eth0 && ip route add default via 10.0.2.2
+echo "e2e-net: eth0 $(cat /sys/class/net/eth0/operstate)"
+''']
+restart = "never"
+"#;
+
 #[test]
 fn basalt_run_boots_the_test_image_and_forwards_the_api_port() -> Result<()> {
     let dir = work_dir("basalt_run")?;
     let def_text = std::fs::read_to_string(repo_root().join("tests/images/x86_64.toml"))?;
     let def_text: String = def_text
         .lines()
-        .filter(|l| !l.starts_with("services"))
-        .map(|l| format!("{l}\n"))
+        .map(|l| match l.starts_with("services") {
+            true => "services = [\"e2e-net.toml\"]\n".to_string(),
+            false => format!("{l}\n"),
+        })
         .collect::<String>()
         .replace(
             "name = \"basalt-x86_64-test\"",
             "name = \"basalt-run-test\"",
         );
+    std::fs::write(dir.join("e2e-net.toml"), NET_SERVICE)?;
     let def = dir.join("x86_64-run.toml");
     std::fs::write(&def, def_text)?;
     build::ensure_binaries(&dir)?;
@@ -59,7 +77,7 @@ fn basalt_run_boots_the_test_image_and_forwards_the_api_port() -> Result<()> {
         Command::new(build::basalt_binary())
             .arg("run")
             .arg(&img)
-            .args(["--cpus", "1", "--memory", "1024"])
+            .args(["--cpus", "1", "--memory", "1024", "--accel", "tcg"])
             .args([
                 "--api-port",
                 &api.to_string(),
