@@ -59,6 +59,25 @@ struct RawDefinition {
     node_config: Option<RawNodeConfig>,
     #[serde(default)]
     symlinks: BTreeMap<String, String>,
+    image_size_mib: Option<u64>,
+    rpi: Option<RaspberryPi>,
+}
+
+/// `[rpi]`: additions to (and overrides of) a Raspberry Pi board's boot partition.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RaspberryPi {
+    /// Lines appended to `config.txt` (e.g. `dtoverlay=...`, `dtparam=...`).
+    #[serde(default)]
+    pub config: Vec<String>,
+    /// Replaces the board's `boot.dtbs`.
+    pub dtbs: Option<Vec<String>>,
+    /// Replaces the board's `boot.overlays`.
+    pub overlays: Option<Vec<String>>,
+    /// Replaces the board's `root.dtbs_dir`.
+    pub dtbs_dir: Option<String>,
+    /// Replaces the board's `root.firmware_dir`.
+    pub firmware_dir: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -108,6 +127,10 @@ pub struct ImageDefinition {
     pub node_config: Option<NodeConfigSource>,
     /// Extra symlinks: path in root → target.
     pub symlinks: BTreeMap<String, String>,
+    /// Total image size; `None` is just what the partitions need.
+    pub image_size_mib: Option<u64>,
+    /// Raspberry Pi boot partition additions (`[rpi]`).
+    pub rpi: RaspberryPi,
 }
 
 #[derive(Debug, Clone)]
@@ -393,6 +416,17 @@ impl ImageDefinition {
             }
         }
 
+        if raw.image_size_mib == Some(0) {
+            return Err(bad("image_size_mib", "must be at least 1".into()));
+        }
+        let rpi = raw.rpi.unwrap_or_default();
+        if let Some(l) = rpi.config.iter().find(|l| l.contains('\n')) {
+            return Err(bad("rpi.config", format!("{l:?}: one line per entry")));
+        }
+        if raw.cmdline.contains('\n') {
+            return Err(bad("cmdline", "must be a single line".into()));
+        }
+
         Ok(ImageDefinition {
             file: file.to_string(),
             name: raw.name,
@@ -406,6 +440,8 @@ impl ImageDefinition {
             services,
             node_config,
             symlinks: raw.symlinks,
+            image_size_mib: raw.image_size_mib,
+            rpi,
         })
     }
 }
