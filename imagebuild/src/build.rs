@@ -241,7 +241,9 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
         &tree,
         &board.root.modules_dir,
         &boot.kernel_path,
-        &board.initramfs.modules,
+        def.initramfs_modules
+            .as_ref()
+            .unwrap_or(&board.initramfs.modules),
     )?;
     let kernel = read_data("reading the kernel", &boot.kernel)?;
     // Board-specific boot files are read before the builder empties /boot.

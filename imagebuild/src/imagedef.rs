@@ -60,6 +60,7 @@ struct RawDefinition {
     #[serde(default)]
     symlinks: BTreeMap<String, String>,
     image_size_mib: Option<u64>,
+    initramfs_modules: Option<Vec<String>>,
     rpi: Option<RaspberryPi>,
 }
 
@@ -129,6 +130,8 @@ pub struct ImageDefinition {
     pub symlinks: BTreeMap<String, String>,
     /// Total image size; `None` is just what the partitions need.
     pub image_size_mib: Option<u64>,
+    /// Replaces the board's `initramfs.modules` (a kernel built differently).
+    pub initramfs_modules: Option<Vec<String>>,
     /// Raspberry Pi boot partition additions (`[rpi]`).
     pub rpi: RaspberryPi,
 }
@@ -441,6 +444,7 @@ impl ImageDefinition {
             node_config,
             symlinks: raw.symlinks,
             image_size_mib: raw.image_size_mib,
+            initramfs_modules: raw.initramfs_modules,
             rpi,
         })
     }
