@@ -443,4 +443,61 @@ mod tests {
         let e = Board::embedded("pi9").unwrap_err().to_string();
         assert!(e.contains("x86_64"), "{e}");
     }
+
+    #[test]
+    fn raspberry_pi_boards_parse() {
+        for (name, method, kernel) in [
+            ("rpi4", BootMethod::Tryboot, "kernel8.img"),
+            ("rpi5", BootMethod::Tryboot, "kernel_2712.img"),
+            ("rpi3", BootMethod::RebootPartition, "kernel8.img"),
+            ("rpi-armv7", BootMethod::RebootPartition, "kernel7.img"),
+        ] {
+            let b = Board::embedded(name).unwrap();
+            assert_eq!(b.partition_table, PartitionTable::Mbr, "{name}");
+            assert_eq!(b.boot_method, method, "{name}");
+            let (boot, _) = b.pi().unwrap();
+            assert_eq!(boot.kernel_file, kernel, "{name}");
+            assert!(b.cmdline.contains("cgroup_memory=1 cgroup_enable=memory"));
+            assert!(b.initramfs.modules.iter().any(|m| m == "bcm2835_wdt"));
+        }
+        let armv7 = Board::embedded("rpi-armv7").unwrap();
+        assert_eq!(
+            armv7.pi().unwrap().0.kernel_file_pi4.as_deref(),
+            Some("kernel7l.img")
+        );
+    }
+
+    #[test]
+    fn mismatched_table_and_method_are_refused() {
+        const PI: &str = include_str!("../../boards/rpi4.toml");
+        let e = Board::parse(
+            &PI.replace(
+                "boot_method = \"tryboot\"",
+                "boot_method = \"systemd-boot\"",
+            ),
+            "p.toml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("boot_method"), "{e}");
+        let e = Board::parse(&PI.replace("[boot]", "[boot_]"), "p.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("boot"), "{e}");
+        let e = Board::parse(&PI.replace("config_mib = 64", "config_mib = 8"), "p.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("partitions.config_mib"), "{e}");
+        let e = Board::parse(
+            &PI.replace("kernel_file = \"kernel8.img\"", "kernel_file = \"a/b.img\""),
+            "p.toml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("boot.kernel_file"), "{e}");
+        let e = Board::parse(&GOOD.replace("systemd-boot\"", "tryboot\""), "x.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("boot_method"), "{e}");
+    }
 }
