@@ -89,9 +89,13 @@ pub enum BuildError {
         err: std::io::Error,
     },
     #[error(
-        "no init binary found (looked at {looked}). Build it with `cargo build --release -p basalt-init --target {target}`, or pass --init PATH (or set BASALT_INIT)"
+        "no init binary found (looked at {looked}). Build it with `scripts/build-init {board}` (for {target}), or pass --init PATH (or set BASALT_INIT)"
     )]
-    NoInit { looked: String, target: String },
+    NoInit {
+        looked: String,
+        target: String,
+        board: String,
+    },
     #[error("SOURCE_DATE_EPOCH {0} is beyond 2106 (squashfs and cpio hold 32-bit times)")]
     Epoch(u64),
 }
@@ -119,6 +123,7 @@ pub fn find_init(explicit: Option<&Path>, board: &Board) -> Result<PathBuf, Buil
     Err(BuildError::NoInit {
         looked: looked.join(", "),
         target: board.rust_target.clone(),
+        board: board.name.clone(),
     })
 }
 
