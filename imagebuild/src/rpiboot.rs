@@ -128,29 +128,24 @@ pub fn collect(tree: &Tree, board: &Board, def: &RaspberryPi) -> Result<PiBootFi
             board: board.name.clone(),
         });
     };
-    let root_key = |over: &Option<String>, board_value: &Option<String>, key| {
-        (
-            over.clone()
-                .or_else(|| board_value.clone())
-                .unwrap_or_default(),
-            if over.is_some() {
-                key
-            } else {
-                match key {
-                    "rpi.dtbs_dir" => "root.dtbs_dir",
-                    _ => "root.firmware_dir",
-                }
-            },
-        )
+    // The image definition's `[rpi]` path wins over the board's `[root]` one; errors
+    // name the key that was used.
+    let (dtbs_pat, dtbs_key) = match &def.dtbs_dir {
+        Some(p) => (p.as_str(), "rpi.dtbs_dir"),
+        None => (
+            board.root.dtbs_dir.as_deref().unwrap_or(""),
+            "root.dtbs_dir",
+        ),
     };
-    let (dtbs_pat, dtbs_key) = root_key(&def.dtbs_dir, &board.root.dtbs_dir, "rpi.dtbs_dir");
-    let (fw_pat, fw_key) = root_key(
-        &def.firmware_dir,
-        &board.root.firmware_dir,
-        "rpi.firmware_dir",
-    );
-    let dtbs_dir = find_dir(tree, dtbs_key, &dtbs_pat)?;
-    let fw_dir = find_dir(tree, fw_key, &fw_pat)?;
+    let (fw_pat, fw_key) = match &def.firmware_dir {
+        Some(p) => (p.as_str(), "rpi.firmware_dir"),
+        None => (
+            board.root.firmware_dir.as_deref().unwrap_or(""),
+            "root.firmware_dir",
+        ),
+    };
+    let dtbs_dir = find_dir(tree, dtbs_key, dtbs_pat)?;
+    let fw_dir = find_dir(tree, fw_key, fw_pat)?;
 
     let mut out = PiBootFiles {
         boot: Vec::new(),
