@@ -266,6 +266,8 @@ mod tests {
         let img = d.join("x.img");
         let layout = Layout::new(&Partitions {
             esp_mib: 40,
+            config_mib: 0,
+            boot_mib: 0,
             root_mib: 1,
             data_mib: 1,
         });

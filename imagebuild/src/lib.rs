@@ -21,6 +21,7 @@ pub mod mbr;
 pub mod modules;
 pub mod outputs;
 pub mod root;
+pub mod rpiboot;
 pub mod run;
 pub mod squashfs;
 pub mod verity;
