@@ -39,6 +39,8 @@ fn make_image(dir: &Path) -> (PathBuf, Layout) {
     let img = dir.join("node.img");
     let layout = Layout::new(&Partitions {
         esp_mib: 40,
+        config_mib: 0,
+        boot_mib: 0,
         root_mib: 16,
         data_mib: 8,
     });
