@@ -39,7 +39,7 @@ pub enum BlockError {
 /// One partition as sysfs describes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Partition {
-    /// GPT partition name (`PARTNAME=`).
+    /// GPT partition name (`PARTNAME=`); empty on MBR disks.
     pub name: String,
     /// Kernel name of the partition (`vda4`); the node is `/dev/<devname>`.
     pub devname: String,
@@ -86,7 +86,9 @@ pub fn scan(class_block: &Path) -> Result<Vec<Partition>, BlockError> {
         if f.get("DEVTYPE") != Some(&"partition") {
             continue;
         }
-        let (Some(name), Some(devname)) = (f.get("PARTNAME"), f.get("DEVNAME")) else {
+        // MBR partitions have no PARTNAME: kept with an empty name, found by number.
+        let name = f.get("PARTNAME").copied().unwrap_or("");
+        let Some(devname) = f.get("DEVNAME") else {
             continue;
         };
         let Some(number) = f.get("PARTN").and_then(|n| n.parse().ok()) else {
@@ -118,11 +120,61 @@ pub fn scan(class_block: &Path) -> Result<Vec<Partition>, BlockError> {
 pub fn find(class_block: &Path, names: &[&str]) -> Result<BTreeMap<String, Partition>, BlockError> {
     let mut found = BTreeMap::new();
     for p in scan(class_block)? {
-        if names.contains(&p.name.as_str()) && !found.contains_key(&p.name) {
+        if !p.name.is_empty() && names.contains(&p.name.as_str()) && !found.contains_key(&p.name) {
             found.insert(p.name.clone(), p);
         }
     }
     Ok(found)
+}
+
+/// MBR disks: partitions by number, keyed by the role names the caller gives
+/// (`[("root-a", 5), ("data", 7), ("esp", 1)]`), all from one disk: the first
+/// disk (by kernel name) that has the first listed number.
+pub fn find_numbered(
+    class_block: &Path,
+    wanted: &[(&str, u32)],
+) -> Result<BTreeMap<String, Partition>, BlockError> {
+    let all = scan(class_block)?;
+    let mut found = BTreeMap::new();
+    let Some(&(_, key_number)) = wanted.first() else {
+        return Ok(found);
+    };
+    let Some(disk) = all
+        .iter()
+        .find(|p| p.number == key_number)
+        .map(|p| p.disk.clone())
+    else {
+        return Ok(found);
+    };
+    for (role, number) in wanted {
+        if let Some(p) = all.iter().find(|p| p.disk == disk && p.number == *number) {
+            found.insert((*role).to_string(), p.clone());
+        }
+    }
+    Ok(found)
+}
+
+/// How partitions are identified: GPT names, or MBR numbers under role names.
+#[derive(Debug, Clone, Copy)]
+pub enum Lookup<'a> {
+    Names(&'a [&'a str]),
+    Numbered(&'a [(&'a str, u32)]),
+}
+
+impl Lookup<'_> {
+    pub fn roles(&self) -> Vec<&str> {
+        match self {
+            Lookup::Names(n) => n.to_vec(),
+            Lookup::Numbered(n) => n.iter().map(|(r, _)| *r).collect(),
+        }
+    }
+
+    pub fn find(&self, class_block: &Path) -> Result<BTreeMap<String, Partition>, BlockError> {
+        match self {
+            Lookup::Names(n) => find(class_block, n),
+            Lookup::Numbered(n) => find_numbered(class_block, n),
+        }
+    }
 }
 
 /// Poll `class_block` every `every` until all `names` are present or
@@ -133,15 +185,26 @@ pub fn wait_for(
     timeout: Duration,
     every: Duration,
 ) -> Result<BTreeMap<String, Partition>, BlockError> {
+    wait_for_lookup(class_block, Lookup::Names(names), timeout, every)
+}
+
+/// `wait_for` for either kind of partition table.
+pub fn wait_for_lookup(
+    class_block: &Path,
+    lookup: Lookup<'_>,
+    timeout: Duration,
+    every: Duration,
+) -> Result<BTreeMap<String, Partition>, BlockError> {
     let start = Instant::now();
+    let roles = lookup.roles();
     loop {
-        let found = find(class_block, names).unwrap_or_default();
-        if names.iter().all(|n| found.contains_key(*n)) {
+        let found = lookup.find(class_block).unwrap_or_default();
+        if roles.iter().all(|n| found.contains_key(*n)) {
             return Ok(found);
         }
         if start.elapsed() >= timeout {
             return Err(BlockError::Timeout {
-                missing: names
+                missing: roles
                     .iter()
                     .filter(|n| !found.contains_key(**n))
                     .map(|n| n.to_string())
@@ -350,6 +413,34 @@ mod tests {
         .unwrap();
         h.join().unwrap();
         assert_eq!(found["data"].devname, "vda4");
+    }
+
+    #[test]
+    fn mbr_partitions_by_number_on_one_disk() {
+        // An SD card (no PARTNAME) and a USB stick that also has a partition 1.
+        let t = fixture(&[
+            ("mmcblk0", "mmcblk0p1", 1, None),
+            ("mmcblk0", "mmcblk0p5", 5, None),
+            ("mmcblk0", "mmcblk0p7", 7, None),
+            ("sda", "sda1", 1, None),
+        ]);
+        let class = t.path().join("class/block");
+        let wanted = [("root-a", 5), ("data", 7), ("esp", 1)];
+        let got = wait_for_lookup(
+            &class,
+            Lookup::Numbered(&wanted),
+            Duration::from_millis(10),
+            Duration::from_millis(1),
+        )
+        .unwrap();
+        assert_eq!(got["root-a"].devname, "mmcblk0p5");
+        assert_eq!(
+            got["esp"].devname, "mmcblk0p1",
+            "config FAT from the root's disk"
+        );
+        assert_eq!(got["data"].number, 7);
+        // By name, unnamed partitions are never matched.
+        assert!(find(&class, &["", "root-a"]).unwrap().is_empty());
     }
 
     #[test]

@@ -5,13 +5,15 @@
 use crate::slot::{CMDLINE_SLOT, Slot};
 
 /// `basalt.*` keys this init understands.
-const KNOWN_KEYS: &[&str] = &[CMDLINE_SLOT, "basalt.verity"];
+const KNOWN_KEYS: &[&str] = &[CMDLINE_SLOT, "basalt.verity", "basalt.root"];
 
 /// What the command line tells init.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct BootArgs {
     pub slot: Option<Slot>,
     pub verity: Option<String>,
+    /// MBR boards: the partition number of this slot's root (`basalt.root=5`).
+    pub root_partition: Option<u32>,
     /// Problems to report as `basalt: error` lines (unknown keys, bad values).
     pub problems: Vec<String>,
 }
@@ -73,6 +75,10 @@ pub fn parse(cmdline: &str) -> BootArgs {
                     args.problems.push(format!("bad value {key}={v}"));
                 }
             }
+            ("basalt.root", Some(v)) => match v.parse::<u32>() {
+                Ok(n) if (1..=63).contains(&n) => args.root_partition = Some(n),
+                _ => args.problems.push(format!("bad value {key}={v}")),
+            },
             (k, None) => args.problems.push(format!("missing value for {k}")),
             _ => {}
         }

@@ -16,6 +16,7 @@ pub mod console;
 pub mod control;
 pub mod gpt;
 pub mod image;
+pub mod mbr;
 pub mod modules;
 pub mod mounts;
 pub mod nodeconfig;

@@ -45,6 +45,11 @@ pub enum Stage1Error {
     #[error(transparent)]
     Block(#[from] blockdev::BlockError),
     #[error("growing the data partition on {disk}: {source}")]
+    Mbr {
+        disk: PathBuf,
+        source: crate::mbr::MbrError,
+    },
+    #[error("growing the data partition on {disk}: {source}")]
     Gpt {
         disk: PathBuf,
         source: gpt::GptError,
@@ -162,7 +167,9 @@ pub fn prepare_root(env: &mut Env<'_>) -> Handoff {
     // 3. Which slot booted, and its partitions.
     let slot = booted_slot(&env.path("/proc/cmdline"));
     handoff.slot = slot.name().to_string();
-    let parts = wait_for_partitions(&env.path("/sys/class/block"), slot);
+    let mbr = settings_partition_table(env) == "mbr";
+    let mbr_root = mbr.then(|| mbr_root_partition(&env.path("/proc/cmdline"), slot));
+    let parts = wait_for_partitions(&env.path("/sys/class/block"), slot, mbr_root);
     steps.done("wait_devices");
 
     // 4. The slot's root, read-only.
@@ -184,7 +191,7 @@ pub fn prepare_root(env: &mut Env<'_>) -> Handoff {
     if let Some(data) = parts.get(DATA_PARTITION_NAME) {
         handoff.data_device = data.dev_path(&dev).display().to_string();
         let block = &mut *env.block;
-        let grown = guarded("grow-data", || grow_data_partition(block, data, &dev));
+        let grown = guarded("grow-data", || grow_data_partition(block, data, &dev, mbr));
         let size_bytes = match grown {
             Some(Ok(Some(bytes))) => {
                 handoff.data_grown = true;
@@ -313,25 +320,68 @@ pub fn booted_slot(cmdline_path: &Path) -> Slot {
     })
 }
 
-/// Wait for root, data and ESP partitions. Without the root there is nothing
-/// to boot: keep looking (and saying so) forever; the others may be missing.
-fn wait_for_partitions(class_block: &Path, slot: Slot) -> BTreeMap<String, Partition> {
-    let names = [
-        slot.root_partition_name(),
-        DATA_PARTITION_NAME,
-        ESP_PARTITION_NAME,
-    ];
+/// Wait for root, data and ESP (config FAT) partitions, keyed by their GPT
+/// names. MBR boards (docs/boot-protocol.md, "Disk (Raspberry Pi, MBR)") have
+/// no names: the same roles are found by number on one disk. Without the
+/// root there is nothing to boot: keep looking (and saying so) forever; the
+/// others may be missing.
+fn wait_for_partitions(
+    class_block: &Path,
+    slot: Slot,
+    mbr_root: Option<u32>,
+) -> BTreeMap<String, Partition> {
+    let root_name = slot.root_partition_name();
+    let names = [root_name, DATA_PARTITION_NAME, ESP_PARTITION_NAME];
+    let numbered;
+    let lookup = match mbr_root {
+        None => blockdev::Lookup::Names(&names),
+        Some(root) => {
+            numbered = [
+                (root_name, root),
+                (DATA_PARTITION_NAME, u32::from(crate::rpi::DATA_PARTITION)),
+                (ESP_PARTITION_NAME, u32::from(crate::rpi::CONFIG_PARTITION)),
+            ];
+            blockdev::Lookup::Numbered(&numbered)
+        }
+    };
     loop {
-        match blockdev::wait_for(class_block, &names, WAIT_DEVICES, WAIT_POLL) {
+        match blockdev::wait_for_lookup(class_block, lookup, WAIT_DEVICES, WAIT_POLL) {
             Ok(found) => return found,
             Err(e) => {
                 console::error("wait-devices", &e);
-                let found = blockdev::find(class_block, &names).unwrap_or_default();
-                if found.contains_key(slot.root_partition_name()) {
+                let found = lookup.find(class_block).unwrap_or_default();
+                if found.contains_key(root_name) {
                     return found;
                 }
             }
         }
+    }
+}
+
+/// `partition_table` from the initramfs settings (`gpt` when unreadable).
+fn settings_partition_table(env: &Env<'_>) -> String {
+    InitramfsSettings::load(&env.path(INITRAMFS_MARKER))
+        .map(|s| s.partition_table)
+        .unwrap_or_else(|_| "gpt".to_string())
+}
+
+/// MBR boards: the root partition number, from `basalt.root` or the slot.
+pub fn mbr_root_partition(cmdline_path: &Path, slot: Slot) -> u32 {
+    let from_slot = u32::from(crate::rpi::root_partition(slot));
+    let text = std::fs::read_to_string(cmdline_path).unwrap_or_default();
+    match cmdline::parse(&text).root_partition {
+        Some(n) if n != from_slot => {
+            console::error(
+                "cmdline",
+                format_args!(
+                    "basalt.root={n} disagrees with slot {} (partition {from_slot}); using {n}",
+                    slot.name()
+                ),
+            );
+            n
+        }
+        Some(n) => n,
+        None => from_slot,
     }
 }
 
@@ -356,11 +406,32 @@ pub fn grow_data_partition(
     bd: &mut dyn BlockDevices,
     data: &Partition,
     dev: &Path,
+    mbr: bool,
 ) -> Result<Option<u64>, Stage1Error> {
     let disk_path = data.disk_path(dev);
     let mut disk = bd.open_disk(&disk_path)?;
     let size = bd.size_bytes(&disk, &disk_path)?;
     let sector = bd.sector_size(&disk, &disk_path)? as u64;
+    if mbr {
+        let outcome = crate::mbr::grow_last_logical(&mut disk, sector, size, data.number).map_err(
+            |source| Stage1Error::Mbr {
+                disk: disk_path.clone(),
+                source,
+            },
+        )?;
+        return match outcome {
+            crate::mbr::GrowOutcome::AlreadyFull(_) => Ok(None),
+            crate::mbr::GrowOutcome::Grown { after, .. } => {
+                disk.sync_all().map_err(|source| Stage1Error::Sync {
+                    disk: disk_path.clone(),
+                    source,
+                })?;
+                let (start, length) = (after.start * sector, after.len * sector);
+                bd.resize_partition(&disk, &disk_path, after.number, start, length)?;
+                Ok(Some(length))
+            }
+        };
+    }
     let outcome = gpt::grow_last_partition(&mut disk, sector, size, DATA_PARTITION_NAME).map_err(
         |source| Stage1Error::Gpt {
             disk: disk_path.clone(),
@@ -629,13 +700,13 @@ mod tests {
             resized: vec![],
             ext4: vec![],
         };
-        let grown = grow_data_partition(&mut bd, &data, Path::new("/dev")).unwrap();
+        let grown = grow_data_partition(&mut bd, &data, Path::new("/dev"), false).unwrap();
         let total = (32u64 << 20) / 512;
         let expect_len = (total - 34 - 6144 + 1) * 512;
         assert_eq!(grown, Some(expect_len));
         assert_eq!(bd.resized, vec![(2, 6144 * 512, expect_len)]);
         assert_eq!(
-            grow_data_partition(&mut bd, &data, Path::new("/dev")).unwrap(),
+            grow_data_partition(&mut bd, &data, Path::new("/dev"), false).unwrap(),
             None
         );
         assert_eq!(bd.resized.len(), 1);
