@@ -275,7 +275,11 @@ mod tests {
         crate::esp::format(&f, layout.esp().start, layout.esp().len, 0x1234, 0).unwrap();
         drop(f);
         let cfg = d.join("node.toml");
-        std::fs::write(&cfg, "hostname = \"a\"\n[kubernetes]\nrole = \"server\"\n").unwrap();
+        std::fs::write(
+            &cfg,
+            "hostname = \"a\"\n[kubernetes]\ndistribution = \"k3s\"\nrole = \"server\"\n",
+        )
+        .unwrap();
         let files = config_files(Some(&cfg), Some("edge-7")).unwrap();
         inject(&img, &files, 1_700_000_000).unwrap();
         // Inject twice: the second replaces the first.
@@ -287,7 +291,7 @@ mod tests {
             .expect("mtools");
         assert_eq!(
             String::from_utf8_lossy(&out.stdout),
-            "hostname = \"edge-7\"\n[kubernetes]\nrole = \"server\"\n"
+            "hostname = \"edge-7\"\n[kubernetes]\ndistribution = \"k3s\"\nrole = \"server\"\n"
         );
         let esp = d.join("esp.fat");
         let data = std::fs::read(&img).unwrap();

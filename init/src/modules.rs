@@ -29,6 +29,9 @@ pub struct InitramfsSettings {
     pub board: String,
     #[serde(default = "default_partition_table")]
     pub partition_table: String,
+    /// `systemd-boot`, `tryboot` or `reboot-partition` (docs/boot-protocol.md).
+    #[serde(default)]
+    pub boot_method: Option<String>,
     #[serde(default)]
     pub console: Option<String>,
     pub kernel_version: String,
