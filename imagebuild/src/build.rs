@@ -16,7 +16,7 @@ use sha2::{Digest, Sha256};
 
 use crate::board::{Board, BoardError};
 use crate::imagedef::{ImageDefError, ImageDefinition};
-use crate::{data, disk, esp, initramfs, modules, root, squashfs};
+use crate::{data, disk, esp, initramfs, modules, packages, root, squashfs};
 
 /// SOURCE_DATE_EPOCH when neither the environment nor the image definition
 /// gives one: 2025-01-01T00:00:00Z.
@@ -57,6 +57,8 @@ pub enum BuildError {
     Board(#[from] BoardError),
     #[error(transparent)]
     Root(#[from] root::RootError),
+    #[error(transparent)]
+    Packages(#[from] packages::PackagesError),
     #[error(transparent)]
     Modules(#[from] modules::ModulesError),
     #[error(transparent)]
@@ -210,8 +212,14 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
         .clone()
         .unwrap_or_else(|| format!("basalt-{}-{}", board.name, def.os_version));
 
-    p.step("layering overlays");
-    let mut tree = root::overlays(&def)?;
+    p.step("installing packages, layering overlays");
+    let mut tree = packages::base_tree_for_build(&def, &board, epoch)?;
+    tree.merge(root::overlays(&def)?).map_err(|err| {
+        BuildError::Packages(packages::PackagesError::Tree {
+            what: "layering overlays on the packages".into(),
+            err,
+        })
+    })?;
     let boot = root::boot_files(&tree, &board)?;
     let mods = modules::resolve(
         &tree,
