@@ -198,7 +198,11 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
     p.step("reading definitions");
     let def = match &opts.definition {
         Some(path) => ImageDefinition::load(path)?,
-        None => ImageDefinition::embedded_default(opts.board.as_deref().unwrap_or("x86_64"))?,
+        None => ImageDefinition::embedded_default(
+            opts.board
+                .as_deref()
+                .unwrap_or(crate::imagedef::DEFAULT_WITHOUT_BOARD),
+        )?,
     };
     let board = Board::load(&def.board, &def.base_dir)?;
     let epoch = opts

@@ -11,8 +11,20 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 /// Default image definitions shipped with basalt, per board: (board, text).
-pub const EMBEDDED_DEFAULTS: &[(&str, &str)] =
-    &[("x86_64", include_str!("../defaults/x86_64.toml"))];
+/// `x86_64` is made of Alpine packages and real k3s (needs the network, or a
+/// warm cache and a lock); `x86_64-test-assets` of the Debian test assets and
+/// the Kubernetes stand-in (offline): what `basalt build` builds with neither
+/// a definition nor `--board`.
+pub const EMBEDDED_DEFAULTS: &[(&str, &str)] = &[
+    ("x86_64", include_str!("../defaults/x86_64.toml")),
+    (
+        "x86_64-test-assets",
+        include_str!("../defaults/x86_64-test-assets.toml"),
+    ),
+];
+
+/// What `basalt build` builds with neither a definition nor `--board`.
+pub const DEFAULT_WITHOUT_BOARD: &str = "x86_64-test-assets";
 
 /// The basalt source checkout this binary was built from: the fallback for
 /// `${BASALT_SOURCE_DIR}` in the embedded default definitions.
@@ -701,8 +713,56 @@ hostname = "n1"
     }
 
     #[test]
-    fn embedded_default_parses_with_fallbacks() {
+    fn embedded_alpine_default_names_packages_and_a_k3s_release() {
         let (_, text) = EMBEDDED_DEFAULTS[0];
+        let d = ImageDefinition::parse(text, "default", Path::new("/"), &|_| None).unwrap();
+        let p = d.packages.unwrap();
+        assert!(p.world.iter().any(|w| w == "linux-virt"));
+        assert!(p.world.iter().any(|w| w == "busybox"));
+        assert_eq!(d.kubernetes.version.as_deref(), Some("v1.31.4+k3s1"));
+        assert!(d.kubernetes.source.is_none() && d.overlays.is_empty());
+    }
+
+    #[test]
+    fn packages_section_errors_name_the_key() {
+        let e = err(&format!("{MIN}[packages]\nworld = [\"busybox\"]\n"));
+        assert!(e.contains("packages.repositories"), "{e}");
+        let e = err(&format!(
+            "{MIN}[packages]\nrepositories = [\"ftp://x/main\"]\nworld = [\"busybox\"]\n"
+        ));
+        assert!(e.contains("packages.repositories[0]"), "{e}");
+        let e = err(&format!(
+            "{MIN}[packages]\nrepositories = [\"r\"]\nworld = [\"busybox\"]\nallow_setuid = [\"../x\"]\n"
+        ));
+        assert!(e.contains("packages.allow_setuid[0]"), "{e}");
+        let d = ImageDefinition::parse(
+            &format!(
+                "{MIN}[packages]\nrepositories = [\"@edge https://m/alpine/edge/main/\", {{ url = \"repo\", trust_unsigned = true }}]\nworld = [\"busybox\", \"x@edge\"]\n"
+            ),
+            "p.toml",
+            Path::new("/base"),
+            &env(&[]),
+        )
+        .unwrap();
+        let p = d.packages.unwrap();
+        let r0 = &p.repositories[0].repository;
+        assert_eq!(r0.tag.as_deref(), Some("edge"));
+        assert_eq!(
+            r0.source,
+            basalt_rootfs::apk::repo::Source::Url("https://m/alpine/edge/main".into())
+        );
+        let r1 = &p.repositories[1].repository;
+        assert_eq!(
+            r1.source,
+            basalt_rootfs::apk::repo::Source::Dir("/base/repo".into())
+        );
+        assert_eq!(r1.trust, basalt_rootfs::apk::Trust::TrustedUnsigned);
+        assert_eq!(p.repositories[1].spec, "repo");
+    }
+
+    #[test]
+    fn embedded_default_parses_with_fallbacks() {
+        let (_, text) = EMBEDDED_DEFAULTS[1];
         let d = ImageDefinition::parse(text, "default", Path::new("/"), &|n| {
             (n == "BASALT_SOURCE_DIR").then(|| "/src".to_string())
         })

@@ -54,6 +54,13 @@ pub enum PackagesError {
     Kubernetes(#[from] KubernetesError),
     #[error("root tree: {what}: {err}")]
     Tree { what: String, err: TreeError },
+    #[error(
+        "{err}\n(the embedded default for board {board} is made of Alpine packages and k3s from the network; offline, `basalt build` with neither a definition nor --board builds the test-asset image `x86_64-test-assets`)"
+    )]
+    EmbeddedDefault {
+        board: String,
+        err: Box<PackagesError>,
+    },
 }
 
 /// A [`Transport`] that keeps every fetched `APKINDEX.tar.gz` in the cache
@@ -604,7 +611,16 @@ pub fn base_tree_for_build(
     board: &Board,
     epoch: u64,
 ) -> Result<Tree, PackagesError> {
-    let b = base_tree(def, board, epoch)?;
+    let b = base_tree(def, board, epoch).map_err(|err| {
+        if def.file.starts_with("the embedded default") {
+            PackagesError::EmbeddedDefault {
+                board: board.name.clone(),
+                err: Box::new(err),
+            }
+        } else {
+            err
+        }
+    })?;
     if !b.packages.is_empty() {
         eprintln!(
             "basalt: {} packages for {}{}",
