@@ -229,7 +229,25 @@ pub fn install(
             info: &c.package,
         })
         .collect();
-    let files = repo::fetch_all(&jobs, arch, keys, cache, t, THREADS, &|_, _| {})?;
+    let bar = std::io::IsTerminal::is_terminal(&std::io::stderr()).then(|| {
+        let b = indicatif::ProgressBar::new(jobs.len() as u64);
+        if let Ok(style) = indicatif::ProgressStyle::with_template(
+            "fetching packages [{bar:30}] {pos}/{len} ({elapsed})",
+        ) {
+            b.set_style(style);
+        }
+        b
+    });
+    let progress = |done: usize, _total: usize| {
+        if let Some(b) = &bar {
+            b.set_position(done as u64);
+        }
+    };
+    let files = repo::fetch_all(&jobs, arch, keys, cache, t, THREADS, &progress);
+    if let Some(b) = &bar {
+        b.finish_and_clear();
+    }
+    let files = files?;
     let setuid = if p.allow_setuid.iter().any(|s| s == "*") {
         Setuid::All
     } else if p.allow_setuid.is_empty() {
