@@ -26,4 +26,5 @@ pub mod packages;
 pub mod root;
 pub mod run;
 pub mod squashfs;
+pub mod treecache;
 pub mod verity;

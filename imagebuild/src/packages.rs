@@ -23,6 +23,7 @@ use crate::board::Board;
 use crate::imagedef::{ImageDefinition, Packages};
 use crate::kubernetes::{self, KubernetesError, sha256_hex};
 use crate::lock::{self, ArchLock, BlobPin, IndexPin, KubernetesPin, Lock, LockError, PackagePin};
+use crate::treecache;
 
 /// Parallel package downloads.
 const THREADS: usize = 4;
@@ -335,16 +336,49 @@ pub fn base_tree_with(
             Some(a) => (a.pins(), index_urls(a, p, arch)),
             None => (BTreeMap::new(), BTreeMap::new()),
         };
-        let t = IndexCache::new(http, cache, pinned_indexes);
-        let r = resolve(p, arch, &keys, &t, &world, &pins)?;
-        if let Some(a) = arch_lock {
-            check_resolution(a, &r, def, &lock_path)?;
+        // Locked: the installed tree is a function of these, and may be cached.
+        let tree_key = arch_lock.and_then(|a| {
+            let mut a = a.clone();
+            a.kubernetes = None;
+            let text = toml::to_string(&a).ok()?;
+            let names: Vec<&str> = keys.names().collect();
+            Some(treecache::key(&[
+                arch.as_bytes(),
+                text.as_bytes(),
+                &epoch.to_le_bytes(),
+                p.allow_setuid.join("\n").as_bytes(),
+                names.join("\n").as_bytes(),
+            ]))
+        });
+        match tree_key
+            .as_deref()
+            .and_then(|k| treecache::load(&cache.root, k))
+        {
+            Some(c) => {
+                out.tree = c.tree;
+                out.packages = c.packages;
+                out.warnings = c.warnings;
+            }
+            None => {
+                let t = IndexCache::new(http, cache, pinned_indexes);
+                let r = resolve(p, arch, &keys, &t, &world, &pins)?;
+                if let Some(a) = arch_lock {
+                    check_resolution(a, &r, def, &lock_path)?;
+                }
+                let report = install(&r, p, arch, &keys, cache, &t, &world, epoch, &mut out.tree)?;
+                out.warnings.extend(report.warnings);
+                out.packages = r.resolution.ids();
+                out.packages.sort();
+                net += t.network_requests.load(Ordering::SeqCst);
+                if let Some(k) = &tree_key
+                    && let Err(e) =
+                        treecache::store(&cache.root, k, &out.tree, &out.packages, &out.warnings)
+                {
+                    out.warnings
+                        .push(format!("could not cache the installed packages: {e}"));
+                }
+            }
         }
-        let report = install(&r, p, arch, &keys, cache, &t, &world, epoch, &mut out.tree)?;
-        out.warnings.extend(report.warnings);
-        out.packages = r.resolution.ids();
-        out.packages.sort();
-        net += t.network_requests.load(Ordering::SeqCst);
     }
 
     if needs_k8s && let Some(version) = &def.kubernetes.version {
