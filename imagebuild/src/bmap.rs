@@ -58,8 +58,11 @@ impl Bmap {
 
     /// Parse a bmap file (bmaptool's format 1.4/2.x with sha256), checking
     /// its own checksum and that its ranges are ordered and inside the image.
-    pub fn parse(xml: &str) -> Result<Bmap, BmapParseError> {
+    pub fn parse(raw: &str) -> Result<Bmap, BmapParseError> {
         let err = |m: String| BmapParseError(m);
+        // bmaptool's files carry comments that mention the element names.
+        let stripped = strip_comments(raw);
+        let xml = stripped.as_str();
         let version = between(xml, "<bmap version=\"", "\"")
             .ok_or_else(|| err("no <bmap version>".into()))?;
         let major: u32 = version
@@ -98,7 +101,7 @@ impl Bmap {
         let stored = between(xml, "<BmapFileChecksum>", "</BmapFileChecksum>")
             .map(str::trim)
             .ok_or_else(|| err("no <BmapFileChecksum>".into()))?;
-        let zeroed = xml.replacen(stored, &"0".repeat(stored.len()), 1);
+        let zeroed = raw.replacen(stored, &"0".repeat(stored.len()), 1);
         if crate::verity::hex(&Sha256::digest(zeroed.as_bytes())) != stored {
             return Err(err(
                 "the bmap file's own checksum does not match: it is corrupt".into(),
@@ -202,6 +205,20 @@ impl Bmap {
 #[derive(Debug, thiserror::Error)]
 #[error("bad bmap: {0}")]
 pub struct BmapParseError(pub String);
+
+fn strip_comments(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(i) = rest.find("<!--") {
+        out.push_str(&rest[..i]);
+        match rest[i..].find("-->") {
+            Some(j) => rest = &rest[i + j + 3..],
+            None => return out,
+        }
+    }
+    out.push_str(rest);
+    out
+}
 
 fn between<'a>(s: &'a str, start: &str, end: &str) -> Option<&'a str> {
     let i = s.find(start)? + start.len();
@@ -322,6 +339,17 @@ mod tests {
         assert!(Bmap::parse(&xml.replacen("<ImageSize> ", "<ImageSize> 1", 1)).is_err());
         assert!(Bmap::parse(&xml.replace("sha256 </Ch", "md5 </Ch")).is_err());
         assert!(Bmap::parse("").is_err());
+        // bmaptool's own output (comments naming the elements) parses, same ranges.
+        let theirs = d.join("theirs.bmap");
+        let st = std::process::Command::new("bmaptool")
+            .args(["create", "-o"])
+            .arg(&theirs)
+            .arg(&img)
+            .output()
+            .expect("bmaptool");
+        assert!(st.status.success());
+        let t = Bmap::parse(&std::fs::read_to_string(&theirs).unwrap()).unwrap();
+        assert_eq!(t.ranges, b.ranges);
         std::fs::remove_dir_all(&d).ok();
     }
 

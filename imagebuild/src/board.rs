@@ -11,7 +11,13 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 /// Boards shipped with basalt: (name, file content).
-pub const EMBEDDED: &[(&str, &str)] = &[("x86_64", include_str!("../../boards/x86_64.toml"))];
+pub const EMBEDDED: &[(&str, &str)] = &[
+    ("x86_64", include_str!("../../boards/x86_64.toml")),
+    ("rpi4", include_str!("../../boards/rpi4.toml")),
+    ("rpi5", include_str!("../../boards/rpi5.toml")),
+    ("rpi3", include_str!("../../boards/rpi3.toml")),
+    ("rpi-armv7", include_str!("../../boards/rpi-armv7.toml")),
+];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -32,7 +38,22 @@ impl PartitionTable {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum BootMethod {
+    /// UEFI + systemd-boot with boot counting (GPT boards).
     SystemdBoot,
+    /// Raspberry Pi firmware `autoboot.txt` `[tryboot]` + `reboot "0 tryboot"` (MBR boards).
+    Tryboot,
+    /// Raspberry Pi `reboot N` + trial marker + watchdog (MBR boards without tryboot).
+    RebootPartition,
+}
+
+impl BootMethod {
+    pub fn name(self) -> &'static str {
+        match self {
+            BootMethod::SystemdBoot => "systemd-boot",
+            BootMethod::Tryboot => "tryboot",
+            BootMethod::RebootPartition => "reboot-partition",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -54,6 +75,50 @@ pub struct Board {
     pub initramfs: Initramfs,
     pub partitions: Partitions,
     pub root: RootPaths,
+    /// Where the Raspberry Pi kernel and firmware come from (informational until the
+    /// Alpine package source lands; the image definition's overlays provide them).
+    pub packages: Option<Packages>,
+    /// Raspberry Pi firmware files (MBR boards).
+    pub firmware: Option<Firmware>,
+    /// What a Raspberry Pi slot boot partition holds (MBR boards).
+    pub boot: Option<PiBoot>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Packages {
+    pub kernel: String,
+    pub firmware: String,
+}
+
+/// Raspberry Pi firmware files, by name in `root.firmware_dir`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Firmware {
+    /// Copied to each slot boot partition.
+    pub files: Vec<String>,
+    /// Copied to the config partition p1 as well (`bootcode.bin` on Pi 2/3).
+    #[serde(default)]
+    pub config_partition_files: Vec<String>,
+}
+
+/// A Raspberry Pi slot boot partition: kernel name, DTBs, overlays, `config.txt`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PiBoot {
+    /// The kernel's name on the boot partition (`kernel8.img`, `kernel_2712.img`, `kernel7.img`).
+    pub kernel_file: String,
+    /// On `rpi-armv7`: the name Pi 4 boots (`kernel7l.img`), written under `[pi4]`.
+    pub kernel_file_pi4: Option<String>,
+    pub initramfs_file: String,
+    /// Device tree blobs, by name in `root.dtbs_dir`.
+    pub dtbs: Vec<String>,
+    /// Device tree overlays, by name without `.dtbo`, from `root.dtbs_dir/overlays/`.
+    #[serde(default)]
+    pub overlays: Vec<String>,
+    /// `config.txt` lines after the builder's `kernel=` and `initramfs` lines.
+    #[serde(default)]
+    pub config: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -63,11 +128,19 @@ pub struct Initramfs {
     pub modules: Vec<String>,
 }
 
-/// Partition sizes in MiB.
+/// Partition sizes in MiB. GPT boards give `esp_mib`; MBR boards `config_mib` and
+/// `boot_mib` (0 = not given; `validate` checks the right ones are there).
 #[derive(Debug, Clone, Copy, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Partitions {
+    #[serde(default)]
     pub esp_mib: u64,
+    /// MBR: the config FAT p1.
+    #[serde(default)]
+    pub config_mib: u64,
+    /// MBR: each slot boot FAT (p2, p3).
+    #[serde(default)]
+    pub boot_mib: u64,
     /// Size of each root slot (root-a and root-b).
     pub root_mib: u64,
     /// Size of the data partition in the image (grown on first boot).
@@ -81,7 +154,13 @@ pub struct Partitions {
 pub struct RootPaths {
     pub kernel: String,
     pub modules_dir: String,
-    pub bootloader: String,
+    /// GPT boards: the EFI boot loader.
+    pub bootloader: Option<String>,
+    /// MBR boards: directory holding the DTBs and `overlays/` (may hold `*`/`?`
+    /// and must match exactly one directory).
+    pub dtbs_dir: Option<String>,
+    /// MBR boards: directory holding the firmware files.
+    pub firmware_dir: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -127,12 +206,6 @@ impl Board {
         if self.name.is_empty() {
             return bad("name", "must not be empty");
         }
-        if self.partition_table == PartitionTable::Mbr {
-            return bad(
-                "partition_table",
-                "\"mbr\" boards are not built yet (only \"gpt\")",
-            );
-        }
         if self.console.starts_with("/dev/") {
             return bad("console", "give the device name without /dev/ (\"ttyS0\")");
         }
@@ -149,7 +222,6 @@ impl Board {
         }
         let p = self.partitions;
         for (key, v) in [
-            ("partitions.esp_mib", p.esp_mib),
             ("partitions.root_mib", p.root_mib),
             ("partitions.data_mib", p.data_mib),
         ] {
@@ -157,21 +229,123 @@ impl Board {
                 return bad(key, "must be at least 1");
             }
         }
-        // FAT32 needs at least 65525 clusters: 33 MiB with 512-byte clusters.
-        if p.esp_mib < 33 {
-            return bad("partitions.esp_mib", "FAT32 needs at least 33 MiB");
-        }
         if p.data_mib < 2 {
             return bad("partitions.data_mib", "ext4 needs at least 2 MiB");
         }
+        let path_ok = |v: &str| !v.is_empty() && !v.split('/').any(|c| c == "..");
         for (key, v) in [
             ("root.kernel", &self.root.kernel),
             ("root.modules_dir", &self.root.modules_dir),
-            ("root.bootloader", &self.root.bootloader),
         ] {
-            if v.is_empty() || v.split('/').any(|c| c == "..") {
+            if !path_ok(v) {
                 return bad(key, "must be a path inside the root tree");
             }
+        }
+        match self.partition_table {
+            PartitionTable::Gpt => self.validate_gpt(file),
+            PartitionTable::Mbr => self.validate_mbr(file),
+        }
+    }
+
+    fn validate_gpt(&self, file: &str) -> Result<(), BoardError> {
+        let bad = |key, why: &str| {
+            Err(BoardError::Invalid {
+                file: file.to_string(),
+                key,
+                why: why.to_string(),
+            })
+        };
+        if self.boot_method != BootMethod::SystemdBoot {
+            return bad("boot_method", "\"gpt\" boards boot with \"systemd-boot\"");
+        }
+        // FAT32 needs at least 65525 clusters: 33 MiB with 512-byte clusters.
+        if self.partitions.esp_mib < 33 {
+            return bad("partitions.esp_mib", "FAT32 needs at least 33 MiB");
+        }
+        match &self.root.bootloader {
+            Some(b) if !b.is_empty() && !b.split('/').any(|c| c == "..") => {}
+            _ => return bad("root.bootloader", "must be a path inside the root tree"),
+        }
+        for (key, set) in [
+            ("firmware", self.firmware.is_some()),
+            ("boot", self.boot.is_some()),
+            ("root.dtbs_dir", self.root.dtbs_dir.is_some()),
+        ] {
+            if set {
+                return bad(key, "is for \"mbr\" (Raspberry Pi) boards only");
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_mbr(&self, file: &str) -> Result<(), BoardError> {
+        let bad = |key, why: &str| {
+            Err(BoardError::Invalid {
+                file: file.to_string(),
+                key,
+                why: why.to_string(),
+            })
+        };
+        if self.boot_method == BootMethod::SystemdBoot {
+            return bad(
+                "boot_method",
+                "\"mbr\" boards boot with \"tryboot\" or \"reboot-partition\"",
+            );
+        }
+        let p = self.partitions;
+        if p.esp_mib != 0 {
+            return bad(
+                "partitions.esp_mib",
+                "is for \"gpt\" boards; \"mbr\" boards give config_mib and boot_mib",
+            );
+        }
+        // FAT32 needs 65525 clusters: 33 MiB with 512-byte clusters.
+        for (key, v) in [
+            ("partitions.config_mib", p.config_mib),
+            ("partitions.boot_mib", p.boot_mib),
+        ] {
+            if v < 33 {
+                return bad(key, "FAT32 needs at least 33 MiB");
+            }
+        }
+        let Some(boot) = &self.boot else {
+            return bad("boot", "\"mbr\" boards need a [boot] table");
+        };
+        if self.firmware.is_none() {
+            return bad("firmware", "\"mbr\" boards need a [firmware] table");
+        }
+        for (key, v) in [
+            ("root.dtbs_dir", &self.root.dtbs_dir),
+            ("root.firmware_dir", &self.root.firmware_dir),
+        ] {
+            match v {
+                Some(v) if !v.is_empty() && !v.split('/').any(|c| c == "..") => {}
+                _ => return bad(key, "must be a path inside the root tree"),
+            }
+        }
+        let plain = |n: &str| {
+            !n.is_empty() && !n.contains('/') && !n.contains(char::is_whitespace) && n != ".."
+        };
+        let mut names = vec![("boot.kernel_file", &boot.kernel_file)];
+        names.push(("boot.initramfs_file", &boot.initramfs_file));
+        if let Some(k) = &boot.kernel_file_pi4 {
+            names.push(("boot.kernel_file_pi4", k));
+        }
+        names.extend(boot.dtbs.iter().map(|d| ("boot.dtbs", d)));
+        names.extend(boot.overlays.iter().map(|d| ("boot.overlays", d)));
+        let fw = self
+            .firmware
+            .as_ref()
+            .map(|f| f.files.iter().chain(&f.config_partition_files));
+        names.extend(fw.into_iter().flatten().map(|f| ("firmware.files", f)));
+        if let Some((key, n)) = names.into_iter().find(|(_, n)| !plain(n)) {
+            return bad(key, &format!("{n:?} is not a plain file name"));
+        }
+        if let Some(l) = boot.config.iter().find(|l| l.contains('\n')) {
+            return bad("boot.config", &format!("{l:?}: one line per entry"));
+        }
+        if self.cmdline.contains('\n') {
+            return bad("cmdline", "cmdline.txt is a single line");
         }
         Ok(())
     }
@@ -203,6 +377,11 @@ impl Board {
         } else {
             Board::embedded(name_or_path)
         }
+    }
+
+    /// The Raspberry Pi tables of an MBR board (validated to be present).
+    pub fn pi(&self) -> Option<(&PiBoot, &Firmware)> {
+        self.boot.as_ref().zip(self.firmware.as_ref())
     }
 
     /// Kernel architecture names map to the EFI removable-media loader name.
@@ -263,5 +442,62 @@ mod tests {
     fn unknown_board_lists_known() {
         let e = Board::embedded("pi9").unwrap_err().to_string();
         assert!(e.contains("x86_64"), "{e}");
+    }
+
+    #[test]
+    fn raspberry_pi_boards_parse() {
+        for (name, method, kernel) in [
+            ("rpi4", BootMethod::Tryboot, "kernel8.img"),
+            ("rpi5", BootMethod::Tryboot, "kernel_2712.img"),
+            ("rpi3", BootMethod::RebootPartition, "kernel8.img"),
+            ("rpi-armv7", BootMethod::RebootPartition, "kernel7.img"),
+        ] {
+            let b = Board::embedded(name).unwrap();
+            assert_eq!(b.partition_table, PartitionTable::Mbr, "{name}");
+            assert_eq!(b.boot_method, method, "{name}");
+            let (boot, _) = b.pi().unwrap();
+            assert_eq!(boot.kernel_file, kernel, "{name}");
+            assert!(b.cmdline.contains("cgroup_memory=1 cgroup_enable=memory"));
+            assert!(b.initramfs.modules.iter().any(|m| m == "bcm2835_wdt"));
+        }
+        let armv7 = Board::embedded("rpi-armv7").unwrap();
+        assert_eq!(
+            armv7.pi().unwrap().0.kernel_file_pi4.as_deref(),
+            Some("kernel7l.img")
+        );
+    }
+
+    #[test]
+    fn mismatched_table_and_method_are_refused() {
+        const PI: &str = include_str!("../../boards/rpi4.toml");
+        let e = Board::parse(
+            &PI.replace(
+                "boot_method = \"tryboot\"",
+                "boot_method = \"systemd-boot\"",
+            ),
+            "p.toml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("boot_method"), "{e}");
+        let e = Board::parse(&PI.replace("[boot]", "[boot_]"), "p.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("boot"), "{e}");
+        let e = Board::parse(&PI.replace("config_mib = 64", "config_mib = 8"), "p.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("partitions.config_mib"), "{e}");
+        let e = Board::parse(
+            &PI.replace("kernel_file = \"kernel8.img\"", "kernel_file = \"a/b.img\""),
+            "p.toml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("boot.kernel_file"), "{e}");
+        let e = Board::parse(&GOOD.replace("systemd-boot\"", "tryboot\""), "x.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("boot_method"), "{e}");
     }
 }

@@ -14,9 +14,10 @@ use std::time::{Duration, Instant};
 use basalt_rootfs::tree::FileData;
 use sha2::{Digest, Sha256};
 
-use crate::board::{Board, BoardError};
+use crate::board::{Board, BoardError, PartitionTable};
+use crate::disk::MIB;
 use crate::imagedef::{ImageDefError, ImageDefinition};
-use crate::{data, disk, esp, initramfs, modules, packages, root, squashfs};
+use crate::{data, disk, esp, initramfs, mbr, modules, packages, root, rpiboot, squashfs};
 
 /// SOURCE_DATE_EPOCH when neither the environment nor the image definition
 /// gives one: 2025-01-01T00:00:00Z.
@@ -71,6 +72,18 @@ pub enum BuildError {
     Esp(#[from] esp::EspError),
     #[error(transparent)]
     Data(#[from] data::DataError),
+    #[error(transparent)]
+    Mbr(#[from] mbr::MbrError),
+    #[error(transparent)]
+    RpiBoot(#[from] rpiboot::RpiBootError),
+    #[error(
+        "image_size_mib = {mib} is smaller than the {needed_mib} MiB the board's partitions need"
+    )]
+    ImageSize { mib: u64, needed_mib: u64 },
+    #[error("image_size_mib = {mib}: only Raspberry Pi (MBR) images take a fixed size so far")]
+    ImageSizeGpt { mib: u64 },
+    #[error("the MBR layout has no partition {number}")]
+    MbrPartition { number: usize },
     #[error("{what} {path}: {err}")]
     Io {
         what: &'static str,
@@ -78,9 +91,13 @@ pub enum BuildError {
         err: std::io::Error,
     },
     #[error(
-        "no init binary found (looked at {looked}). Build it with `cargo build --release -p basalt-init --target {target}`, or pass --init PATH (or set BASALT_INIT)"
+        "no init binary found (looked at {looked}). Build it with `scripts/build-init {board}` (for {target}), or pass --init PATH (or set BASALT_INIT)"
     )]
-    NoInit { looked: String, target: String },
+    NoInit {
+        looked: String,
+        target: String,
+        board: String,
+    },
     #[error("SOURCE_DATE_EPOCH {0} is beyond 2106 (squashfs and cpio hold 32-bit times)")]
     Epoch(u64),
 }
@@ -108,6 +125,7 @@ pub fn find_init(explicit: Option<&Path>, board: &Board) -> Result<PathBuf, Buil
     Err(BuildError::NoInit {
         looked: looked.join(", "),
         target: board.rust_target.clone(),
+        board: board.name.clone(),
     })
 }
 
@@ -191,6 +209,17 @@ fn read_data(what: &'static str, d: &FileData) -> Result<Vec<u8>, BuildError> {
     })
 }
 
+/// What both disk writers get from the common part of the pipeline.
+struct Payload<'a> {
+    board: &'a Board,
+    def: &'a ImageDefinition,
+    epoch: u64,
+    kernel: Vec<u8>,
+    initramfs: Vec<u8>,
+    rootfs: Vec<u8>,
+    node_config: Option<Vec<u8>>,
+}
+
 /// Build an image. Returns what was written.
 pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
     let mut p = Progress::new(opts.progress, 9);
@@ -229,10 +258,33 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
         &tree,
         &board.root.modules_dir,
         &boot.kernel_path,
-        &board.initramfs.modules,
+        def.initramfs_modules
+            .as_ref()
+            .unwrap_or(&board.initramfs.modules),
     )?;
     let kernel = read_data("reading the kernel", &boot.kernel)?;
-    let bootloader = read_data("reading the bootloader", &boot.bootloader)?;
+    // Board-specific boot files are read before the builder empties /boot.
+    let boot_extra = match board.partition_table {
+        PartitionTable::Gpt => BootExtra::Gpt {
+            bootloader: match &boot.bootloader {
+                Some(b) => read_data("reading the bootloader", b)?,
+                None => Vec::new(),
+            },
+        },
+        PartitionTable::Mbr => {
+            let found = rpiboot::collect(&tree, &board, &def.rpi)?;
+            let read_all = |files: Vec<(String, FileData)>| {
+                files
+                    .into_iter()
+                    .map(|(n, d)| Ok((n, read_data("reading a Raspberry Pi boot file", &d)?)))
+                    .collect::<Result<Vec<_>, BuildError>>()
+            };
+            BootExtra::Pi {
+                boot: read_all(found.boot)?,
+                config: read_all(found.config)?,
+            }
+        }
+    };
     root::add_basalt_files(&mut tree, &def, &board, &init, epoch)?;
     tree.clamp_mtime(epoch);
 
@@ -242,13 +294,6 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
     p.step("writing the root filesystem (squashfs)");
     let rootfs = squashfs::write(&tree, epoch32)?;
 
-    let cmdline = [board.cmdline.trim(), def.cmdline.trim()]
-        .iter()
-        .filter(|s| !s.is_empty())
-        .copied()
-        .collect::<Vec<_>>()
-        .join(" ");
-    let entry = esp::loader_entry(&def.os_version, "a", &cmdline);
     let node_config = match &opts.node_config {
         Some(path) => Some(std::fs::read(path).map_err(|err| BuildError::Io {
             what: "reading the node config",
@@ -258,25 +303,6 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
         None => None,
     };
 
-    // Every identifier on the disk derives from this: same inputs, same ids.
-    let mut h = Sha256::new();
-    for part in [
-        board.name.as_bytes(),
-        def.os_version.as_bytes(),
-        &epoch.to_le_bytes(),
-        &kernel,
-        &bootloader,
-        &initramfs,
-        &rootfs,
-        entry.as_bytes(),
-        node_config.as_deref().unwrap_or_default(),
-    ] {
-        h.update((part.len() as u64).to_le_bytes());
-        h.update(part);
-    }
-    let seed = h.finalize();
-
-    p.step("writing the partition table");
     std::fs::create_dir_all(&opts.out).map_err(|err| BuildError::Io {
         what: "creating the output directory",
         path: opts.out.clone(),
@@ -288,51 +314,24 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
     let mut cleanup = Cleanup {
         paths: vec![tmp.clone(), work.clone()],
     };
-    let layout = disk::Layout::new(&board.partitions);
-    let mut f = disk::create(&tmp, &layout, &seed)?;
-
-    p.step("writing the ESP");
-    let e = layout.esp();
-    let vol = disk::derived_uuid(&seed, "esp-volume-id");
-    esp::format(
-        &f,
-        e.start,
-        e.len,
-        u32::from_le_bytes([vol[0], vol[1], vol[2], vol[3]]),
-        epoch,
-    )?;
-    let loader_conf = esp::loader_conf();
-    let boot_path = format!("EFI/BOOT/{}", board.efi_boot_file());
-    let mut files: Vec<(&str, &[u8])> = vec![
-        (&boot_path, &bootloader),
-        ("loader/loader.conf", loader_conf.as_bytes()),
-        ("loader/entries/basalt-a.conf", entry.as_bytes()),
-        ("a/vmlinuz", &kernel),
-        ("a/initramfs", &initramfs),
-    ];
-    if let Some(nc) = &node_config {
-        files.push((basalt_init::slot::NODE_CONFIG_FILE, nc));
-    }
-    esp::add_files(&f, e.start, e.len, &files, epoch)?;
-
-    p.step("writing the data partition (mke2fs)");
     std::fs::create_dir_all(&work).map_err(|err| BuildError::Io {
         what: "creating a work directory",
         path: work.clone(),
         err,
     })?;
-    let d = layout.data();
-    let ext4 = data::make(
-        &work,
-        d.len,
-        &disk::uuid_text(&disk::derived_uuid(&seed, "data-fs")),
-        &disk::uuid_text(&disk::derived_uuid(&seed, "data-hash-seed")),
+    let payload = Payload {
+        board: &board,
+        def: &def,
         epoch,
-    )?;
-    disk::copy_part(&mut f, &d, "data_mib", &ext4)?;
-
-    p.step("writing root-a");
-    disk::write_part(&mut f, &layout.root_a(), "root_mib", &rootfs)?;
+        kernel,
+        initramfs,
+        rootfs,
+        node_config,
+    };
+    let (f, size) = match boot_extra {
+        BootExtra::Gpt { bootloader } => write_gpt(&payload, &bootloader, &tmp, &work, &mut p)?,
+        BootExtra::Pi { boot, config } => write_mbr(&payload, &boot, &config, &tmp, &work, &mut p)?,
+    };
 
     p.step("finishing");
     f.sync_all().map_err(|err| BuildError::Io {
@@ -350,10 +349,254 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
     drop(cleanup);
     Ok(BuildReport {
         image,
-        size: layout.total,
-        root_bytes: rootfs.len() as u64,
-        initramfs_bytes: initramfs.len() as u64,
+        size,
+        root_bytes: payload.rootfs.len() as u64,
+        initramfs_bytes: payload.initramfs.len() as u64,
         modules: mods.order,
         steps: p.finish(),
     })
+}
+
+/// Boot files besides the kernel, per partition table.
+enum BootExtra {
+    Gpt {
+        bootloader: Vec<u8>,
+    },
+    /// Named files for a slot boot FAT and for the config FAT p1.
+    Pi {
+        boot: Vec<(String, Vec<u8>)>,
+        config: Vec<(String, Vec<u8>)>,
+    },
+}
+
+/// The board's command line plus the image definition's additions.
+fn cmdline(board: &Board, def: &ImageDefinition) -> String {
+    [board.cmdline.trim(), def.cmdline.trim()]
+        .iter()
+        .filter(|s| !s.is_empty())
+        .copied()
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Every identifier on the disk derives from this: same inputs, same ids.
+fn seed(parts: &[&[u8]]) -> Vec<u8> {
+    let mut h = Sha256::new();
+    for part in parts {
+        h.update((part.len() as u64).to_le_bytes());
+        h.update(part);
+    }
+    h.finalize().to_vec()
+}
+
+fn volume_id(seed: &[u8], purpose: &str) -> u32 {
+    let v = disk::derived_uuid(seed, purpose);
+    u32::from_le_bytes([v[0], v[1], v[2], v[3]])
+}
+
+/// The data partition: ext4 made by mke2fs in `work`, copied into `part`.
+fn write_data(
+    f: &mut std::fs::File,
+    part: &disk::Part,
+    seed: &[u8],
+    epoch: u64,
+    work: &Path,
+) -> Result<(), BuildError> {
+    let ext4 = data::make(
+        work,
+        part.len,
+        &disk::uuid_text(&disk::derived_uuid(seed, "data-fs")),
+        &disk::uuid_text(&disk::derived_uuid(seed, "data-hash-seed")),
+        epoch,
+    )?;
+    disk::copy_part(f, part, "data_mib", &ext4)?;
+    Ok(())
+}
+
+/// x86_64: GPT, ESP with systemd-boot, root-a, root-b (empty), data.
+fn write_gpt(
+    pl: &Payload,
+    bootloader: &[u8],
+    tmp: &Path,
+    work: &Path,
+    p: &mut Progress,
+) -> Result<(std::fs::File, u64), BuildError> {
+    let (board, def, epoch) = (pl.board, pl.def, pl.epoch);
+    if let Some(mib) = def.image_size_mib {
+        return Err(BuildError::ImageSizeGpt { mib });
+    }
+    let entry = esp::loader_entry(&def.os_version, "a", &cmdline(board, def));
+    let seed = seed(&[
+        board.name.as_bytes(),
+        def.os_version.as_bytes(),
+        &epoch.to_le_bytes(),
+        &pl.kernel,
+        bootloader,
+        &pl.initramfs,
+        &pl.rootfs,
+        entry.as_bytes(),
+        pl.node_config.as_deref().unwrap_or_default(),
+    ]);
+
+    p.step("writing the partition table");
+    let layout = disk::Layout::new(&board.partitions);
+    let mut f = disk::create(tmp, &layout, &seed)?;
+
+    p.step("writing the ESP");
+    let e = layout.esp();
+    esp::format(&f, e.start, e.len, volume_id(&seed, "esp-volume-id"), epoch)?;
+    let loader_conf = esp::loader_conf();
+    let boot_path = format!("EFI/BOOT/{}", board.efi_boot_file());
+    let mut files: Vec<(&str, &[u8])> = vec![
+        (&boot_path, bootloader),
+        ("loader/loader.conf", loader_conf.as_bytes()),
+        ("loader/entries/basalt-a.conf", entry.as_bytes()),
+        ("a/vmlinuz", &pl.kernel),
+        ("a/initramfs", &pl.initramfs),
+    ];
+    if let Some(nc) = &pl.node_config {
+        files.push((basalt_init::slot::NODE_CONFIG_FILE, nc));
+    }
+    esp::add_files(&f, e.start, e.len, &files, epoch)?;
+
+    p.step("writing the data partition (mke2fs)");
+    write_data(&mut f, &layout.data(), &seed, epoch, work)?;
+
+    p.step("writing root-a");
+    disk::write_part(&mut f, &layout.root_a(), "root_mib", &pl.rootfs)?;
+    Ok((f, layout.total))
+}
+
+/// Raspberry Pi: MBR, p1 config FAT (`autoboot.txt`, node config, board extras),
+/// p2 slot a boot FAT, p3 slot b boot (left unformatted: not bootable until an
+/// update writes it), p4 extended → p5 root-a, p6 root-b (empty), p7 data.
+fn write_mbr(
+    pl: &Payload,
+    boot_files: &[(String, Vec<u8>)],
+    config_files: &[(String, Vec<u8>)],
+    tmp: &Path,
+    work: &Path,
+    p: &mut Progress,
+) -> Result<(std::fs::File, u64), BuildError> {
+    use basalt_init::slot::Slot;
+    let (board, def, epoch) = (pl.board, pl.def, pl.epoch);
+    let Some((pi, _)) = board.pi() else {
+        return Err(rpiboot::RpiBootError::NotPi {
+            board: board.name.clone(),
+        }
+        .into());
+    };
+    let config_txt = rpiboot::config_txt(pi, &def.rpi, &def.os_version, Slot::A);
+    let cmdline_txt = rpiboot::cmdline_txt(&board.cmdline, &def.cmdline, Slot::A);
+    let autoboot = rpiboot::autoboot_txt();
+
+    let mut slot_files: Vec<(&str, &[u8])> = vec![
+        (rpiboot::CONFIG_TXT, config_txt.as_bytes()),
+        (rpiboot::CMDLINE_TXT, cmdline_txt.as_bytes()),
+        (&pi.kernel_file, &pl.kernel),
+    ];
+    if let Some(k) = &pi.kernel_file_pi4 {
+        slot_files.push((k, &pl.kernel));
+    }
+    slot_files.push((&pi.initramfs_file, &pl.initramfs));
+    slot_files.extend(boot_files.iter().map(|(n, d)| (n.as_str(), d.as_slice())));
+    let mut p1_files: Vec<(&str, &[u8])> =
+        vec![(basalt_init::rpi::AUTOBOOT_FILE, autoboot.as_bytes())];
+    p1_files.extend(config_files.iter().map(|(n, d)| (n.as_str(), d.as_slice())));
+    if let Some(nc) = &pl.node_config {
+        p1_files.push((basalt_init::slot::NODE_CONFIG_FILE, nc));
+    }
+
+    let mut parts: Vec<&[u8]> = vec![board.name.as_bytes(), def.os_version.as_bytes(), &pl.rootfs];
+    let epoch_bytes = epoch.to_le_bytes();
+    parts.push(&epoch_bytes);
+    for (n, d) in slot_files.iter().chain(&p1_files) {
+        parts.push(n.as_bytes());
+        parts.push(d);
+    }
+    let seed = seed(&parts);
+
+    p.step("writing the partition table");
+    let pt = &board.partitions;
+    let needed =
+        MIB * (1 + pt.config_mib + 2 * pt.boot_mib + 2 * (1 + pt.root_mib) + 1 + pt.data_mib);
+    let total = match def.image_size_mib {
+        Some(mib) if mib * MIB < needed => {
+            return Err(BuildError::ImageSize {
+                mib,
+                needed_mib: needed / MIB,
+            });
+        }
+        Some(mib) => mib * MIB,
+        None => needed,
+    };
+    let layout = mbr::raspberry_pi_layout(
+        total,
+        &seed,
+        pt.config_mib * MIB,
+        pt.boot_mib * MIB,
+        pt.root_mib * MIB,
+        pt.data_mib * MIB,
+    )?;
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(tmp)
+        .and_then(|f| f.set_len(total).map(|()| f))
+        .map_err(|err| BuildError::Io {
+            what: "creating",
+            path: tmp.to_path_buf(),
+            err,
+        })?;
+    layout.write(&f)?;
+    let part = |number: usize, name: &'static str| -> Result<disk::Part, BuildError> {
+        let placed = layout
+            .partition(number)
+            .ok_or(BuildError::MbrPartition { number })?;
+        Ok(disk::Part {
+            name,
+            type_guid: "",
+            start: placed.start * mbr::SECTOR,
+            len: placed.sectors * mbr::SECTOR,
+        })
+    };
+
+    p.step("writing the config and boot partitions");
+    let c = part(usize::from(basalt_init::rpi::CONFIG_PARTITION), "config")?;
+    esp::format_labelled(
+        &f,
+        c.start,
+        c.len,
+        rpiboot::CONFIG_LABEL,
+        volume_id(&seed, "config-volume-id"),
+        epoch,
+    )?;
+    esp::add_files(&f, c.start, c.len, &p1_files, epoch)?;
+    let b = part(
+        usize::from(basalt_init::rpi::boot_partition(Slot::A)),
+        "boot-a",
+    )?;
+    esp::format_labelled(
+        &f,
+        b.start,
+        b.len,
+        rpiboot::boot_label(Slot::A),
+        volume_id(&seed, "boot-a-volume-id"),
+        epoch,
+    )?;
+    esp::add_files(&f, b.start, b.len, &slot_files, epoch)?;
+
+    p.step("writing the data partition (mke2fs)");
+    let d = part(usize::from(basalt_init::rpi::DATA_PARTITION), "data")?;
+    write_data(&mut f, &d, &seed, epoch, work)?;
+
+    p.step("writing root-a");
+    let r = part(
+        usize::from(basalt_init::rpi::root_partition(Slot::A)),
+        "root-a",
+    )?;
+    disk::write_part(&mut f, &r, "root_mib", &pl.rootfs)?;
+    Ok((f, total))
 }

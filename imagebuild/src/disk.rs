@@ -281,6 +281,8 @@ mod tests {
     fn layout_is_mib_aligned_and_ordered() {
         let l = Layout::new(&Partitions {
             esp_mib: 128,
+            config_mib: 0,
+            boot_mib: 0,
             root_mib: 512,
             data_mib: 64,
         });

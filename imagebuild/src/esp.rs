@@ -143,11 +143,24 @@ pub fn format(
     volume_id: u32,
     epoch: u64,
 ) -> Result<(), EspError> {
+    format_labelled(file, start, len, LABEL, volume_id, epoch)
+}
+
+/// Format `len` bytes at `start` of `file` as FAT32 labelled `label` (at most 11
+/// characters, upper case; also used for the Raspberry Pi boot FATs).
+pub fn format_labelled(
+    file: &File,
+    start: u64,
+    len: u64,
+    label: &str,
+    volume_id: u32,
+    epoch: u64,
+) -> Result<(), EspError> {
     let spc = sectors_per_cluster(len).ok_or(EspError::TooSmall {
         mib: len / (1024 * 1024),
     })?;
     let options = FatFormatOptions::new(len)
-        .volume_label(LABEL)
+        .volume_label(label)
         .fat_type(FatTypeSelection::Fat32)
         .sectors_per_cluster(spc)
         // Like `mkfs.vfat --offset`: the partition's first sector on the disk.
@@ -171,7 +184,7 @@ pub fn format(
         .map_err(io("reading the label entry"))?;
     f.read_exact(&mut buf)
         .map_err(io("reading the label entry"))?;
-    if &buf[..11] == format!("{LABEL:<11}").as_bytes() && buf[11] == 0x08 {
+    if &buf[..11] == format!("{label:<11}").as_bytes() && buf[11] == 0x08 {
         buf[13] = 0;
         buf[14..16].copy_from_slice(&time.to_le_bytes());
         buf[16..18].copy_from_slice(&date.to_le_bytes());

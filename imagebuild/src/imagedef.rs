@@ -21,6 +21,10 @@ pub const EMBEDDED_DEFAULTS: &[(&str, &str)] = &[
         "x86_64-test-assets",
         include_str!("../defaults/x86_64-test-assets.toml"),
     ),
+    ("rpi4", include_str!("../defaults/rpi4.toml")),
+    ("rpi5", include_str!("../defaults/rpi5.toml")),
+    ("rpi3", include_str!("../defaults/rpi3.toml")),
+    ("rpi-armv7", include_str!("../defaults/rpi-armv7.toml")),
 ];
 
 /// What `basalt build` builds with neither a definition nor `--board`.
@@ -72,6 +76,26 @@ struct RawDefinition {
     #[serde(default)]
     symlinks: BTreeMap<String, String>,
     packages: Option<RawPackages>,
+    image_size_mib: Option<u64>,
+    initramfs_modules: Option<Vec<String>>,
+    rpi: Option<RaspberryPi>,
+}
+
+/// `[rpi]`: additions to (and overrides of) a Raspberry Pi board's boot partition.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RaspberryPi {
+    /// Lines appended to `config.txt` (e.g. `dtoverlay=...`, `dtparam=...`).
+    #[serde(default)]
+    pub config: Vec<String>,
+    /// Replaces the board's `boot.dtbs`.
+    pub dtbs: Option<Vec<String>>,
+    /// Replaces the board's `boot.overlays`.
+    pub overlays: Option<Vec<String>>,
+    /// Replaces the board's `root.dtbs_dir`.
+    pub dtbs_dir: Option<String>,
+    /// Replaces the board's `root.firmware_dir`.
+    pub firmware_dir: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -153,6 +177,12 @@ pub struct ImageDefinition {
     pub symlinks: BTreeMap<String, String>,
     /// Alpine packages making the base root tree (overlays layer on top).
     pub packages: Option<Packages>,
+    /// Total image size; `None` is just what the partitions need.
+    pub image_size_mib: Option<u64>,
+    /// Replaces the board's `initramfs.modules` (a kernel built differently).
+    pub initramfs_modules: Option<Vec<String>>,
+    /// Raspberry Pi boot partition additions (`[rpi]`).
+    pub rpi: RaspberryPi,
 }
 
 #[derive(Debug, Clone)]
@@ -488,6 +518,17 @@ impl ImageDefinition {
             }
         }
 
+        if raw.image_size_mib == Some(0) {
+            return Err(bad("image_size_mib", "must be at least 1".into()));
+        }
+        let rpi = raw.rpi.unwrap_or_default();
+        if let Some(l) = rpi.config.iter().find(|l| l.contains('\n')) {
+            return Err(bad("rpi.config", format!("{l:?}: one line per entry")));
+        }
+        if raw.cmdline.contains('\n') {
+            return Err(bad("cmdline", "must be a single line".into()));
+        }
+
         Ok(ImageDefinition {
             file: file.to_string(),
             name: raw.name,
@@ -502,6 +543,9 @@ impl ImageDefinition {
             node_config,
             symlinks: raw.symlinks,
             packages,
+            image_size_mib: raw.image_size_mib,
+            initramfs_modules: raw.initramfs_modules,
+            rpi,
         })
     }
 }
@@ -773,5 +817,51 @@ hostname = "n1"
                 .source
                 .starts_with("/src/.cache/assets/amd64")
         );
+    }
+
+    #[test]
+    fn every_embedded_default_names_an_embedded_board() {
+        for (board, text) in EMBEDDED_DEFAULTS {
+            let d = ImageDefinition::parse(text, board, Path::new("/"), &|n| {
+                (n == "BASALT_SOURCE_DIR").then(|| "/src".to_string())
+            })
+            .unwrap();
+            // `x86_64-test-assets` is a second default for board x86_64.
+            let b = board.trim_end_matches("-test-assets");
+            assert_eq!(d.board, b);
+            crate::board::Board::embedded(b).unwrap();
+        }
+        let rpi3 = EMBEDDED_DEFAULTS
+            .iter()
+            .find(|(b, _)| *b == "rpi3")
+            .unwrap();
+        let d = ImageDefinition::parse(rpi3.1, "rpi3", Path::new("/"), &|n| {
+            (n == "BASALT_SOURCE_DIR").then(|| "/src".to_string())
+        })
+        .unwrap();
+        assert_eq!(
+            d.rpi.firmware_dir.as_deref(),
+            Some("usr/lib/raspi-firmware")
+        );
+        assert_eq!(d.rpi.overlays.as_deref(), Some(&[][..]));
+    }
+
+    #[test]
+    fn rpi_table_and_image_size() {
+        let text = "board = \"rpi4\"\nos_version = \"1\"\nimage_size_mib = 2048\n[kubernetes]\ndistribution = \"k3s\"\n[rpi]\nconfig = [\"dtoverlay=x\"]\n";
+        let d = ImageDefinition::parse(text, "t", Path::new("/"), &|_| None).unwrap();
+        assert_eq!(d.image_size_mib, Some(2048));
+        assert_eq!(d.rpi.config, ["dtoverlay=x"]);
+        assert!(d.rpi.dtbs.is_none());
+        let bad = text.replace("[rpi]", "[rpi]\ndtb = []");
+        let e = ImageDefinition::parse(&bad, "t", Path::new("/"), &|_| None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("dtb"), "{e}");
+        let zero = text.replace("2048", "0");
+        let e = ImageDefinition::parse(&zero, "t", Path::new("/"), &|_| None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("image_size_mib"), "{e}");
     }
 }

@@ -16,6 +16,8 @@ use crate::modules::Resolved;
 pub struct InitramfsSettings<'a> {
     pub board: &'a str,
     pub partition_table: &'a str,
+    /// `systemd-boot`, `tryboot` or `reboot-partition` (how a trial is started).
+    pub boot_method: &'a str,
     pub console: &'a str,
     pub kernel_version: &'a str,
     /// Relative to `lib/modules/<kernel_version>/`, in load order.
@@ -54,6 +56,7 @@ pub fn build(
     let settings = InitramfsSettings {
         board: &board.name,
         partition_table: board.partition_table.name(),
+        boot_method: board.boot_method.name(),
         console: &board.console,
         kernel_version: &modules.kernel_version,
         modules: modules

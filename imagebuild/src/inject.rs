@@ -133,6 +133,7 @@ pub fn config_files(
             }
         }
     }
+    validate(&files, config.unwrap_or(Path::new(NODE_CONFIG_FILE)))?;
     Ok(files)
 }
 
@@ -183,6 +184,54 @@ fn set_meta_data_hostname(files: &mut Vec<(String, Vec<u8>)>, h: &str) {
     }
 }
 
+/// Check the files that would land on the FAT with the device's own parser
+/// (`basalt_init::nodeconfig`): what the node would refuse is refused here.
+pub fn validate(files: &[(String, Vec<u8>)], origin: &Path) -> Result<(), InjectError> {
+    use basalt_init::nodeconfig;
+    let text = |name: &str| -> Result<Option<String>, InjectError> {
+        match files.iter().find(|(n, _)| n == name) {
+            None => Ok(None),
+            Some((_, bytes)) => nodeconfig::text_of(&origin.join(name), bytes.clone())
+                .map(Some)
+                .map_err(|d| InjectError::Invalid(d.to_string())),
+        }
+    };
+    let render = |diags: Vec<nodeconfig::Diagnostic>| {
+        InjectError::Invalid(
+            diags
+                .iter()
+                .map(|d| d.to_string())
+                .collect::<Vec<_>>()
+                .join("\n"),
+        )
+    };
+    if let Some(t) = text(NODE_CONFIG_FILE)? {
+        let path = if origin.is_dir() {
+            origin.join(NODE_CONFIG_FILE)
+        } else {
+            origin.to_path_buf()
+        };
+        nodeconfig::load_toml(&path, &t).map_err(render)?;
+    }
+    let (meta, user, network) = (
+        text("meta-data")?,
+        text("user-data")?,
+        text("network-config")?,
+    );
+    if meta.is_some() || user.is_some() || network.is_some() {
+        nodeconfig::parse_cloud_init(
+            origin,
+            &nodeconfig::CloudInitSources {
+                meta_data: meta.as_deref(),
+                user_data: user.as_deref(),
+                network_config: network.as_deref(),
+            },
+        )
+        .map_err(render)?;
+    }
+    Ok(())
+}
+
 /// Write `files` into the config partition of the image or device at `target`.
 pub fn inject(target: &Path, files: &[(String, Vec<u8>)], epoch: u64) -> Result<(), InjectError> {
     let mut f = OpenOptions::new()
@@ -217,6 +266,8 @@ mod tests {
         let img = d.join("x.img");
         let layout = Layout::new(&Partitions {
             esp_mib: 40,
+            config_mib: 0,
+            boot_mib: 0,
             root_mib: 1,
             data_mib: 1,
         });

@@ -24,6 +24,7 @@ pub mod modules;
 pub mod outputs;
 pub mod packages;
 pub mod root;
+pub mod rpiboot;
 pub mod run;
 pub mod squashfs;
 pub mod treecache;

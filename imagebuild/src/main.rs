@@ -84,6 +84,9 @@ enum Cmd {
         memory: u32,
         #[arg(long, default_value_t = 2)]
         cpus: u32,
+        /// Accelerator: `auto` (KVM if /dev/kvm opens), `kvm` or `tcg`.
+        #[arg(long, default_value = "auto", value_parser = ["auto", "kvm", "tcg"])]
+        accel: String,
         /// Host port forwarded to the node's Kubernetes API (6443).
         #[arg(long, default_value_t = 6443)]
         api_port: u16,
@@ -165,6 +168,13 @@ enum PackagesCmd {
 
 #[derive(Subcommand)]
 enum ConfigCmd {
+    /// Check a node.toml or a cloud-init directory with the device's own parser.
+    Check {
+        /// A node.toml, a cloud-init file, or a directory of them.
+        config: PathBuf,
+    },
+    /// Print the documented node config schema.
+    Schema,
     /// Write a node config into an image's (or flashed device's) config partition.
     Inject {
         image: PathBuf,
@@ -297,6 +307,7 @@ fn main() -> Result<()> {
             arch,
             memory,
             cpus,
+            accel,
             api_port,
             ssh_port,
             persist,
@@ -306,6 +317,7 @@ fn main() -> Result<()> {
                 image,
                 arch,
                 memory_mib: memory,
+                accel,
                 cpus,
                 api_port,
                 ssh_port,
@@ -322,6 +334,27 @@ fn main() -> Result<()> {
             if !st.success() {
                 bail!("QEMU exited with {st}");
             }
+            Ok(())
+        }
+        Cmd::Config {
+            cmd: ConfigCmd::Check { config },
+        } => match basalt_init::nodeconfig::load_dir_or_file(&config) {
+            Ok(_) => {
+                println!("{}: OK", config.display());
+                Ok(())
+            }
+            Err(diags) => {
+                for d in &diags {
+                    eprintln!("{d}");
+                }
+                eprintln!("{}: {} error(s)", config.display(), diags.len());
+                std::process::exit(1);
+            }
+        },
+        Cmd::Config {
+            cmd: ConfigCmd::Schema,
+        } => {
+            print!("{}", basalt_init::nodeconfig::schema_doc());
             Ok(())
         }
         Cmd::Config {

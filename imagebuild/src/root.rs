@@ -43,6 +43,8 @@ pub enum RootError {
         "the Kubernetes binary {binary} is not in the root tree: set kubernetes.source in the image definition or add it with an overlay"
     )]
     NoKubernetes { binary: String },
+    #[error("the image's default node config is invalid:\n{diagnostics}")]
+    NodeConfig { diagnostics: String },
     #[error("serialising {what}: {err}")]
     Toml {
         what: &'static str,
@@ -79,9 +81,66 @@ pub fn overlays(def: &ImageDefinition) -> Result<Tree, RootError> {
     Ok(tree)
 }
 
+/// The ELF machine of the host's executables.
+fn host_machine() -> Option<u16> {
+    match std::env::consts::ARCH {
+        "x86_64" => Some(0x3e),
+        "aarch64" => Some(0xb7),
+        "arm" => Some(0x28),
+        _ => None,
+    }
+}
+
+/// The qemu-user emulator for an ELF machine (Debian qemu-user-static names first).
+fn qemu_user(machine: u16) -> Option<(&'static str, &'static str)> {
+    match machine {
+        0x3e => Some(("qemu-x86_64-static", "qemu-x86_64")),
+        0xb7 => Some(("qemu-aarch64-static", "qemu-aarch64")),
+        0x28 => Some(("qemu-arm-static", "qemu-arm")),
+        _ => None,
+    }
+}
+
+/// How to run `bin` on this host: directly, or under qemu-user when it is an
+/// executable for another architecture (a Raspberry Pi busybox on an x86_64 host).
+fn runner(bin: &Path) -> Result<std::process::Command, String> {
+    let mut head = [0u8; 20];
+    let n = std::fs::File::open(bin)
+        .and_then(|mut f| std::io::Read::read(&mut f, &mut head))
+        .map_err(|e| format!("cannot read {}: {e}", bin.display()))?;
+    let machine = (n == 20 && &head[..4] == b"\x7fELF").then(|| {
+        if head[5] == 2 {
+            u16::from_be_bytes([head[18], head[19]])
+        } else {
+            u16::from_le_bytes([head[18], head[19]])
+        }
+    });
+    match machine {
+        Some(m) if Some(m) != host_machine() => {
+            let (a, b) = qemu_user(m).ok_or(format!(
+                "{} is for ELF machine {m:#x}, which this host cannot run",
+                bin.display()
+            ))?;
+            let found = [a, b].into_iter().find(|q| {
+                std::env::var_os("PATH")
+                    .is_some_and(|path| std::env::split_paths(&path).any(|d| d.join(q).is_file()))
+            });
+            let q = found.ok_or(format!(
+                "{} is for another architecture: install qemu-user-static ({a}) to list its applets",
+                bin.display()
+            ))?;
+            let mut c = std::process::Command::new(q);
+            c.arg(bin);
+            Ok(c)
+        }
+        _ => Ok(std::process::Command::new(bin)),
+    }
+}
+
 /// Symlinks for busybox applets, listed by running the overlay's busybox on
-/// the host (`--list-full`): works only when host and board share an
-/// architecture. Existing paths are left alone.
+/// the host (`--list-full`), under qemu-user (`qemu-aarch64-static`,
+/// `qemu-arm-static`) when it is built for another architecture. Existing
+/// paths are left alone.
 fn busybox_links(tree: &mut Tree, source: &Path, dest: &Path, bb: &str) -> Result<(), RootError> {
     let err = |why: String| RootError::BusyboxLinks {
         source_path: source.to_path_buf(),
@@ -93,12 +152,13 @@ fn busybox_links(tree: &mut Tree, source: &Path, dest: &Path, bb: &str) -> Resul
         ));
     }
     let host_bin = source.join(bb);
-    let out = std::process::Command::new(&host_bin)
+    let out = runner(&host_bin)
+        .map_err(&err)?
         .arg("--list-full")
         .output()
         .map_err(|e| {
             err(format!(
-                "cannot run {} on this host ({e}); busybox_links works only when the host runs the board's architecture",
+                "cannot run {} on this host ({e})",
                 host_bin.display()
             ))
         })?;
@@ -134,7 +194,8 @@ fn busybox_links(tree: &mut Tree, source: &Path, dest: &Path, bb: &str) -> Resul
 pub struct BootFiles {
     pub kernel_path: PathBuf,
     pub kernel: FileData,
-    pub bootloader: FileData,
+    /// GPT boards: the EFI boot loader.
+    pub bootloader: Option<FileData>,
 }
 
 fn find_one(
@@ -175,7 +236,10 @@ fn find_one(
 
 pub fn boot_files(tree: &Tree, board: &Board) -> Result<BootFiles, RootError> {
     let (kernel_path, kernel) = find_one(tree, "kernel", &board.root.kernel)?;
-    let (_, bootloader) = find_one(tree, "bootloader", &board.root.bootloader)?;
+    let bootloader = match &board.root.bootloader {
+        Some(pattern) => Some(find_one(tree, "bootloader", pattern)?.1),
+        None => None,
+    };
     Ok(BootFiles {
         kernel_path,
         kernel,
@@ -212,21 +276,32 @@ pub fn image_facts(def: &ImageDefinition, board: &Board) -> Result<String, RootE
     })
 }
 
-/// Read the node config the image definition names (file or inline).
+/// Read the node config the image definition names (file or inline), checked
+/// with the device's own parser (`basalt_init::nodeconfig`).
 pub fn node_config_text(def: &ImageDefinition) -> Result<Option<String>, RootError> {
-    match &def.node_config {
-        None => Ok(None),
-        Some(NodeConfigSource::Inline(t)) => Ok(Some(t.clone())),
-        Some(NodeConfigSource::File(p)) => {
-            std::fs::read_to_string(p)
-                .map(Some)
-                .map_err(|err| RootError::Read {
-                    what: "node config",
-                    path: p.clone(),
-                    err,
-                })
-        }
-    }
+    let (origin, text) = match &def.node_config {
+        None => return Ok(None),
+        Some(NodeConfigSource::Inline(t)) => (
+            def.base_dir.join("[node_config] of the image definition"),
+            t.clone(),
+        ),
+        Some(NodeConfigSource::File(p)) => (
+            p.clone(),
+            std::fs::read_to_string(p).map_err(|err| RootError::Read {
+                what: "node config",
+                path: p.clone(),
+                err,
+            })?,
+        ),
+    };
+    basalt_init::nodeconfig::load_toml(&origin, &text).map_err(|diags| RootError::NodeConfig {
+        diagnostics: diags
+            .iter()
+            .map(|d| d.to_string())
+            .collect::<Vec<_>>()
+            .join("\n"),
+    })?;
+    Ok(Some(text))
 }
 
 /// Add the builder's own files. `/boot` is emptied: the ESP is mounted there.

@@ -32,6 +32,8 @@ pub struct RunOptions {
     pub image: PathBuf,
     pub arch: String,
     pub memory_mib: u32,
+    /// `auto`, `kvm` or `tcg`.
+    pub accel: String,
     pub cpus: u32,
     /// Host port forwarded to the node's 6443.
     pub api_port: u16,
@@ -102,17 +104,22 @@ pub fn command(opts: &RunOptions, assets: Option<&Path>) -> Result<Command, RunE
         let _ = std::fs::copy(&vars_template, &vars);
     }
     let mut c = Command::new(bin);
-    c.args([
-        "-accel",
-        "kvm:tcg",
-        "-M",
-        "q35",
-        "-cpu",
-        "max",
-        "-nodefaults",
-        "-display",
-        "none",
-    ]);
+    // `auto`: KVM when /dev/kvm can be opened, else software emulation (TCG).
+    let kvm = match opts.accel.as_str() {
+        "kvm" => true,
+        "tcg" => false,
+        _ => std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm")
+            .is_ok(),
+    };
+    if kvm {
+        c.args(["-accel", "kvm", "-M", "q35", "-cpu", "host"]);
+    } else {
+        c.args(["-accel", "tcg", "-M", "q35", "-cpu", "max"]);
+    }
+    c.args(["-nodefaults", "-display", "none"]);
     c.args([
         "-smp",
         &opts.cpus.to_string(),
@@ -155,6 +162,7 @@ mod tests {
             image: "/nonexistent.img".into(),
             arch: "x86_64".into(),
             memory_mib: 1024,
+            accel: "tcg".into(),
             cpus: 1,
             api_port: 6443,
             ssh_port: 2222,

@@ -18,6 +18,7 @@ pub mod gpt;
 pub mod image;
 pub mod modules;
 pub mod mounts;
+pub mod nodeconfig;
 pub mod report;
 pub mod rpi;
 pub mod service;

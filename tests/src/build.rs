@@ -45,11 +45,12 @@ pub fn target_dir() -> PathBuf {
         .unwrap_or_else(|| crate::repo_root().join("target"))
 }
 
-/// `BASALT`, else `target/release/basalt`.
+/// `BASALT`, else `target/debug/basalt` (the dev profile optimises
+/// dependencies, which do the heavy work: compression, hashing).
 pub fn basalt_binary() -> PathBuf {
     std::env::var_os("BASALT")
         .map(PathBuf::from)
-        .unwrap_or_else(|| target_dir().join("release/basalt"))
+        .unwrap_or_else(|| target_dir().join("debug/basalt"))
 }
 
 /// A static device binary built for `target` in release mode.
@@ -113,7 +114,6 @@ pub fn ensure_binaries(log_dir: &Path) -> Result<(), BuildError> {
             "cargo build (basalt)",
             Command::new(&cargo).current_dir(&root).args([
                 "build",
-                "--release",
                 "-p",
                 "basalt-imagebuild",
                 "--bin",

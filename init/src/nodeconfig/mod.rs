@@ -1,0 +1,278 @@
+//! Node config: the per-device settings (hostname, users and SSH keys,
+//! network, clock, kernel, files, Kubernetes role, updates, console) that a
+//! person drops on the FAT partition, in one of two syntaxes:
+//! `node.toml`, or cloud-init NoCloud files (`meta-data`, `user-data`,
+//! `network-config`). Both decode into the one [`NodeConfig`].
+//!
+//! This module owns parsing and checking only. The builder (`basalt config
+//! check`) and the device (stage 2) call the same functions, so they cannot
+//! drift. It never touches the system, never panics on any input, and never
+//! ignores a key it does not understand: every problem is a [`Diagnostic`]
+//! with file, line and column.
+//!
+//! Key by key, the schema is documented in `docs/node-config.md`
+//! ([`schema_doc`]).
+
+mod check;
+mod cloudinit;
+mod decode;
+mod schema;
+mod toml;
+mod tree;
+mod yaml;
+
+use std::fmt;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+pub use cloudinit::Sources as CloudInitSources;
+pub use schema::*;
+
+/// The largest config file read, in bytes (a 1 MiB file in base64 fits).
+pub const MAX_FILE_BYTES: u64 = 2 * 1024 * 1024;
+
+/// The most separators (`,` `=` newline) a `node.toml` may hold: a bound on
+/// the number of values, checked before parsing because the parser's own
+/// memory grows with them (~150 bytes each).
+pub const MAX_TOML_SEPARATORS: usize = 200_000;
+
+/// The cloud-init NoCloud file names, in the order they are read.
+pub const CLOUD_INIT_FILES: [&str; 3] = ["meta-data", "user-data", "network-config"];
+
+/// One problem in a node config, at a 1-based line and column (columns count
+/// characters). Problems with a whole file are reported at 1:1.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Diagnostic {
+    pub file: PathBuf,
+    pub line: u32,
+    pub column: u32,
+    pub message: String,
+}
+
+impl fmt::Display for Diagnostic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}:{}:{}: {}",
+            self.file.display(),
+            self.line,
+            self.column,
+            self.message
+        )
+    }
+}
+
+impl std::error::Error for Diagnostic {}
+
+impl Diagnostic {
+    fn whole_file(file: &Path, message: impl Into<String>) -> Diagnostic {
+        Diagnostic {
+            file: file.to_path_buf(),
+            line: 1,
+            column: 1,
+            message: message.into(),
+        }
+    }
+}
+
+/// The documented schema (docs/node-config.md), printed by `basalt config schema`.
+pub fn schema_doc() -> &'static str {
+    include_str!("../../../docs/node-config.md")
+}
+
+/// Parse and check a `node.toml`. `path` is only used to name the file in
+/// diagnostics.
+pub fn load_toml(path: &Path, text: &str) -> Result<NodeConfig, Vec<Diagnostic>> {
+    let text = strip_bom(text);
+    let separators = text
+        .bytes()
+        .filter(|b| matches!(b, b',' | b'=' | b'\n'))
+        .count();
+    if separators > MAX_TOML_SEPARATORS {
+        return Err(vec![Diagnostic::whole_file(
+            path,
+            format!(
+                "{separators} values or lines; a node config has far fewer (the limit is {MAX_TOML_SEPARATORS})"
+            ),
+        )]);
+    }
+    let root = toml::parse(text).map_err(|(pos, message)| {
+        vec![Diagnostic {
+            file: path.to_path_buf(),
+            line: pos.line,
+            column: pos.column,
+            message,
+        }]
+    })?;
+    let mut ctx = decode::Ctx::new(path);
+    let cfg = decode::node_config(&mut ctx, &root, "", decode::ROOT_KEYS);
+    finish(cfg, ctx.diags)
+}
+
+/// Parse and check cloud-init NoCloud files already in memory; `dir` names
+/// the directory they came from in diagnostics.
+pub fn parse_cloud_init(
+    dir: &Path,
+    sources: &CloudInitSources<'_>,
+) -> Result<NodeConfig, Vec<Diagnostic>> {
+    if sources.meta_data.is_none()
+        && sources.user_data.is_none()
+        && sources.network_config.is_none()
+    {
+        return Err(vec![Diagnostic::whole_file(
+            dir,
+            "no cloud-init files (meta-data, user-data, network-config) found",
+        )]);
+    }
+    match cloudinit::decode(dir, sources) {
+        Ok(cfg) => Ok(cfg),
+        Err(diags) => finish(NodeConfig::default(), diags),
+    }
+}
+
+/// Read and check the cloud-init NoCloud files in `dir` (each optional, at
+/// least one present).
+pub fn load_cloud_init(dir: &Path) -> Result<NodeConfig, Vec<Diagnostic>> {
+    let mut texts: [Option<String>; 3] = [None, None, None];
+    let mut diags = Vec::new();
+    for (slot, name) in texts.iter_mut().zip(CLOUD_INIT_FILES) {
+        let path = dir.join(name);
+        match read_text(&path) {
+            Ok(Some(t)) => *slot = Some(t),
+            Ok(None) => {}
+            Err(d) => diags.push(d),
+        }
+    }
+    if !diags.is_empty() {
+        return Err(diags);
+    }
+    let [meta, user, network] = &texts;
+    parse_cloud_init(
+        dir,
+        &CloudInitSources {
+            meta_data: meta.as_deref(),
+            user_data: user.as_deref(),
+            network_config: network.as_deref(),
+        },
+    )
+}
+
+/// Load a node config from a `node.toml` file, a cloud-init file (its
+/// directory is read), or a directory holding either `node.toml` or
+/// cloud-init files (not both).
+pub fn load_dir_or_file(path: &Path) -> Result<NodeConfig, Vec<Diagnostic>> {
+    if path.is_dir() {
+        let toml_path = path.join("node.toml");
+        let has_toml = toml_path.exists();
+        let cloud: Vec<&str> = CLOUD_INIT_FILES
+            .iter()
+            .copied()
+            .filter(|n| path.join(n).exists())
+            .collect();
+        return match (has_toml, cloud.is_empty()) {
+            (true, false) => Err(vec![Diagnostic::whole_file(
+                &toml_path,
+                format!(
+                    "both node.toml and cloud-init files ({}) are present; keep one syntax",
+                    cloud.join(", ")
+                ),
+            )]),
+            (true, true) => load_toml_file(&toml_path),
+            (false, false) => load_cloud_init(path),
+            (false, true) => {
+                // Windows hides known extensions: "node.toml" saved by
+                // Notepad is really "node.toml.txt".
+                let hidden_txt = ["node.toml", "user-data", "meta-data", "network-config"]
+                    .iter()
+                    .map(|n| format!("{n}.txt"))
+                    .find(|n| path.join(n).exists());
+                let message = match hidden_txt {
+                    Some(n) => format!(
+                        "found `{n}` but no node config: rename it to `{}` (Windows hides the .txt extension)",
+                        n.trim_end_matches(".txt")
+                    ),
+                    None => "no node config here (node.toml, or cloud-init meta-data/user-data/network-config)".to_owned(),
+                };
+                Err(vec![Diagnostic::whole_file(path, message)])
+            }
+        };
+    }
+    let is_cloud = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| CLOUD_INIT_FILES.contains(&n));
+    if is_cloud {
+        let dir = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        return load_cloud_init(dir);
+    }
+    load_toml_file(path)
+}
+
+fn load_toml_file(path: &Path) -> Result<NodeConfig, Vec<Diagnostic>> {
+    match read_text(path) {
+        Ok(Some(text)) => load_toml(path, &text),
+        Ok(None) => Err(vec![Diagnostic::whole_file(
+            path,
+            "cannot read: no such file",
+        )]),
+        Err(d) => Err(vec![d]),
+    }
+}
+
+/// Read a config file as UTF-8; `None` when it does not exist.
+fn read_text(path: &Path) -> Result<Option<String>, Diagnostic> {
+    let file = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(Diagnostic::whole_file(path, format!("cannot read: {e}"))),
+    };
+    let mut bytes = Vec::new();
+    file.take(MAX_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| Diagnostic::whole_file(path, format!("cannot read: {e}")))?;
+    text_of(path, bytes).map(Some)
+}
+
+/// Bytes to text, refusing what is too big or not UTF-8 (with where).
+pub fn text_of(path: &Path, bytes: Vec<u8>) -> Result<String, Diagnostic> {
+    if bytes.len() as u64 > MAX_FILE_BYTES {
+        return Err(Diagnostic::whole_file(
+            path,
+            format!("file is larger than {MAX_FILE_BYTES} bytes; a node config is small"),
+        ));
+    }
+    if bytes.starts_with(&[0xff, 0xfe]) || bytes.starts_with(&[0xfe, 0xff]) {
+        return Err(Diagnostic::whole_file(
+            path,
+            "file is UTF-16; save it as UTF-8",
+        ));
+    }
+    String::from_utf8(bytes).map_err(|e| {
+        let good = e.utf8_error().valid_up_to();
+        let prefix = String::from_utf8_lossy(&e.as_bytes()[..good]).into_owned();
+        let pos = tree::Pos::of_offset(&prefix, good);
+        Diagnostic {
+            file: path.to_path_buf(),
+            line: pos.line,
+            column: pos.column,
+            message: "file is not UTF-8 text".to_owned(),
+        }
+    })
+}
+
+/// Drop a UTF-8 byte order mark: editors hide it, so columns do not count it.
+pub(crate) fn strip_bom(text: &str) -> &str {
+    text.strip_prefix('\u{feff}').unwrap_or(text)
+}
+
+fn finish(cfg: NodeConfig, mut diags: Vec<Diagnostic>) -> Result<NodeConfig, Vec<Diagnostic>> {
+    if diags.is_empty() {
+        return Ok(cfg);
+    }
+    diags.sort_by(|a, b| (&a.file, a.line, a.column).cmp(&(&b.file, b.line, b.column)));
+    diags.dedup();
+    Err(diags)
+}

@@ -1,0 +1,151 @@
+//! `basalt run` (issue 7): boots the x86_64 test image in QEMU with the serial
+//! console on its stdout, reaches `basalt: ready`, and forwards a host port to
+//! the node's 6443: the Kubernetes stand-in's `/readyz` answers through it.
+//!
+//! The image is the e2e test image without its test-only services (so it does
+//! not power itself off): a copy of tests/images/x86_64.toml whose only extra
+//! service is `e2e-net`, a test-only shell service that loads virtio_net and
+//! gives eth0 QEMU user networking's fixed guest address (10.0.2.15), because
+//! interfaces from the node config are not applied by init yet.
+
+use anyhow::{Context, Result, bail, ensure};
+use basalt_tests::{build, repo_root, work_dir};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+struct Killed(Child);
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+fn http_get(port: u16, path: &str) -> Result<String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+    let mut reply = String::new();
+    s.read_to_string(&mut reply)?;
+    Ok(reply)
+}
+
+/// Test-only: the network QEMU's user mode expects, without DHCP.
+const NET_SERVICE: &str = r#"# Test-only (tests/tests/basalt_run.rs): eth0 on QEMU user networking.
+exec = ["/bin/sh", "-c", '''
+m=/lib/modules/$(uname -r)/kernel
+insmod $m/net/core/failover.ko; insmod $m/drivers/net/net_failover.ko; insmod $m/drivers/net/virtio_net.ko
+i=0; while [ ! -e /sys/class/net/eth0 ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i+1)); done
+ip link set eth0 up && ip addr add 10.0.2.15/24 dev eth0 && ip route add default via 10.0.2.2
+echo "e2e-net: eth0 $(cat /sys/class/net/eth0/operstate)"
+''']
+restart = "never"
+"#;
+
+#[test]
+fn basalt_run_boots_the_test_image_and_forwards_the_api_port() -> Result<()> {
+    let dir = work_dir("basalt_run")?;
+    let def_text = std::fs::read_to_string(repo_root().join("tests/images/x86_64.toml"))?;
+    let def_text: String = def_text
+        .lines()
+        .map(|l| match l.starts_with("services") {
+            true => "services = [\"e2e-net.toml\"]\n".to_string(),
+            false => format!("{l}\n"),
+        })
+        .collect::<String>()
+        .replace(
+            "name = \"basalt-x86_64-test\"",
+            "name = \"basalt-run-test\"",
+        );
+    std::fs::write(dir.join("e2e-net.toml"), NET_SERVICE)?;
+    let def = dir.join("x86_64-run.toml");
+    std::fs::write(&def, def_text)?;
+    build::ensure_binaries(&dir)?;
+    let img = build::build_image(&def, &dir.join("out")).context("building the image")?;
+
+    let (api, ssh) = (free_port()?, free_port()?);
+    let mut child = Killed(
+        Command::new(build::basalt_binary())
+            .arg("run")
+            .arg(&img)
+            .args(["--cpus", "1", "--memory", "1024", "--accel", "tcg"])
+            .args([
+                "--api-port",
+                &api.to_string(),
+                "--ssh-port",
+                &ssh.to_string(),
+            ])
+            .env("BASALT_ASSETS", basalt_tests::assets::Assets::root())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting basalt run")?,
+    );
+    let stdout = child.0.stdout.take().context("no stdout")?;
+    let (tx, rx) = mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).split(b'\n').map_while(|l| l.ok()) {
+            if tx
+                .send(String::from_utf8_lossy(&line).into_owned())
+                .is_err()
+            {
+                break;
+            }
+        }
+    });
+    let log = dir.join("console.log");
+    let mut seen = String::new();
+    let deadline = Instant::now() + Duration::from_secs(420);
+    let ready = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => {
+                seen.push_str(&line);
+                seen.push('\n');
+                if line.contains("basalt: ready {") {
+                    break line;
+                }
+            }
+            Err(_) => {
+                std::fs::write(&log, &seen)?;
+                let mut err = String::new();
+                if let Some(mut e) = child.0.stderr.take() {
+                    let _ = e.read_to_string(&mut err);
+                }
+                bail!(
+                    "no `basalt: ready` from basalt run (console in {}): {err}",
+                    log.display()
+                );
+            }
+        }
+    };
+    std::fs::write(&log, &seen)?;
+    ensure!(ready.contains("\"slot\":\"a\""), "{ready}");
+
+    // The host port reaches the node's 6443, where the stand-in answers /readyz.
+    let reply = http_get(api, "/readyz").context("GET /readyz through the forwarded port")?;
+    ensure!(
+        reply.starts_with("HTTP/1.") && reply.contains(" 200 "),
+        "{reply}"
+    );
+    ensure!(reply.trim_end().ends_with("ok"), "{reply}");
+
+    // `-snapshot` by default: the image file is unchanged by the boot.
+    drop(child);
+    let again = build::build_image(&def, &dir.join("out2"))?;
+    ensure!(
+        std::fs::read(&img)? == std::fs::read(&again)?,
+        "basalt run changed the image file"
+    );
+    Ok(())
+}
