@@ -203,6 +203,41 @@ fn apk_root_from_a_local_signed_repository_is_locked_and_reproducible() {
     let world = std::fs::read_to_string(x.join("etc/apk/world")).unwrap();
     assert!(world.contains("linux-virt"), "world: {world}");
 
+    // basalt packages resolve: the closed set, sorted, one name-version a line;
+    // the test key must be given (the index is signed by it).
+    let keys = repo_dir.join("keys");
+    let r = run(&mut basalt(&[
+        "packages",
+        "resolve",
+        "--repo",
+        repo_dir.to_str().unwrap(),
+        "--arch",
+        "x86_64",
+        "--keys",
+        keys.to_str().unwrap(),
+        "good-app",
+        "busybox",
+    ]));
+    assert_eq!(
+        text(&r.stdout),
+        "busybox-1.35.0-r17\ngood-app-1.0-r0\ngood-app-extras-1.0-r0\ngood-lib-1.2-r0\nmusl-1.2.3-r0\nshell-b-1.0-r0\n"
+    );
+    let o = output(&mut basalt(&[
+        "packages",
+        "resolve",
+        "--repo",
+        repo_dir.to_str().unwrap(),
+        "--arch",
+        "x86_64",
+        "busybox",
+    ]));
+    assert!(!o.status.success());
+    assert!(
+        text(&o.stderr).contains("basalt-test.rsa.pub"),
+        "{}",
+        text(&o.stderr)
+    );
+
     // basalt lock pins the six packages by checksum.
     run(&mut basalt(&["lock", def.to_str().unwrap()]));
     let lock = std::fs::read_to_string(dir.join("def/basalt.lock")).unwrap();
