@@ -17,7 +17,7 @@ use sha2::{Digest, Sha256};
 use crate::board::{Board, BoardError, PartitionTable};
 use crate::disk::MIB;
 use crate::imagedef::{ImageDefError, ImageDefinition};
-use crate::{data, disk, esp, initramfs, mbr, modules, root, rpiboot, squashfs};
+use crate::{data, disk, esp, initramfs, mbr, modules, packages, root, rpiboot, squashfs};
 
 /// SOURCE_DATE_EPOCH when neither the environment nor the image definition
 /// gives one: 2025-01-01T00:00:00Z.
@@ -58,6 +58,8 @@ pub enum BuildError {
     Board(#[from] BoardError),
     #[error(transparent)]
     Root(#[from] root::RootError),
+    #[error(transparent)]
+    Packages(#[from] packages::PackagesError),
     #[error(transparent)]
     Modules(#[from] modules::ModulesError),
     #[error(transparent)]
@@ -225,7 +227,11 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
     p.step("reading definitions");
     let def = match &opts.definition {
         Some(path) => ImageDefinition::load(path)?,
-        None => ImageDefinition::embedded_default(opts.board.as_deref().unwrap_or("x86_64"))?,
+        None => ImageDefinition::embedded_default(
+            opts.board
+                .as_deref()
+                .unwrap_or(crate::imagedef::DEFAULT_WITHOUT_BOARD),
+        )?,
     };
     let board = Board::load(&def.board, &def.base_dir)?;
     let epoch = opts
@@ -239,8 +245,14 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
         .clone()
         .unwrap_or_else(|| format!("basalt-{}-{}", board.name, def.os_version));
 
-    p.step("layering overlays");
-    let mut tree = root::overlays(&def)?;
+    p.step("installing packages, layering overlays");
+    let mut tree = packages::base_tree_for_build(&def, &board, epoch)?;
+    tree.merge(root::overlays(&def)?).map_err(|err| {
+        BuildError::Packages(packages::PackagesError::Tree {
+            what: "layering overlays on the packages".into(),
+            err,
+        })
+    })?;
     let boot = root::boot_files(&tree, &board)?;
     let mods = modules::resolve(
         &tree,

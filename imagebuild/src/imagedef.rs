@@ -11,13 +11,24 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 /// Default image definitions shipped with basalt, per board: (board, text).
+/// `x86_64` is made of Alpine packages and real k3s (needs the network, or a
+/// warm cache and a lock); `x86_64-test-assets` of the Debian test assets and
+/// the Kubernetes stand-in (offline): what `basalt build` builds with neither
+/// a definition nor `--board`.
 pub const EMBEDDED_DEFAULTS: &[(&str, &str)] = &[
     ("x86_64", include_str!("../defaults/x86_64.toml")),
+    (
+        "x86_64-test-assets",
+        include_str!("../defaults/x86_64-test-assets.toml"),
+    ),
     ("rpi4", include_str!("../defaults/rpi4.toml")),
     ("rpi5", include_str!("../defaults/rpi5.toml")),
     ("rpi3", include_str!("../defaults/rpi3.toml")),
     ("rpi-armv7", include_str!("../defaults/rpi-armv7.toml")),
 ];
+
+/// What `basalt build` builds with neither a definition nor `--board`.
+pub const DEFAULT_WITHOUT_BOARD: &str = "x86_64-test-assets";
 
 /// The basalt source checkout this binary was built from: the fallback for
 /// `${BASALT_SOURCE_DIR}` in the embedded default definitions.
@@ -64,6 +75,7 @@ struct RawDefinition {
     node_config: Option<RawNodeConfig>,
     #[serde(default)]
     symlinks: BTreeMap<String, String>,
+    packages: Option<RawPackages>,
     image_size_mib: Option<u64>,
     initramfs_modules: Option<Vec<String>>,
     rpi: Option<RaspberryPi>,
@@ -92,6 +104,36 @@ struct RawKubernetes {
     distribution: Distribution,
     binary: Option<String>,
     source: Option<String>,
+    version: Option<String>,
+    airgap_images: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPackages {
+    #[serde(default)]
+    repositories: Vec<RawRepo>,
+    #[serde(default)]
+    keys: Vec<String>,
+    #[serde(default)]
+    world: Vec<String>,
+    #[serde(default)]
+    allow_setuid: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawRepo {
+    Spec(String),
+    Table(RawRepoTable),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRepoTable {
+    url: String,
+    #[serde(default)]
+    trust_unsigned: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -133,6 +175,8 @@ pub struct ImageDefinition {
     pub node_config: Option<NodeConfigSource>,
     /// Extra symlinks: path in root → target.
     pub symlinks: BTreeMap<String, String>,
+    /// Alpine packages making the base root tree (overlays layer on top).
+    pub packages: Option<Packages>,
     /// Total image size; `None` is just what the partitions need.
     pub image_size_mib: Option<u64>,
     /// Replaces the board's `initramfs.modules` (a kernel built differently).
@@ -146,8 +190,32 @@ pub struct Kubernetes {
     pub distribution: Distribution,
     /// Absolute path of the binary in the root.
     pub binary: String,
-    /// Host file installed at `binary` (else an overlay must provide it).
+    /// Host file installed at `binary`: the local override, wins over `version`.
     pub source: Option<PathBuf>,
+    /// Release (`v1.31.4+k3s1`): the official binary for the board's arch is
+    /// downloaded, checked against the sha256 in `basalt.lock` and cached.
+    pub version: Option<String>,
+    /// URL of an airgap images tarball to put in the root (pinned in the lock).
+    pub airgap_images: Option<String>,
+}
+
+/// `[packages]`: the Alpine repositories and the package list ("world").
+#[derive(Debug, Clone)]
+pub struct Packages {
+    pub repositories: Vec<PackageRepo>,
+    /// Key files or directories added to Alpine's built-in keys.
+    pub keys: Vec<PathBuf>,
+    /// Package list as written (`name`, `name>=1.2`, `name@tag`), in order.
+    pub world: Vec<String>,
+    /// Root paths (`bin/bbsuid`) whose setuid/setgid bit is allowed; `*` allows all.
+    pub allow_setuid: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct PackageRepo {
+    /// As written in the definition (unexpanded): how `basalt.lock` names it.
+    pub spec: String,
+    pub repository: basalt_rootfs::apk::Repository,
 }
 
 #[derive(Debug, Clone)]
@@ -344,6 +412,25 @@ impl ImageDefinition {
                 format!("{binary:?} must be an absolute path in the root"),
             ));
         }
+        if let Some(v) = &k.version
+            && (v.is_empty()
+                || !v
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "._-+".contains(c)))
+        {
+            return Err(bad(
+                "kubernetes.version",
+                format!("{v:?} is not a release name like \"v1.31.4+k3s1\""),
+            ));
+        }
+        if let Some(u) = &k.airgap_images
+            && !(u.starts_with("https://") || u.starts_with("http://"))
+        {
+            return Err(bad(
+                "kubernetes.airgap_images",
+                format!("{u:?} must be an http(s) URL"),
+            ));
+        }
         let kubernetes = Kubernetes {
             distribution: k.distribution,
             binary,
@@ -352,6 +439,13 @@ impl ImageDefinition {
                 .as_deref()
                 .map(|s| path("kubernetes.source", s))
                 .transpose()?,
+            version: k.version.clone(),
+            airgap_images: k.airgap_images.clone(),
+        };
+
+        let packages = match &raw.packages {
+            None => None,
+            Some(p) => Some(parse_packages(p, base, lookup, &bad)?),
         };
 
         let mut overlays = Vec::new();
@@ -448,11 +542,93 @@ impl ImageDefinition {
             services,
             node_config,
             symlinks: raw.symlinks,
+            packages,
             image_size_mib: raw.image_size_mib,
             initramfs_modules: raw.initramfs_modules,
             rpi,
         })
     }
+}
+
+fn parse_packages(
+    p: &RawPackages,
+    base: &Path,
+    lookup: &dyn Fn(&str) -> Option<String>,
+    bad: &dyn Fn(&str, String) -> ImageDefError,
+) -> Result<Packages, ImageDefError> {
+    use basalt_rootfs::apk::Repository;
+    let mut repositories = Vec::new();
+    for (i, r) in p.repositories.iter().enumerate() {
+        let key = format!("packages.repositories[{i}]");
+        let (spec, trust_unsigned) = match r {
+            RawRepo::Spec(s) => (s.clone(), false),
+            RawRepo::Table(t) => (t.url.clone(), t.trust_unsigned),
+        };
+        let expanded = expand_env(&spec, lookup).map_err(|why| bad(&key, why))?;
+        let (tag, loc) = match expanded
+            .trim()
+            .strip_prefix('@')
+            .and_then(|r| r.split_once(char::is_whitespace))
+        {
+            Some((t, l)) => (Some(t), l.trim()),
+            None => (None, expanded.trim()),
+        };
+        if loc.is_empty() {
+            return Err(bad(&key, format!("{spec:?} names no repository")));
+        }
+        let loc = if loc.starts_with("http://") || loc.starts_with("https://") {
+            loc.to_string()
+        } else if loc.contains("://") {
+            return Err(bad(
+                &key,
+                format!("{spec:?}: only http(s) URLs and local directories are repositories"),
+            ));
+        } else {
+            base.join(loc).display().to_string()
+        };
+        let text = match tag {
+            Some(t) => format!("@{t} {loc}"),
+            None => loc,
+        };
+        let mut repository = Repository::parse(&text);
+        if trust_unsigned {
+            repository = repository.trusted_unsigned();
+        }
+        repositories.push(PackageRepo { spec, repository });
+    }
+    if repositories.is_empty() {
+        return Err(bad(
+            "packages.repositories",
+            "needs at least one repository".into(),
+        ));
+    }
+    let mut keys = Vec::new();
+    for (i, k) in p.keys.iter().enumerate() {
+        let key = format!("packages.keys[{i}]");
+        let e = expand_env(k, lookup).map_err(|why| bad(&key, why))?;
+        keys.push(base.join(e));
+    }
+    if p.world.is_empty() {
+        return Err(bad("packages.world", "lists no packages".into()));
+    }
+    for (i, w) in p.world.iter().enumerate() {
+        basalt_rootfs::apk::Dependency::parse_list(w)
+            .map_err(|e| bad(&format!("packages.world[{i}]"), format!("{w:?}: {e}")))?;
+    }
+    for (i, s) in p.allow_setuid.iter().enumerate() {
+        if s != "*" && (s.is_empty() || s.split('/').any(|c| c == "..")) {
+            return Err(bad(
+                &format!("packages.allow_setuid[{i}]"),
+                format!("{s:?} must be a path in the root (or \"*\")"),
+            ));
+        }
+    }
+    Ok(Packages {
+        repositories,
+        keys,
+        world: p.world.clone(),
+        allow_setuid: p.allow_setuid.clone(),
+    })
 }
 
 #[cfg(test)]
@@ -581,8 +757,56 @@ hostname = "n1"
     }
 
     #[test]
-    fn embedded_default_parses_with_fallbacks() {
+    fn embedded_alpine_default_names_packages_and_a_k3s_release() {
         let (_, text) = EMBEDDED_DEFAULTS[0];
+        let d = ImageDefinition::parse(text, "default", Path::new("/"), &|_| None).unwrap();
+        let p = d.packages.unwrap();
+        assert!(p.world.iter().any(|w| w == "linux-virt"));
+        assert!(p.world.iter().any(|w| w == "busybox"));
+        assert_eq!(d.kubernetes.version.as_deref(), Some("v1.31.4+k3s1"));
+        assert!(d.kubernetes.source.is_none() && d.overlays.is_empty());
+    }
+
+    #[test]
+    fn packages_section_errors_name_the_key() {
+        let e = err(&format!("{MIN}[packages]\nworld = [\"busybox\"]\n"));
+        assert!(e.contains("packages.repositories"), "{e}");
+        let e = err(&format!(
+            "{MIN}[packages]\nrepositories = [\"ftp://x/main\"]\nworld = [\"busybox\"]\n"
+        ));
+        assert!(e.contains("packages.repositories[0]"), "{e}");
+        let e = err(&format!(
+            "{MIN}[packages]\nrepositories = [\"r\"]\nworld = [\"busybox\"]\nallow_setuid = [\"../x\"]\n"
+        ));
+        assert!(e.contains("packages.allow_setuid[0]"), "{e}");
+        let d = ImageDefinition::parse(
+            &format!(
+                "{MIN}[packages]\nrepositories = [\"@edge https://m/alpine/edge/main/\", {{ url = \"repo\", trust_unsigned = true }}]\nworld = [\"busybox\", \"x@edge\"]\n"
+            ),
+            "p.toml",
+            Path::new("/base"),
+            &env(&[]),
+        )
+        .unwrap();
+        let p = d.packages.unwrap();
+        let r0 = &p.repositories[0].repository;
+        assert_eq!(r0.tag.as_deref(), Some("edge"));
+        assert_eq!(
+            r0.source,
+            basalt_rootfs::apk::repo::Source::Url("https://m/alpine/edge/main".into())
+        );
+        let r1 = &p.repositories[1].repository;
+        assert_eq!(
+            r1.source,
+            basalt_rootfs::apk::repo::Source::Dir("/base/repo".into())
+        );
+        assert_eq!(r1.trust, basalt_rootfs::apk::Trust::TrustedUnsigned);
+        assert_eq!(p.repositories[1].spec, "repo");
+    }
+
+    #[test]
+    fn embedded_default_parses_with_fallbacks() {
+        let (_, text) = EMBEDDED_DEFAULTS[1];
         let d = ImageDefinition::parse(text, "default", Path::new("/"), &|n| {
             (n == "BASALT_SOURCE_DIR").then(|| "/src".to_string())
         })
@@ -602,8 +826,10 @@ hostname = "n1"
                 (n == "BASALT_SOURCE_DIR").then(|| "/src".to_string())
             })
             .unwrap();
-            assert_eq!(d.board, *board);
-            crate::board::Board::embedded(board).unwrap();
+            // `x86_64-test-assets` is a second default for board x86_64.
+            let b = board.trim_end_matches("-test-assets");
+            assert_eq!(d.board, b);
+            crate::board::Board::embedded(b).unwrap();
         }
         let rpi3 = EMBEDDED_DEFAULTS
             .iter()

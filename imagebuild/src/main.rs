@@ -109,6 +109,61 @@ enum Cmd {
         #[command(subcommand)]
         cmd: BundleCmd,
     },
+    /// Pin an image definition's packages and Kubernetes binary in basalt.lock beside it.
+    Lock {
+        /// Image definition (TOML). Without it, the board's embedded default (lock in the current directory).
+        definition: Option<PathBuf>,
+        /// Board whose default definition to lock (only without a definition).
+        #[arg(long, conflicts_with = "definition")]
+        board: Option<String>,
+        /// sha256 of the Kubernetes binary, instead of downloading it to hash it.
+        #[arg(long)]
+        sha256: Option<String>,
+    },
+    /// Look at Alpine repositories: resolve, search, info.
+    Packages {
+        #[command(subcommand)]
+        cmd: PackagesCmd,
+    },
+}
+
+#[derive(clap::Args)]
+struct RepoArgs {
+    /// Repository: <mirror>/<branch>/<repo> URL or local directory, optionally `@tag <url|dir>`.
+    #[arg(long = "repo", required = true)]
+    repos: Vec<String>,
+    /// apk architecture: x86_64, aarch64, armv7, armhf.
+    #[arg(long)]
+    arch: String,
+    /// Directory of extra trusted signing keys (*.rsa.pub).
+    #[arg(long)]
+    keys: Option<PathBuf>,
+    /// Accept repositories whose index is unsigned or signed by an unknown key.
+    #[arg(long)]
+    allow_untrusted: bool,
+}
+
+#[derive(Subcommand)]
+enum PackagesCmd {
+    /// Print the resolved set of PKG…, one name-version per line, sorted.
+    Resolve {
+        #[command(flatten)]
+        repo: RepoArgs,
+        #[arg(required = true)]
+        packages: Vec<String>,
+    },
+    /// Packages whose name or description contains PATTERN.
+    Search {
+        pattern: String,
+        #[command(flatten)]
+        repo: RepoArgs,
+    },
+    /// A package's index record (newest version).
+    Info {
+        name: String,
+        #[command(flatten)]
+        repo: RepoArgs,
+    },
 }
 
 #[derive(Subcommand)]
@@ -210,6 +265,12 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
+        Cmd::Lock {
+            definition,
+            board,
+            sha256,
+        } => lock_cmd(definition.as_deref(), board.as_deref(), sha256.as_deref()),
+        Cmd::Packages { cmd } => packages_cmd(cmd),
         Cmd::Flash {
             image,
             target,
@@ -429,6 +490,97 @@ fn flash_cmd(
             .with_context(|| format!("injecting the node config into {}", target.display()))?;
         for (name, _) in &files {
             println!("{}: wrote {name}", target.display());
+        }
+    }
+    Ok(())
+}
+
+fn lock_cmd(definition: Option<&Path>, board: Option<&str>, sha256: Option<&str>) -> Result<()> {
+    use basalt_imagebuild::board::Board;
+    use basalt_imagebuild::imagedef::ImageDefinition;
+    use basalt_imagebuild::{lock, packages};
+    use basalt_rootfs::apk::{Cache, repo::HttpTransport};
+    if let Some(s) = sha256
+        && (s.len() != 64 || !s.chars().all(|c| c.is_ascii_hexdigit()))
+    {
+        bail!("--sha256 {s:?} is not 64 hex digits");
+    }
+    let def = match definition {
+        Some(p) => ImageDefinition::load(p)?,
+        None => ImageDefinition::embedded_default(board.unwrap_or("x86_64"))?,
+    };
+    let board = Board::load(&def.board, &def.base_dir)?;
+    let path = lock::path_for(&def);
+    let mut l = lock::Lock::read(&path)?.unwrap_or_else(lock::Lock::new);
+    let cache = Cache::default_location()?;
+    let a = packages::make_lock(
+        &def,
+        &board,
+        sha256,
+        &HttpTransport::default(),
+        &cache,
+        &mut l,
+    )
+    .context("basalt lock failed")?;
+    l.write(&path)?;
+    println!(
+        "{}: {} packages for {}{}",
+        path.display(),
+        a.packages.len(),
+        board.alpine_arch,
+        match &a.kubernetes {
+            Some(k) => format!(", {} {} sha256 {}", k.distribution, k.version, k.sha256),
+            None => String::new(),
+        }
+    );
+    Ok(())
+}
+
+fn packages_cmd(cmd: PackagesCmd) -> Result<()> {
+    use basalt_imagebuild::packages;
+    let (repo, what) = match &cmd {
+        PackagesCmd::Resolve { repo, .. } => (repo, "resolve"),
+        PackagesCmd::Search { repo, .. } => (repo, "search"),
+        PackagesCmd::Info { repo, .. } => (repo, "info"),
+    };
+    let repos = packages::cli_repos(&repo.repos, repo.allow_untrusted);
+    let keys = packages::cli_keys(repo.keys.as_deref())?;
+    let indexes = packages::cli_indexes(&repos, &repo.arch, &keys)
+        .with_context(|| format!("basalt packages {what} failed"))?;
+    match &cmd {
+        PackagesCmd::Resolve { packages: pkgs, .. } => {
+            for id in packages::cli_resolve(&repos, &indexes, &repo.arch, pkgs)? {
+                println!("{id}");
+            }
+        }
+        PackagesCmd::Search { pattern, .. } => {
+            for (r, index) in repos.iter().zip(&indexes) {
+                for p in index.search(pattern) {
+                    println!(
+                        "{}  {}  ({})",
+                        p.id(),
+                        p.description,
+                        r.location(&repo.arch, "").trim_end_matches('/')
+                    );
+                }
+            }
+        }
+        PackagesCmd::Info { name, .. } => {
+            let found = repos
+                .iter()
+                .zip(&indexes)
+                .filter_map(|(r, i)| i.newest(name).map(|p| (r, p)))
+                .max_by(|a, b| basalt_rootfs::apk::version::compare(&a.1.version, &b.1.version));
+            let Some((r, p)) = found else {
+                bail!("no package named {name} in {}", repo.repos.join(", "));
+            };
+            let mut rec = String::new();
+            p.write_record(&mut rec);
+            print!("{rec}");
+            println!(
+                "repository: {}",
+                r.location(&repo.arch, "").trim_end_matches('/')
+            );
         }
     }
     Ok(())

@@ -300,7 +300,7 @@ fn embedded_default_builds_without_a_definition() {
     let _ = std::fs::remove_dir_all(&out);
     run(&mut basalt(
         &env,
-        &["build", "--board", "x86_64", "--out", out.to_str().unwrap()],
+        &["build", "--out", out.to_str().unwrap()],
         "1700000000",
     ));
     let img = out.join("basalt-x86_64-0.1.0.img");
