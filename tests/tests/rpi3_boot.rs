@@ -1,0 +1,191 @@
+//! Raspberry Pi 3 (64-bit) end to end (issue 4): `basalt build
+//! tests/images/rpi3.toml` with init and the Kubernetes stand-in built for
+//! aarch64-unknown-linux-musl, then `qemu-system-aarch64 -M raspi3b` with the
+//! kernel, DTB, initramfs and command line read out of the image's slot-a boot
+//! partition (p2) with mtools: the image's own files are what boots. QEMU does
+//! not emulate the Pi firmware (config.txt, autoboot.txt, tryboot): that side
+//! is checked by the firmware model in init/src/rpi.rs and the structural
+//! tests in imagebuild/tests/build_rpi.rs.
+//!
+//! Asserted from the serial console: stage 1 → stage 2 → stand-in received and
+//! ready → `basalt: ready` on slot a with the image's hostname, the data
+//! partition grown (MBR: extended p4 and logical p7) → clean poweroff; then on
+//! the disk file, with sfdisk, that p7 reaches the end of the SD card.
+
+use anyhow::{Context, Result, ensure};
+use basalt_tests::console::Console;
+use basalt_tests::{build, disk, repo_root, report, work_dir};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+const TARGET: &str = "aarch64-unknown-linux-musl";
+const STEP: Duration = Duration::from_secs(180);
+
+struct Qemu(Child);
+impl Drop for Qemu {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// init and the stand-in for aarch64 (static musl, linked by rust-lld).
+fn build_device_binaries(log_dir: &Path) -> Result<(PathBuf, PathBuf)> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    build::run_logged(
+        "cargo build (init, k8s-standin for aarch64 musl)",
+        Command::new(cargo)
+            .current_dir(repo_root())
+            .env("CARGO_TARGET_AARCH64_UNKNOWN_LINUX_MUSL_LINKER", "rust-lld")
+            .args([
+                "build",
+                "--release",
+                "--target",
+                TARGET,
+                "-p",
+                "basalt-init",
+                "-p",
+                "k8s-standin",
+            ]),
+        &log_dir.join("cargo-aarch64.log"),
+    )?;
+    Ok((
+        build::device_binary(TARGET, "init"),
+        build::device_binary(TARGET, "k8s-standin"),
+    ))
+}
+
+fn mcopy_out(img: &Path, offset: u64, name: &str, to: &Path) -> Result<()> {
+    let st = Command::new("mcopy")
+        .args(["-n", "-o", "-i"])
+        .arg(format!("{}@@{offset}", img.display()))
+        .arg(format!("::{name}"))
+        .arg(to)
+        .status()
+        .context("mcopy (mtools)")?;
+    ensure!(
+        st.success(),
+        "mcopy ::{name} out of the slot-a boot partition failed"
+    );
+    Ok(())
+}
+
+#[test]
+fn rpi3_image_boots_to_ready_under_qemu_raspi3b() -> Result<()> {
+    let dir = work_dir("rpi3_boot")?;
+    build::ensure_binaries(&dir)?; // basalt itself
+    let (init, standin) = build_device_binaries(&dir)?;
+    let out = dir.join("out");
+    let log = dir.join("build.log");
+    build::run_logged(
+        "basalt build tests/images/rpi3.toml",
+        Command::new(build::basalt_binary())
+            .current_dir(repo_root())
+            .args(["build", "tests/images/rpi3.toml", "--raw-only", "--out"])
+            .arg(&out)
+            .env("BASALT_ASSETS", basalt_tests::assets::Assets::root())
+            .env("BASALT_INIT", &init)
+            .env("BASALT_STANDIN", &standin),
+        &log,
+    )?;
+    let img = out.join("basalt-rpi3-test.img");
+    let table = disk::partition_table(&img)?;
+    let p2 = table.partitions.get(1).context("no partition 2")?;
+    let off = table.offset(p2);
+    for f in [
+        "kernel8.img",
+        "initramfs",
+        "bcm2837-rpi-3-b.dtb",
+        "cmdline.txt",
+    ] {
+        mcopy_out(&img, off, f, &dir.join(f))?;
+    }
+    let cmdline = std::fs::read_to_string(dir.join("cmdline.txt"))?;
+    ensure!(
+        !cmdline.trim_end().contains('\n'),
+        "cmdline.txt is not one line: {cmdline:?}"
+    );
+    ensure!(
+        cmdline.contains("basalt.slot=a") && cmdline.contains("basalt.root=5"),
+        "{cmdline}"
+    );
+
+    let sd = dir.join("sd.img");
+    std::fs::copy(&img, &sd)?;
+    let mut child = Qemu(
+        Command::new("qemu-system-aarch64")
+            .args([
+                "-accel",
+                "tcg",
+                "-M",
+                "raspi3b",
+                "-m",
+                "1G",
+                "-display",
+                "none",
+                "-nodefaults",
+            ])
+            .args(["-serial", "stdio", "-no-reboot"])
+            .arg("-kernel")
+            .arg(dir.join("kernel8.img"))
+            .arg("-dtb")
+            .arg(dir.join("bcm2837-rpi-3-b.dtb"))
+            .arg("-initrd")
+            .arg(dir.join("initramfs"))
+            .arg("-append")
+            .arg(cmdline.trim())
+            .arg("-drive")
+            .arg(format!("file={},if=sd,format=raw", sd.display()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting qemu-system-aarch64 (Debian package qemu-system-arm)")?,
+    );
+    let stdout = child.0.stdout.take().context("no console")?;
+    let mut console = Console::spawn(stdout, &dir.join("console.log"))?;
+    console.expect("basalt: stage1 start", STEP)?;
+    console.expect("basalt: stage2 start", STEP)?;
+    console.expect_anywhere(report::RECEIVED_PREFIX, STEP)?;
+    let line = console.expect(report::READY_PREFIX, STEP)?;
+    let ready = report::parse_ready(&line)?;
+    ensure!(ready.slot == "a", "booted slot {}", ready.slot);
+    ensure!(
+        ready.hostname == "basalt-rpi3-test",
+        "hostname {}",
+        ready.hostname
+    );
+    ensure!(ready.kubernetes.distribution == "k3s", "{line}");
+    ensure!(
+        ready.data_grown,
+        "the data partition was not grown on first boot: {line}"
+    );
+    ensure!(
+        ready.pid1_rss_kib <= 4096,
+        "PID 1 RSS {} KiB",
+        ready.pid1_rss_kib
+    );
+    console.expect("basalt: shutdown poweroff", STEP)?;
+    console.expect("basalt: shutdown complete", STEP)?;
+    let errors = console.seen("basalt: error");
+    ensure!(errors.is_empty(), "errors on the console: {errors:?}");
+    let status = loop {
+        if let Some(st) = child.0.try_wait()? {
+            break st;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    ensure!(status.success(), "QEMU exited with {status}");
+
+    // sfdisk (not our code): p7 and the extended p4 now end at the card's end.
+    let table = disk::partition_table(&sd)?;
+    let sectors = std::fs::metadata(&sd)?.len() / 512;
+    let p7 = table.partitions.get(6).context("no partition 7")?;
+    let end = p7.start + p7.size;
+    ensure!(
+        end == sectors,
+        "p7 ends at sector {end}, the card has {sectors}"
+    );
+    Ok(())
+}
