@@ -16,7 +16,7 @@ use sha2::{Digest, Sha256};
 
 use crate::board::{Board, BoardError};
 use crate::imagedef::{ImageDefError, ImageDefinition};
-use crate::{data, disk, esp, initramfs, modules, root, squashfs};
+use crate::{data, disk, esp, initramfs, modules, root, squashfs, verity};
 
 /// SOURCE_DATE_EPOCH when neither the environment nor the image definition
 /// gives one: 2025-01-01T00:00:00Z.
@@ -229,8 +229,11 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
 
     p.step("writing the root filesystem (squashfs)");
     let rootfs = squashfs::write(&tree, epoch32)?;
+    // dm-verity: the hash tree follows the squashfs in root-a; its root hash goes on the cmdline.
+    let root_verity = verity::for_root("root-a", &rootfs);
+    let verity_args = root_verity.cmdline();
 
-    let cmdline = [board.cmdline.trim(), def.cmdline.trim()]
+    let cmdline = [board.cmdline.trim(), def.cmdline.trim(), &verity_args]
         .iter()
         .filter(|s| !s.is_empty())
         .copied()
@@ -320,7 +323,8 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
     disk::copy_part(&mut f, &d, "data_mib", &ext4)?;
 
     p.step("writing root-a");
-    disk::write_part(&mut f, &layout.root_a(), "root_mib", &rootfs)?;
+    let root_a = root_verity.partition_content(&rootfs);
+    disk::write_part(&mut f, &layout.root_a(), "root_mib", &root_a)?;
 
     p.step("finishing");
     f.sync_all().map_err(|err| BuildError::Io {

@@ -27,6 +27,7 @@ pub mod stage2;
 pub mod supervisor;
 #[allow(unsafe_code)]
 pub mod sys;
+pub mod verity;
 
 use std::path::Path;
 

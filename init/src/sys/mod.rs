@@ -7,6 +7,7 @@
 //! grow policy (what to mount, when to retry).
 
 pub mod block;
+pub mod dm;
 
 use std::ffi::CString;
 use std::fs::File;
