@@ -133,6 +133,7 @@ fn supervise(ctx: Context) -> Option<ShutdownKind> {
             slot: ctx.handoff.slot.clone(),
             hostname: ctx.hostname.clone(),
             machine_id: ctx.machine_id.clone(),
+            verity: Some(ctx.handoff.verity_name.clone()).filter(|n| !n.is_empty()),
         },
         proc_dir: PathBuf::from("/proc"),
     };
@@ -170,6 +171,7 @@ pub fn ready_report(ctx: &Context, sup: &Supervisor, proc_dir: &Path) -> Json {
         ),
         ("pid1_rss_kib", Json::Num(report::rss_kib(proc_dir))),
         ("data_grown", Json::Bool(ctx.handoff.data_grown)),
+        ("verity", sup.verity_json()),
         (
             "timings_ms",
             Json::Obj(vec![

@@ -49,6 +49,8 @@ pub struct NodeInfo {
     pub slot: String,
     pub hostname: String,
     pub machine_id: String,
+    /// The root's dm-verity mapping (`basalt-root-a`); `None` when the root is not verified.
+    pub verity: Option<String>,
 }
 
 /// Everything the supervisor needs; no global paths inside.
@@ -129,6 +131,8 @@ pub const SIGNALS: &[Signal] = &[
 const KILL_GRACE: Duration = Duration::from_secs(5);
 /// Longest sleep of the loop when no timer is due (a safety net, not a tick).
 const MAX_SLEEP: Duration = Duration::from_secs(60);
+/// How often the loop asks device-mapper about the root's verity status.
+const VERITY_CHECK: Duration = Duration::from_secs(1);
 /// Cap on a TCP/HTTP probe: probes run inline, so they must be short.
 const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
 
@@ -142,6 +146,9 @@ pub struct Supervisor {
     info: NodeInfo,
     proc_dir: PathBuf,
     all_ready_at: Option<Instant>,
+    /// Last verity status check, and whether a corruption was reported.
+    verity_checked: Option<Instant>,
+    verity_corrupted: bool,
     on_ready: Option<ReadyHook>,
     shutdown: Option<Shutdown>,
 }
@@ -214,6 +221,8 @@ impl Supervisor {
             info: config.info,
             proc_dir: config.proc_dir,
             all_ready_at: None,
+            verity_checked: None,
+            verity_corrupted: false,
             on_ready: None,
             shutdown: None,
         })
@@ -242,6 +251,7 @@ impl Supervisor {
     pub fn run(&mut self) -> ShutdownKind {
         loop {
             guarded("supervisor timers", || self.tick(Instant::now()));
+            guarded("verity status", || self.check_verity(Instant::now(), false));
             if let Some(sd) = &self.shutdown
                 && sd.done
             {
@@ -645,8 +655,14 @@ impl Supervisor {
         }
         let words: Vec<&str> = line.split_whitespace().collect();
         let (reply, then) = match words.as_slice() {
-            ["status"] => (self.status_text(), None),
-            ["status", "--json"] => (format!("{}\n", self.status_json()), None),
+            ["status"] => {
+                self.check_verity(Instant::now(), true);
+                (self.status_text(), None)
+            }
+            ["status", "--json"] => {
+                self.check_verity(Instant::now(), true);
+                (format!("{}\n", self.status_json()), None)
+            }
             ["reboot"] => ("ok reboot\n".to_string(), Some(ShutdownKind::Reboot)),
             ["poweroff"] => ("ok poweroff\n".to_string(), Some(ShutdownKind::PowerOff)),
             _ => (format!("error unknown command {:?}\n", line.trim()), None),
@@ -668,6 +684,50 @@ impl Supervisor {
             State::Exited => "exited",
             State::Stopped => "stopped",
             State::Blocked => "blocked",
+        }
+    }
+
+    /// Ask device-mapper whether the root's verity target has seen a
+    /// corrupted block (at most once a second unless `now_please`); report
+    /// the first detection on the console.
+    fn check_verity(&mut self, now: Instant, now_please: bool) {
+        let Some(name) = self.info.verity.clone() else {
+            return;
+        };
+        if self.verity_corrupted
+            || (!now_please
+                && self
+                    .verity_checked
+                    .is_some_and(|t| now.duration_since(t) < VERITY_CHECK))
+        {
+            return;
+        }
+        self.verity_checked = Some(now);
+        let mut dm = crate::verity::KernelDeviceMapper::default();
+        match crate::verity::DeviceMapper::verity_status(&mut dm, &name) {
+            Ok(st) if crate::verity::corrupted(&st) => {
+                self.verity_corrupted = true;
+                console::error(
+                    "verity",
+                    format_args!(
+                        "corruption detected on {name} (status {st}): reads of corrupted blocks fail with EIO"
+                    ),
+                );
+            }
+            Ok(_) => {}
+            Err(e) => console::error("verity", e),
+        }
+    }
+
+    /// `verity` in status and ready reports: `null` without verity, else
+    /// `{"device": <mapping>, "corrupted": bool}`.
+    pub fn verity_json(&self) -> Json {
+        match &self.info.verity {
+            None => Json::Null,
+            Some(name) => Json::Obj(vec![
+                ("device", Json::str(name)),
+                ("corrupted", Json::Bool(self.verity_corrupted)),
+            ]),
         }
     }
 
@@ -698,6 +758,7 @@ impl Supervisor {
                 Json::Num(crate::report::uptime_ms(&self.proc_dir)),
             ),
             ("ready", Json::Bool(self.all_ready_at.is_some())),
+            ("verity", self.verity_json()),
             ("services", Json::Arr(services)),
         ])
     }
@@ -717,6 +778,15 @@ impl Supervisor {
                 "yes"
             } else {
                 "no"
+            }
+        );
+        let _ = writeln!(
+            s,
+            "verity:     {}",
+            match &self.info.verity {
+                None => "off".to_string(),
+                Some(n) if self.verity_corrupted => format!("{n} CORRUPTION DETECTED"),
+                Some(n) => format!("{n} ok"),
             }
         );
         let _ = writeln!(

@@ -47,6 +47,7 @@ fn supervisor_role() {
             slot: "a".into(),
             hostname: "testhost".into(),
             machine_id: "0123456789abcdef0123456789abcdef".into(),
+            verity: None,
         },
         proc_dir: PathBuf::from("/proc"),
     };
