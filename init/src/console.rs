@@ -55,3 +55,25 @@ pub fn guarded<T>(what: &str, f: impl FnOnce() -> T) -> Option<T> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A panicking task is caught and reported; the same task runs again next time.
+    #[test]
+    fn a_panicking_task_is_caught_and_runs_again() {
+        let mut runs = 0;
+        for i in 0..3 {
+            let r = guarded("test task", || {
+                runs += 1;
+                if i == 1 {
+                    panic!("boom in run {i}");
+                }
+                i
+            });
+            assert_eq!(r, if i == 1 { None } else { Some(i) });
+        }
+        assert_eq!(runs, 3);
+    }
+}

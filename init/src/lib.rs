@@ -8,6 +8,11 @@
 //! kernel command line, image facts) live here, in modules the builder uses.
 //! All `unsafe` code is in `sys`.
 #![deny(unsafe_code)]
+// PID 1 must not die on a surprise: no unwrap/expect/panic outside tests.
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
+)]
 
 pub mod blockdev;
 pub mod bundle;
