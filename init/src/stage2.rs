@@ -136,6 +136,7 @@ fn supervise(ctx: Context) -> Option<ShutdownKind> {
             verity: Some(ctx.handoff.verity_name.clone()).filter(|n| !n.is_empty()),
         },
         proc_dir: PathBuf::from("/proc"),
+        watchdog: Some(PathBuf::from("/dev/watchdog")),
     };
     let mut sup = match Supervisor::new(config) {
         Ok(s) => s,

@@ -64,6 +64,8 @@ pub struct Config {
     pub info: NodeInfo,
     /// `/proc`, for uptime in status replies.
     pub proc_dir: PathBuf,
+    /// A watchdog device to arm and pet from the loop, when it exists.
+    pub watchdog: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -149,6 +151,10 @@ pub struct Supervisor {
     /// Last verity status check, and whether a corruption was reported.
     verity_checked: Option<Instant>,
     verity_corrupted: bool,
+    watchdog: Option<sys::watchdog::Watchdog>,
+    last_pet: Instant,
+    /// Set by `basaltctl debug stop-watchdog`: the loop runs on but stops petting.
+    watchdog_stopped: bool,
     on_ready: Option<ReadyHook>,
     shutdown: Option<Shutdown>,
 }
@@ -223,6 +229,9 @@ impl Supervisor {
             all_ready_at: None,
             verity_checked: None,
             verity_corrupted: false,
+            watchdog: open_watchdog(config.watchdog.as_deref()),
+            last_pet: now,
+            watchdog_stopped: false,
             on_ready: None,
             shutdown: None,
         })
@@ -252,6 +261,7 @@ impl Supervisor {
         loop {
             guarded("supervisor timers", || self.tick(Instant::now()));
             guarded("verity status", || self.check_verity(Instant::now(), false));
+            guarded("watchdog", || self.pet_watchdog(Instant::now()));
             if let Some(sd) = &self.shutdown
                 && sd.done
             {
@@ -369,6 +379,11 @@ impl Supervisor {
 
     fn next_wake(&self, now: Instant) -> Duration {
         let mut next = now + MAX_SLEEP;
+        if let Some(w) = &self.watchdog
+            && !self.watchdog_stopped
+        {
+            next = next.min(self.last_pet + pet_interval(w.timeout_secs));
+        }
         for u in &self.units {
             match u.state {
                 State::Backoff if self.shutdown.is_none() => next = next.min(u.restart_at),
@@ -665,6 +680,18 @@ impl Supervisor {
             }
             ["reboot"] => ("ok reboot\n".to_string(), Some(ShutdownKind::Reboot)),
             ["poweroff"] => ("ok poweroff\n".to_string(), Some(ShutdownKind::PowerOff)),
+            // Test hook for the watchdog: the loop keeps running but stops petting.
+            ["debug", "stop-watchdog"] => {
+                self.watchdog_stopped = true;
+                let reply = match &self.watchdog {
+                    Some(w) => format!(
+                        "ok watchdog no longer petted, reset in {} s\n",
+                        w.timeout_secs
+                    ),
+                    None => "error no watchdog\n".to_string(),
+                };
+                (reply, None)
+            }
             _ => (format!("error unknown command {:?}\n", line.trim()), None),
         };
         let _ = (&stream).write_all(reply.as_bytes());
@@ -684,6 +711,20 @@ impl Supervisor {
             State::Exited => "exited",
             State::Stopped => "stopped",
             State::Blocked => "blocked",
+        }
+    }
+
+    fn pet_watchdog(&mut self, now: Instant) {
+        if self.watchdog_stopped {
+            return;
+        }
+        if let Some(w) = &mut self.watchdog
+            && now.duration_since(self.last_pet) >= pet_interval(w.timeout_secs) / 2
+        {
+            if let Err(e) = w.pet() {
+                console::error("watchdog", e);
+            }
+            self.last_pet = now;
         }
     }
 
@@ -806,6 +847,35 @@ impl Supervisor {
             );
         }
         s
+    }
+}
+
+/// Pet at least this often: a third of the timeout (the loop may pet earlier).
+fn pet_interval(timeout_secs: u32) -> Duration {
+    Duration::from_millis(u64::from(timeout_secs.max(1)) * 1000 / 3)
+}
+
+/// Seconds the watchdog waits for a pet before resetting the machine.
+pub const WATCHDOG_TIMEOUT_SECS: u32 = 10;
+
+fn open_watchdog(path: Option<&Path>) -> Option<sys::watchdog::Watchdog> {
+    let path = path?;
+    if !path.exists() {
+        return None;
+    }
+    match sys::watchdog::Watchdog::open(path, WATCHDOG_TIMEOUT_SECS) {
+        Ok(w) => {
+            crate::say!(
+                "watchdog {} armed, timeout {} s",
+                path.display(),
+                w.timeout_secs
+            );
+            Some(w)
+        }
+        Err(e) => {
+            console::error("watchdog", format_args!("{} ({e})", path.display()));
+            None
+        }
     }
 }
 

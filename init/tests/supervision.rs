@@ -50,6 +50,7 @@ fn supervisor_role() {
             verity: None,
         },
         proc_dir: PathBuf::from("/proc"),
+        watchdog: None,
     };
     let mut sup = match Supervisor::new(config) {
         Ok(s) => s,

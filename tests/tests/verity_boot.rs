@@ -42,9 +42,9 @@ fn verity_root_boots_and_corruption_is_never_served() -> Result<()> {
         "ready line verity: {}",
         json["verity"]
     );
-    vm.expect("basalt: shutdown complete", STEP)?;
-    let st = vm.wait_exit(Duration::from_secs(60))?;
-    ensure!(st.success(), "QEMU exited with {st}");
+    // The test image has no service that powers it off: stop QEMU here.
+    vm.console.drain(Duration::from_secs(3));
+    vm.kill();
     let errors = vm.console.seen("basalt: error");
     ensure!(
         errors.is_empty(),

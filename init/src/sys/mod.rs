@@ -8,6 +8,7 @@
 
 pub mod block;
 pub mod dm;
+pub mod watchdog;
 
 use std::ffi::CString;
 use std::fs::File;
