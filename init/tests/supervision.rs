@@ -503,6 +503,89 @@ fn orphans_are_reaped() -> Result<(), String> {
     run.finish(Duration::from_secs(20))
 }
 
+fn rss_kib(pid: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    basalt_init::report::parse_rss_kib(&s)
+}
+
+/// 10 000 orphans from one service: all reaped, the supervisor's RSS does not grow.
+fn orphan_storm() -> Result<(), String> {
+    let run = Run::start(&[(
+        "storm",
+        r#"exec = ["/bin/sh", "-c", "sleep 0.5; i=0; while [ $i -lt 10000 ]; do ( : & ); i=$((i+1)); done; touch @DIR@/done; exec sleep 1000"]"#
+            .into(),
+    )]);
+    run.wait("service storm started", Duration::from_secs(10))?;
+    let sup = run.supervisor_pid();
+    let before = rss_kib(sup).ok_or("no supervisor RSS")?;
+    let end = Instant::now() + Duration::from_secs(120);
+    while !run.path("done").exists() {
+        if Instant::now() > end {
+            return Err(format!("storm did not finish:\n{}", run.dump()));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let zombies: Vec<_> = descendants(run.child.id())
+        .into_iter()
+        .filter(|(_, st)| *st == 'Z')
+        .collect();
+    if !zombies.is_empty() {
+        return Err(format!("{} zombies left after the storm", zombies.len()));
+    }
+    let after = rss_kib(sup).ok_or("no supervisor RSS")?;
+    println!("  orphan storm: supervisor RSS {before} KiB before, {after} KiB after 10000 orphans");
+    if after > before + 64 {
+        return Err(format!("supervisor RSS grew from {before} to {after} KiB"));
+    }
+    run.control("poweroff")?;
+    run.finish(Duration::from_secs(20))
+}
+
+/// A crash-looping service backs off to its cap, then runs normally once fixed.
+fn crash_loop_recovers_when_fixed() -> Result<(), String> {
+    let run = Run::start(&[(
+        "flaky",
+        r#"exec = ["/bin/sh", "-c", "[ -e @DIR@/fixed ] || exit 4; touch @DIR@/running; exec sleep 1000"]
+[backoff]
+initial_ms = 100
+max_ms = 200
+reset_after_secs = 1
+"#
+        .into(),
+    )]);
+    run.wait_nth("service flaky started pid", 4, Duration::from_secs(10))?;
+    let exits = run.lines_with("service flaky exited");
+    if !exits
+        .iter()
+        .skip(1)
+        .all(|l| l.contains("restart in 200 ms"))
+        || exits.len() < 3
+    {
+        return Err(format!("no backoff cap of 200 ms: {exits:?}"));
+    }
+    std::fs::write(run.path("fixed"), "").map_err(|e| e.to_string())?;
+    let end = Instant::now() + Duration::from_secs(10);
+    while !run.path("running").exists() {
+        if Instant::now() > end {
+            return Err(format!("never recovered:\n{}", run.dump()));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    let n_exits = run.lines_with("service flaky exited").len();
+    let status = run.control("status --json")?;
+    if !status.contains("\"ready\"") || !status.contains("\"state\":\"ready\"") {
+        return Err(format!("not running after the fix: {status}"));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    if run.lines_with("service flaky exited").len() != n_exits {
+        return Err(format!("still exiting after the fix:\n{}", run.dump()));
+    }
+    run.control("poweroff")?;
+    run.finish(Duration::from_secs(10))
+}
+
 /// Shutdown stops services in reverse dependency order; one ignoring SIGTERM
 /// is SIGKILLed after its stop timeout.
 fn shutdown_in_reverse_order() -> Result<(), String> {
@@ -564,6 +647,11 @@ fn driver() {
         ("crash_loop_backs_off", crash_loop_backs_off),
         ("readiness_gates_dependents", readiness_gates_dependents),
         ("orphans_are_reaped", orphans_are_reaped),
+        ("orphan_storm", orphan_storm),
+        (
+            "crash_loop_recovers_when_fixed",
+            crash_loop_recovers_when_fixed,
+        ),
         ("shutdown_in_reverse_order", shutdown_in_reverse_order),
         ("bad_service_file_is_reported", bad_service_file_is_reported),
     ];
