@@ -16,6 +16,7 @@
 
 pub mod blockdev;
 pub mod bundle;
+pub mod cleanup;
 pub mod cmdline;
 pub mod console;
 pub mod control;

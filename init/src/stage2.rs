@@ -465,6 +465,19 @@ fn kubernetes(ctx: &mut Context) -> Result<(), Stage2Error> {
 /// kill what is left, sync, unmount (or remount read-only), `reboot(2)`.
 pub fn shutdown(kind: ShutdownKind) -> ! {
     guarded("shutdown", || {
+        // What k3s/k0s leave behind (k3s-killall.sh), before everything else goes.
+        let c = crate::cleanup::kubernetes_leftovers(Path::new("/"), Path::new("/proc"));
+        if c != crate::cleanup::Cleaned::default() {
+            say!(
+                "k8s-cleanup killed {} shim processes, unmounted {}, deleted links {:?}",
+                c.killed.len(),
+                c.unmounted.len(),
+                c.links
+            );
+        }
+        say!(
+            "k8s-cleanup skipped iptables rules: no iptables on the image, they end with the kernel"
+        );
         kill_everything();
         sys::sync();
         unmount_all(&mut KernelMounts);

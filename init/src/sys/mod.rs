@@ -8,6 +8,7 @@
 
 pub mod block;
 pub mod dm;
+pub mod netlink;
 pub mod watchdog;
 
 use std::ffi::CString;
