@@ -6,10 +6,21 @@ use std::io::Write;
 
 /// Write `basalt: <msg>` on the console (stdout).
 pub fn line(msg: std::fmt::Arguments<'_>) {
-    let text = format!("basalt: {msg}\n");
+    let body = msg.to_string();
+    if !crate::logs::record("init", &body) {
+        return;
+    }
+    let text = format!("basalt: {body}\n");
     let mut out = std::io::stdout().lock();
     // Nothing sensible to do when the console itself fails.
     let _ = out.write_all(text.as_bytes());
+    let _ = out.flush();
+}
+
+/// A service's output line, as the service wrote it, in one write.
+pub fn raw_line(text: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(format!("{text}\n").as_bytes());
     let _ = out.flush();
 }
 

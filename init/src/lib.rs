@@ -15,6 +15,7 @@
 )]
 
 pub mod blockdev;
+pub mod boottime;
 pub mod bundle;
 pub mod cleanup;
 pub mod cmdline;
@@ -22,6 +23,7 @@ pub mod console;
 pub mod control;
 pub mod gpt;
 pub mod image;
+pub mod logs;
 pub mod modules;
 pub mod mounts;
 pub mod report;

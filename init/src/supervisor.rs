@@ -51,6 +51,8 @@ pub struct NodeInfo {
     pub machine_id: String,
     /// The root's dm-verity mapping (`basalt-root-a`); `None` when the root is not verified.
     pub verity: Option<String>,
+    /// This boot's timings up to the supervisor (`basaltctl boot-time`).
+    pub boot: crate::boottime::BootTimes,
 }
 
 /// Everything the supervisor needs; no global paths inside.
@@ -108,6 +110,10 @@ struct Unit {
     check_pid: Option<i32>,
     stop: Option<Stop>,
     last_exit: Option<ExitStatus>,
+    /// The service's stdout/stderr pipe, kept for PID 1's whole life (the
+    /// write end is handed to every run; a restart never breaks a writer).
+    log_pipe: Option<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)>,
+    log_pending: Vec<u8>,
 }
 
 #[derive(Debug)]
@@ -148,6 +154,8 @@ pub struct Supervisor {
     info: NodeInfo,
     proc_dir: PathBuf,
     all_ready_at: Option<Instant>,
+    /// `CLOCK_BOOTTIME` ms when every service was first ready.
+    all_ready_ms: Option<u64>,
     /// Last verity status check, and whether a corruption was reported.
     verity_checked: Option<Instant>,
     verity_corrupted: bool,
@@ -214,6 +222,14 @@ impl Supervisor {
                 check_pid: None,
                 stop: None,
                 last_exit: None,
+                log_pipe: match sys::log_pipe() {
+                    Ok(p) => Some(p),
+                    Err(e) => {
+                        console::error("log-pipe", format_args!("{} ({e})", def.name));
+                        None
+                    }
+                },
+                log_pending: Vec::new(),
             })
             .collect();
         let control = config.control_socket.as_deref().and_then(open_control);
@@ -227,6 +243,7 @@ impl Supervisor {
             info: config.info,
             proc_dir: config.proc_dir,
             all_ready_at: None,
+            all_ready_ms: None,
             verity_checked: None,
             verity_corrupted: false,
             watchdog: open_watchdog(config.watchdog.as_deref()),
@@ -273,6 +290,11 @@ impl Supervisor {
                 if let Some(l) = &self.control {
                     fds.push(l.as_fd());
                 }
+                for u in &self.units {
+                    if let Some((r, _)) = &u.log_pipe {
+                        fds.push(r.as_fd());
+                    }
+                }
                 match sys::poll_readable(&fds, Some(wait.as_millis() as u32)) {
                     Ok(r) => r,
                     Err(e) => {
@@ -284,8 +306,12 @@ impl Supervisor {
             };
             guarded("supervisor signals", || self.handle_signals());
             guarded("supervisor reaping", || self.reap_all());
-            if readable.get(1).copied().unwrap_or(false) {
+            let first_log = if self.control.is_some() { 2 } else { 1 };
+            if self.control.is_some() && readable.get(1).copied().unwrap_or(false) {
                 guarded("control socket", || self.serve_control());
+            }
+            if readable.iter().skip(first_log).any(|r| *r) {
+                guarded("service logs", || self.drain_logs());
             }
         }
     }
@@ -371,6 +397,7 @@ impl Supervisor {
                 .all(|u| u.state == State::Blocked || u.first_ready.is_some())
         {
             self.all_ready_at = Some(now);
+            self.all_ready_ms = Some(sys::boottime_ms());
             if let Some(hook) = self.on_ready.take() {
                 hook(self);
             }
@@ -413,7 +440,14 @@ impl Supervisor {
             .env_clear()
             .envs(self.base_env.iter().map(|(k, v)| (k, v)))
             .envs(&u.def.env)
-            .stdin(Stdio::null())
+            .stdin(Stdio::null());
+        // Output into the log ring through the unit's pipe (console when there is none).
+        if let Some((_, w)) = &u.log_pipe
+            && let (Ok(a), Ok(b)) = (w.try_clone(), w.try_clone())
+        {
+            cmd.stdout(Stdio::from(a)).stderr(Stdio::from(b));
+        }
+        cmd
             // Own process group: stopping a service signals everything it started.
             .process_group(0);
         sys::unblock_signals_in_child(&mut cmd);
@@ -680,6 +714,13 @@ impl Supervisor {
             }
             ["reboot"] => ("ok reboot\n".to_string(), Some(ShutdownKind::Reboot)),
             ["poweroff"] => ("ok poweroff\n".to_string(), Some(ShutdownKind::PowerOff)),
+            ["logs"] => (crate::logs::reply(None, 0), None),
+            ["logs", "--since", n] => (crate::logs::reply(None, n.parse().unwrap_or(0)), None),
+            ["logs", name] => (crate::logs::reply(Some(name), 0), None),
+            ["logs", name, "--since", n] => {
+                (crate::logs::reply(Some(name), n.parse().unwrap_or(0)), None)
+            }
+            ["boot-time"] => (self.boot_time_text(), None),
             // Test hook for the watchdog: the loop keeps running but stops petting.
             ["debug", "stop-watchdog"] => {
                 self.watchdog_stopped = true;
@@ -711,6 +752,33 @@ impl Supervisor {
             State::Exited => "exited",
             State::Stopped => "stopped",
             State::Blocked => "blocked",
+        }
+    }
+
+    fn boot_time_text(&self) -> String {
+        let (exec, ready) = self.milestones(crate::service::KUBERNETES_SERVICE);
+        crate::boottime::render(&self.info.boot, exec, ready, self.all_ready_ms)
+    }
+
+    /// Read whatever the services wrote, into the ring (and the console).
+    fn drain_logs(&mut self) {
+        let mut buf = [0u8; 4096];
+        for u in &mut self.units {
+            let Some((r, _)) = &u.log_pipe else {
+                continue;
+            };
+            // Bounded: a chatty service cannot starve the loop.
+            for _ in 0..16 {
+                let n = match sys::read_nonblocking(r, &mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                for line in crate::logs::split_lines(&mut u.log_pending, &buf[..n]) {
+                    if crate::logs::record(&u.def.name, &line) {
+                        console::raw_line(&line);
+                    }
+                }
+            }
         }
     }
 

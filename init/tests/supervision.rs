@@ -31,6 +31,7 @@ fn main() {
 fn supervisor_role() {
     let args: Vec<String> = std::env::args().collect();
     basalt_init::console::install_panic_hook();
+    basalt_init::logs::init(basalt_init::logs::Settings::default());
     if let Err(e) = basalt_init::sys::set_child_subreaper() {
         eprintln!("subreaper: {e}");
         std::process::exit(2);
@@ -48,6 +49,7 @@ fn supervisor_role() {
             hostname: "testhost".into(),
             machine_id: "0123456789abcdef0123456789abcdef".into(),
             verity: None,
+            boot: Default::default(),
         },
         proc_dir: PathBuf::from("/proc"),
         watchdog: None,
@@ -586,6 +588,48 @@ reset_after_secs = 1
     run.finish(Duration::from_secs(10))
 }
 
+/// Service output goes through a pipe into the log ring (and on to the
+/// console); `logs <service>` returns only that service's lines.
+fn logs_are_kept_per_service() -> Result<(), String> {
+    let run = Run::start(&[
+        (
+            "chatty",
+            r#"exec = ["/bin/sh", "-c", "echo hello-out; echo hello-err >&2; printf 'no-newline'; sleep 0.2; echo ' end'; exec sleep 1000"]"#
+                .into(),
+        ),
+        ("quiet", r#"exec = ["/bin/sleep", "1000"]"#.into()),
+    ]);
+    run.wait("hello-err", Duration::from_secs(10))?;
+    run.wait("no-newline end", Duration::from_secs(10))?;
+    let logs = run.control("logs chatty")?;
+    for want in [
+        " chatty: hello-out",
+        " chatty: hello-err",
+        " chatty: no-newline end",
+    ] {
+        if !logs.contains(want) {
+            return Err(format!("{want:?} not in logs:\n{logs}"));
+        }
+    }
+    if logs.contains("quiet") || logs.contains("init:") {
+        return Err(format!("other sources in `logs chatty`:\n{logs}"));
+    }
+    let all = run.control("logs")?;
+    if !all.contains(" init: service quiet started pid") {
+        return Err(format!("init's own lines missing from `logs`:\n{all}"));
+    }
+    let last: u64 = all
+        .lines()
+        .last()
+        .and_then(|l| l.split_whitespace().next()?.parse().ok())
+        .ok_or("no sequence numbers")?;
+    if !run.control(&format!("logs --since {last}"))?.is_empty() {
+        return Err("`--since <last>` returned lines".into());
+    }
+    run.control("poweroff")?;
+    run.finish(Duration::from_secs(10))
+}
+
 /// Shutdown stops services in reverse dependency order; one ignoring SIGTERM
 /// is SIGKILLed after its stop timeout.
 fn shutdown_in_reverse_order() -> Result<(), String> {
@@ -648,6 +692,7 @@ fn driver() {
         ("readiness_gates_dependents", readiness_gates_dependents),
         ("orphans_are_reaped", orphans_are_reaped),
         ("orphan_storm", orphan_storm),
+        ("logs_are_kept_per_service", logs_are_kept_per_service),
         (
             "crash_loop_recovers_when_fixed",
             crash_loop_recovers_when_fixed,

@@ -387,3 +387,21 @@ pub fn boottime_ms() -> u64 {
         (t.tv_sec() as u64).saturating_mul(1000) + (t.tv_nsec() as u64) / 1_000_000
     })
 }
+
+/// A pipe for a service's output: `(read end, write end)`, both close-on-exec
+/// (the child gets a dup without the flag); the read end is non-blocking.
+pub fn log_pipe() -> Result<(std::os::fd::OwnedFd, std::os::fd::OwnedFd), Errno> {
+    use nix::fcntl::{FcntlArg, OFlag, fcntl};
+    let (r, w) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
+    fcntl(&r, FcntlArg::F_SETFL(OFlag::O_NONBLOCK))?;
+    Ok((r, w))
+}
+
+/// `read(2)` on a non-blocking fd: `Ok(0)` also when nothing is there (EAGAIN).
+pub fn read_nonblocking(fd: &std::os::fd::OwnedFd, buf: &mut [u8]) -> Result<usize, Errno> {
+    match nix::unistd::read(fd, buf) {
+        Ok(n) => Ok(n),
+        Err(Errno::EAGAIN) => Ok(0),
+        Err(e) => Err(e),
+    }
+}
