@@ -49,5 +49,12 @@ fn a_stalled_supervisor_is_reset_by_the_watchdog() -> Result<()> {
         took.as_millis()
     );
     eprintln!("kernel: {:?}", vm.console.seen("softdog"));
+    for l in vm.console.seen("wd-") {
+        eprintln!("{l}");
+    }
+    ensure!(
+        !vm.console.seen("wd-boot: Startup finished in").is_empty(),
+        "no boot-time report"
+    );
     Ok(())
 }
