@@ -200,6 +200,7 @@ pub fn ready_report(ctx: &Context, sup: &Supervisor, proc_dir: &Path) -> Json {
         (
             "timings_ms",
             Json::Obj(vec![
+                ("stage1_start", Json::Num(ctx.handoff.kernel_start_to_stage1_ms)),
                 ("stage1", Json::Num(ctx.handoff.stage1_end_ms)),
                 ("stage2", Json::Num(ctx.stage2_end_ms)),
                 ("kubernetes_exec", Json::opt_num(exec_at)),
