@@ -148,7 +148,7 @@ impl Control {
     /// `DM_TABLE_STATUS` (info, not the table): each live target with its status text
     /// (dm-verity: `V` verified so far, `C` a corruption was detected).
     pub fn status(&self, name: &str) -> Result<Vec<Target>, Errno> {
-        let mut b = buffer(name, 16 * 1024, 0, 0)?;
+        let mut b = buffer(name, 4096, 0, 0)?;
         self.call(DM_TABLE_STATUS, &mut b)?;
         if u32_at(&b, 28) & DM_BUFFER_FULL_FLAG != 0 {
             return Err(Errno::ENOSPC);
