@@ -26,7 +26,7 @@ cd - >/dev/null
 
 
 declare -A rss
-for variant in basalt tini catatonit; do
+for variant in ${VARIANTS:-basalt tini catatonit}; do
   vals=()
   for i in $(seq 1 "$N"); do
     log="$OUT/mem-$variant-$i.log"
@@ -55,4 +55,4 @@ for variant in basalt tini catatonit; do
   rss[$variant]=$(printf '%s\n' "${vals[@]}" | median)
   echo "median $variant RSS ${rss[$variant]} kB (N=$N)"
 done
-python3 -c "print('ratio basalt/tini = %.2f, basalt/catatonit = %.2f' % (${rss[basalt]}/${rss[tini]}, ${rss[basalt]}/${rss[catatonit]}))"
+[ -n "${rss[tini]:-}" ] && python3 -c "print('ratio basalt/tini = %.2f, basalt/catatonit = %.2f' % (${rss[basalt]}/${rss[tini]}, ${rss[basalt]}/${rss[catatonit]}))"

@@ -10,7 +10,10 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 
 /// Default ring size.
-pub const DEFAULT_RING_KIB: usize = 128;
+pub const DEFAULT_RING_KIB: usize = 32;
+/// Bytes an entry costs besides its text: the `Entry` in the deque and two
+/// allocations' headers (counted so the ring's real heap use stays near its size).
+const ENTRY_OVERHEAD: usize = 96;
 /// Where persistent logs go when enabled.
 pub const PERSISTENT_PATH: &str = "/var/log/basalt.log";
 
@@ -90,10 +93,10 @@ impl Ring {
             }
             text.truncate(cut);
         }
-        let cost = text.len() + source.len() + 32;
+        let cost = text.len() + source.len() + ENTRY_OVERHEAD;
         while self.bytes + cost > self.limit {
             match self.entries.pop_front() {
-                Some(e) => self.bytes -= e.text.len() + e.source.len() + 32,
+                Some(e) => self.bytes -= e.text.len() + e.source.len() + ENTRY_OVERHEAD,
                 None => break,
             }
         }
