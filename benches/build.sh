@@ -27,7 +27,7 @@ for i in $(seq 1 "$N"); do
 
   w="$OUT/sh$i"; rm -rf "$w"; mkdir -p "$w"
   t0=$(now_ms)
-  mksquashfs "$in/root" "$w/root.sqfs" -comp zstd -noappend -quiet -all-root -mkfs-time "$SOURCE_DATE_EPOCH" -all-time "$SOURCE_DATE_EPOCH" >/dev/null
+  mksquashfs "$in/root" "$w/root.sqfs" -comp zstd -noappend -quiet -all-root >/dev/null
   sz=$(stat -c %s "$w/root.sqfs"); hoff=$(( (sz + 4095) / 4096 * 4096 ))
   veritysetup format "$w/root.sqfs" "$w/root.sqfs" --hash-offset=$hoff --data-blocks=$((hoff / 4096)) >"$w/verity.txt"
   mkfs.vfat -C -F 32 -n BASALT "$w/esp.img" $((128 * 1024)) >/dev/null
