@@ -17,7 +17,7 @@ use sha2::{Digest, Sha256};
 use crate::board::{Board, BoardError, PartitionTable};
 use crate::disk::MIB;
 use crate::imagedef::{ImageDefError, ImageDefinition};
-use crate::{data, disk, esp, initramfs, mbr, modules, packages, root, rpiboot, squashfs};
+use crate::{data, disk, esp, initramfs, mbr, modules, packages, root, rpiboot, squashfs, verity};
 
 /// SOURCE_DATE_EPOCH when neither the environment nor the image definition
 /// gives one: 2025-01-01T00:00:00Z.
@@ -216,7 +216,10 @@ struct Payload<'a> {
     epoch: u64,
     kernel: Vec<u8>,
     initramfs: Vec<u8>,
+    /// root-a's content: the squashfs, then its dm-verity hash area.
     rootfs: Vec<u8>,
+    /// `basalt.verity=… basalt.verity_data_blocks=…` for the slot's command line.
+    verity_args: String,
     node_config: Option<Vec<u8>>,
 }
 
@@ -292,7 +295,12 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
     let initramfs = initramfs::build(&board, &tree, &mods, &init, epoch32)?;
 
     p.step("writing the root filesystem (squashfs)");
-    let rootfs = squashfs::write(&tree, epoch32)?;
+    let squashfs = squashfs::write(&tree, epoch32)?;
+    // dm-verity: the hash tree follows the squashfs in root-a; its root hash
+    // goes on the slot's command line (docs/boot-protocol.md, "dm-verity").
+    let root_verity = verity::for_root("root-a", &squashfs);
+    let verity_args = root_verity.cmdline();
+    let rootfs = root_verity.partition_content(&squashfs);
 
     let node_config = match &opts.node_config {
         Some(path) => Some(std::fs::read(path).map_err(|err| BuildError::Io {
@@ -326,6 +334,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
         kernel,
         initramfs,
         rootfs,
+        verity_args,
         node_config,
     };
     let (f, size) = match boot_extra {
@@ -370,8 +379,8 @@ enum BootExtra {
 }
 
 /// The board's command line plus the image definition's additions.
-fn cmdline(board: &Board, def: &ImageDefinition) -> String {
-    [board.cmdline.trim(), def.cmdline.trim()]
+fn cmdline(board: &Board, def: &ImageDefinition, verity_args: &str) -> String {
+    [board.cmdline.trim(), def.cmdline.trim(), verity_args.trim()]
         .iter()
         .filter(|s| !s.is_empty())
         .copied()
@@ -425,7 +434,7 @@ fn write_gpt(
     if let Some(mib) = def.image_size_mib {
         return Err(BuildError::ImageSizeGpt { mib });
     }
-    let entry = esp::loader_entry(&def.os_version, "a", &cmdline(board, def));
+    let entry = esp::loader_entry(&def.os_version, "a", &cmdline(board, def, &pl.verity_args));
     let seed = seed(&[
         board.name.as_bytes(),
         def.os_version.as_bytes(),
@@ -487,7 +496,8 @@ fn write_mbr(
         .into());
     };
     let config_txt = rpiboot::config_txt(pi, &def.rpi, &def.os_version, Slot::A);
-    let cmdline_txt = rpiboot::cmdline_txt(&board.cmdline, &def.cmdline, Slot::A);
+    let def_cmdline = format!("{} {}", def.cmdline, pl.verity_args);
+    let cmdline_txt = rpiboot::cmdline_txt(&board.cmdline, &def_cmdline, Slot::A);
     let autoboot = rpiboot::autoboot_txt();
 
     let mut slot_files: Vec<(&str, &[u8])> = vec![

@@ -53,6 +53,45 @@ impl VerityTree {
     }
 }
 
+impl VerityTree {
+    /// The slot's kernel command line keys (docs/boot-protocol.md, "dm-verity").
+    pub fn cmdline(&self) -> String {
+        format!(
+            "{}={} {}={}",
+            basalt_init::slot::CMDLINE_VERITY,
+            self.root_hash_hex(),
+            basalt_init::slot::CMDLINE_VERITY_DATA_BLOCKS,
+            self.data_blocks
+        )
+    }
+
+    /// The root partition's content: `data` zero-padded to `hash_offset`,
+    /// then the hash area.
+    pub fn partition_content(&self, data: &[u8]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.hash_offset as usize + self.hash_area.len());
+        out.extend_from_slice(data);
+        out.resize(self.hash_offset as usize, 0);
+        out.extend_from_slice(&self.hash_area);
+        out
+    }
+}
+
+/// Build the tree for a slot's root filesystem with a salt and superblock
+/// UUID derived from `label` and the data (same inputs, same bytes).
+pub fn for_root(label: &str, data: &[u8]) -> VerityTree {
+    let salt = derive_salt(label, data);
+    let mut h = Sha256::new();
+    h.update(b"basalt verity uuid\0");
+    h.update(salt);
+    let d: [u8; 32] = h.finalize().into();
+    let mut uuid = [0u8; 16];
+    uuid.copy_from_slice(&d[..16]);
+    // RFC 4122 version 4 / variant bits, as veritysetup prints UUIDs.
+    uuid[6] = (uuid[6] & 0x0f) | 0x40;
+    uuid[8] = (uuid[8] & 0x3f) | 0x80;
+    build(data, salt, uuid)
+}
+
 pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -191,8 +191,11 @@ fn build_test_image_and_check_with_standard_tools() {
     };
     let entry = String::from_utf8(mt("/loader/entries/basalt-a.conf")).unwrap();
     assert!(entry.contains("linux /a/vmlinuz\n"), "{entry}");
+    // Board cmdline, then dm-verity's root hash and data block count, then the slot.
     assert!(
-        entry.contains("options console=ttyS0,115200 basalt.slot=a\n"),
+        entry.contains("options console=ttyS0,115200 basalt.verity=")
+            && entry.contains(" basalt.verity_data_blocks=")
+            && entry.contains(" basalt.slot=a\n"),
         "{entry}"
     );
     let conf = String::from_utf8(mt("/loader/loader.conf")).unwrap();

@@ -2,10 +2,15 @@
 //! booted. Keys are listed in docs/boot-protocol.md; unknown `basalt.*` keys
 //! are reported and ignored, other keys belong to the kernel and are skipped.
 
-use crate::slot::{CMDLINE_SLOT, Slot};
+use crate::slot::{CMDLINE_SLOT, CMDLINE_VERITY, CMDLINE_VERITY_DATA_BLOCKS, Slot};
 
 /// `basalt.*` keys this init understands.
-const KNOWN_KEYS: &[&str] = &[CMDLINE_SLOT, "basalt.verity", "basalt.root"];
+const KNOWN_KEYS: &[&str] = &[
+    CMDLINE_SLOT,
+    CMDLINE_VERITY,
+    CMDLINE_VERITY_DATA_BLOCKS,
+    "basalt.root",
+];
 
 /// What the command line tells init.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -14,6 +19,8 @@ pub struct BootArgs {
     pub verity: Option<String>,
     /// MBR boards: the partition number of this slot's root (`basalt.root=5`).
     pub root_partition: Option<u32>,
+    /// Data blocks (4096 bytes) covered by the verity tree.
+    pub verity_data_blocks: Option<u64>,
     /// Problems to report as `basalt: error` lines (unknown keys, bad values).
     pub problems: Vec<String>,
 }
@@ -68,7 +75,11 @@ pub fn parse(cmdline: &str) -> BootArgs {
                 Some(s) => args.slot = Some(s),
                 None => args.problems.push(format!("bad value {key}={v}")),
             },
-            ("basalt.verity", Some(v)) => {
+            (CMDLINE_VERITY_DATA_BLOCKS, Some(v)) => match v.parse::<u64>() {
+                Ok(n) if n > 0 => args.verity_data_blocks = Some(n),
+                _ => args.problems.push(format!("bad value {key}={v}")),
+            },
+            (CMDLINE_VERITY, Some(v)) => {
                 if v.len() == 64 && v.bytes().all(|b| b.is_ascii_hexdigit()) {
                     args.verity = Some(v.to_ascii_lowercase());
                 } else {
@@ -124,5 +135,10 @@ mod tests {
             Some("a".repeat(64))
         );
         assert_eq!(parse("basalt.verity=abc").problems.len(), 1);
+        let a = parse(&format!("basalt.verity={h} basalt.verity_data_blocks=12"));
+        assert_eq!(a.verity_data_blocks, Some(12));
+        assert!(a.problems.is_empty());
+        assert_eq!(parse("basalt.verity_data_blocks=0").problems.len(), 1);
+        assert_eq!(parse("basalt.verity_data_blocks=x").problems.len(), 1);
     }
 }

@@ -6,10 +6,21 @@ use std::io::Write;
 
 /// Write `basalt: <msg>` on the console (stdout).
 pub fn line(msg: std::fmt::Arguments<'_>) {
-    let text = format!("basalt: {msg}\n");
+    let body = msg.to_string();
+    if !crate::logs::record("init", &body) {
+        return;
+    }
+    let text = format!("basalt: {body}\n");
     let mut out = std::io::stdout().lock();
     // Nothing sensible to do when the console itself fails.
     let _ = out.write_all(text.as_bytes());
+    let _ = out.flush();
+}
+
+/// A service's output line, as the service wrote it, in one write.
+pub fn raw_line(text: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(format!("{text}\n").as_bytes());
     let _ = out.flush();
 }
 
@@ -53,5 +64,27 @@ pub fn guarded<T>(what: &str, f: impl FnOnce() -> T) -> Option<T> {
             error("panicked", what);
             None
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A panicking task is caught and reported; the same task runs again next time.
+    #[test]
+    fn a_panicking_task_is_caught_and_runs_again() {
+        let mut runs = 0;
+        for i in 0..3 {
+            let r = guarded("test task", || {
+                runs += 1;
+                if i == 1 {
+                    panic!("boom in run {i}");
+                }
+                i
+            });
+            assert_eq!(r, if i == 1 { None } else { Some(i) });
+        }
+        assert_eq!(runs, 3);
     }
 }

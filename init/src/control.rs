@@ -11,7 +11,9 @@ use crate::slot::CONTROL_SOCKET;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
-    #[error("usage: basaltctl status [--json] | reboot | poweroff")]
+    #[error(
+        "usage: basaltctl status [--json] | reboot | poweroff | logs [service] [-f] | boot-time | debug stop-watchdog"
+    )]
     Usage,
     #[error("connecting to init at {path}: {source}")]
     Connect {
@@ -38,7 +40,14 @@ pub fn socket_path() -> PathBuf {
 pub fn request_line(args: &[String]) -> Result<String, ControlError> {
     let words: Vec<&str> = args.iter().map(String::as_str).collect();
     match words.as_slice() {
-        ["status"] | ["status", "--json"] | ["reboot"] | ["poweroff"] => Ok(words.join(" ")),
+        ["status"]
+        | ["status", "--json"]
+        | ["reboot"]
+        | ["poweroff"]
+        | ["boot-time"]
+        | ["debug", "stop-watchdog"] => Ok(words.join(" ")),
+        ["logs"] => Ok("logs".into()),
+        ["logs", name] if valid_service_name(name) => Ok(format!("logs {name}")),
         _ => Err(ControlError::Usage),
     }
 }
@@ -65,9 +74,58 @@ pub fn call(path: &Path, line: &str) -> Result<String, ControlError> {
 }
 
 /// `basaltctl <args>`: returns the process exit code.
+fn valid_service_name(n: &str) -> bool {
+    !n.is_empty()
+        && n.len() <= 64
+        && !n.starts_with('-')
+        && n.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
+}
+
+/// `basaltctl logs [service] -f`: print the ring, then poll for new lines
+/// every half second (PID 1 keeps no connection open for followers).
+fn follow(service: Option<&str>) -> i32 {
+    let path = socket_path();
+    let mut since = 0u64;
+    loop {
+        let line = match service {
+            Some(s) => format!("logs {s} --since {since}"),
+            None => format!("logs --since {since}"),
+        };
+        match call(&path, &line) {
+            Ok(reply) => {
+                for l in reply.lines() {
+                    let (seq, rest) = l.split_once(' ').unwrap_or(("0", l));
+                    since = since.max(seq.parse().unwrap_or(since));
+                    println!("{rest}");
+                }
+            }
+            Err(e) => {
+                eprintln!("basaltctl: {e}");
+                return 1;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
 pub fn main(args: &[String]) -> i32 {
+    let words: Vec<&str> = args.iter().map(String::as_str).collect();
+    match words.as_slice() {
+        ["logs", "-f"] => return follow(None),
+        ["logs", name, "-f"] | ["logs", "-f", name] => return follow(Some(name)),
+        _ => {}
+    }
+    let is_logs = words.first() == Some(&"logs");
     let result = request_line(args).and_then(|line| call(&socket_path(), &line));
     match result {
+        Ok(reply) if is_logs => {
+            // Drop the sequence numbers the follower uses.
+            for l in reply.lines() {
+                println!("{}", l.split_once(' ').map_or(l, |(_, r)| r));
+            }
+            0
+        }
         Ok(reply) => {
             print!("{reply}");
             0
@@ -102,6 +160,12 @@ mod tests {
         assert!(request_line(&args(&[])).is_err());
         assert!(request_line(&args(&["reboot", "now"])).is_err());
         assert!(request_line(&args(&["status\nreboot"])).is_err());
+        assert_eq!(request_line(&args(&["logs", "k3s"])).unwrap(), "logs k3s");
+        assert!(request_line(&args(&["logs", "a\nreboot"])).is_err());
+        assert_eq!(
+            request_line(&args(&["debug", "stop-watchdog"])).unwrap(),
+            "debug stop-watchdog"
+        );
     }
 
     #[test]

@@ -8,14 +8,22 @@
 //! kernel command line, image facts) live here, in modules the builder uses.
 //! All `unsafe` code is in `sys`.
 #![deny(unsafe_code)]
+// PID 1 must not die on a surprise: no unwrap/expect/panic outside tests.
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
+)]
 
 pub mod blockdev;
+pub mod boottime;
 pub mod bundle;
+pub mod cleanup;
 pub mod cmdline;
 pub mod console;
 pub mod control;
 pub mod gpt;
 pub mod image;
+pub mod logs;
 pub mod mbr;
 pub mod modules;
 pub mod mounts;
@@ -29,6 +37,7 @@ pub mod stage2;
 pub mod supervisor;
 #[allow(unsafe_code)]
 pub mod sys;
+pub mod verity;
 
 use std::path::Path;
 

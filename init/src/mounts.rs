@@ -130,7 +130,7 @@ pub fn parse_mount_points(mounts: &str) -> Vec<PathBuf> {
         .collect()
 }
 
-fn unescape_octal(s: &str) -> String {
+pub fn unescape_octal(s: &str) -> String {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;

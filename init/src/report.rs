@@ -37,10 +37,23 @@ pub fn parse_rss_kib(status: &str) -> Option<u64> {
         .and_then(|n| n.parse().ok())
 }
 
+/// This process's resident set in KiB: `Rss:` of `smaps_rollup` (exact),
+/// else `VmRSS` of `status` (the kernel batches those counters per thread, so
+/// for a small process it can be far off).
 pub fn rss_kib(proc_dir: &Path) -> u64 {
-    std::fs::read_to_string(proc_dir.join("self/status"))
+    std::fs::read_to_string(proc_dir.join("self/smaps_rollup"))
         .ok()
-        .and_then(|t| parse_rss_kib(&t))
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("Rss:"))
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|n| n.parse().ok())
+        })
+        .or_else(|| {
+            std::fs::read_to_string(proc_dir.join("self/status"))
+                .ok()
+                .and_then(|t| parse_rss_kib(&t))
+        })
         .unwrap_or(0)
 }
 

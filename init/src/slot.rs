@@ -49,6 +49,14 @@ pub const DATA_PARTITION_NAME: &str = "data";
 /// Kernel command line key naming the booted slot: `basalt.slot=a`.
 pub const CMDLINE_SLOT: &str = "basalt.slot";
 
+/// Kernel command line key with the slot's dm-verity root hash (64 hex digits).
+pub const CMDLINE_VERITY: &str = "basalt.verity";
+/// Kernel command line key with the number of 4096-byte data blocks the
+/// verity tree covers; the hash area (superblock first) starts right after them.
+pub const CMDLINE_VERITY_DATA_BLOCKS: &str = "basalt.verity_data_blocks";
+/// dm-verity data and hash block size used by the builder.
+pub const VERITY_BLOCK: u64 = 4096;
+
 /// Marker file present only in the initramfs: its presence makes init run stage 1.
 pub const INITRAMFS_MARKER: &str = "/etc/basalt/initramfs.toml";
 /// Where the builder puts the init binary inside the root filesystem.

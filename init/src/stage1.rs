@@ -25,6 +25,7 @@ use crate::slot::{
     DATA_PARTITION_NAME, ESP_PARTITION_NAME, INITRAMFS_MARKER, ROOT_INIT_PATH, Slot,
 };
 use crate::sys::{self, MsFlags};
+use crate::verity::{self, DeviceMapper, KernelDeviceMapper};
 
 /// `/run/basalt/stage1.toml`: what stage 1 tells stage 2.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -37,6 +38,10 @@ pub struct Handoff {
     pub root_device: String,
     pub data_device: String,
     pub boot_device: String,
+    /// The slot's dm-verity root hash (empty: the root was mounted without verity).
+    pub verity_root_hash: String,
+    /// The mapped device's name (`basalt-root-a`), for status queries.
+    pub verity_name: String,
     pub steps_ms: BTreeMap<String, u64>,
 }
 
@@ -78,6 +83,7 @@ pub struct Env<'a> {
     pub mounts: &'a mut dyn Mounts,
     pub modules: &'a mut dyn ModuleLoader,
     pub block: &'a mut dyn BlockDevices,
+    pub dm: &'a mut dyn DeviceMapper,
     /// Reopen stdio on `<root>/dev/console` (not in tests).
     pub reopen_console: bool,
 }
@@ -114,6 +120,7 @@ pub fn run() -> ! {
         mounts: &mut KernelMounts,
         modules: &mut KernelModules,
         block: &mut KernelBlockDevices,
+        dm: &mut KernelDeviceMapper::default(),
         reopen_console: true,
     };
     let handoff = prepare_root(&mut env);
@@ -128,6 +135,9 @@ pub fn run() -> ! {
     }
     switch_root(env.mounts, Path::new("/newroot"));
     let err = std::process::Command::new(ROOT_INIT_PATH).exec();
+    if !handoff.verity_name.is_empty() {
+        report_verity(env.dm, &handoff.verity_name);
+    }
     stay_alive("exec-stage2", format_args!("{ROOT_INIT_PATH} ({err})"))
 }
 
@@ -165,25 +175,69 @@ pub fn prepare_root(env: &mut Env<'_>) -> Handoff {
     steps.done("modules");
 
     // 3. Which slot booted, and its partitions.
-    let slot = booted_slot(&env.path("/proc/cmdline"));
+    let args = boot_args(&env.path("/proc/cmdline"));
+    let slot = args.slot.unwrap_or(Slot::A);
     handoff.slot = slot.name().to_string();
     let mbr = settings_partition_table(env) == "mbr";
     let mbr_root = mbr.then(|| mbr_root_partition(&env.path("/proc/cmdline"), slot));
     let parts = wait_for_partitions(&env.path("/sys/class/block"), slot, mbr_root);
     steps.done("wait_devices");
 
-    // 4. The slot's root, read-only.
+    // 4. The slot's root, read-only, through dm-verity when the command line names a root hash.
     let dev = env.path("/dev");
     let newroot = env.path("/newroot");
     if let Some(root) = parts.get(slot.root_partition_name()) {
         handoff.root_device = root.dev_path(&dev).display().to_string();
-        mount_or_stay(
-            env.mounts,
-            &handoff.root_device,
-            &newroot,
-            "squashfs",
-            MsFlags::MS_RDONLY,
-        );
+        let source = match (&args.verity, args.verity_data_blocks) {
+            (Some(hash), Some(blocks)) => {
+                let name = verity::mapping_name(slot.root_partition_name());
+                let mapped = verity_or_stay(env.dm, &name, &root.dev_path(&dev), hash, blocks);
+                handoff.verity_root_hash = hash.clone();
+                handoff.verity_name = name;
+                steps.done("verity");
+                mapped.display().to_string()
+            }
+            _ => {
+                console::error(
+                    "verity",
+                    format_args!(
+                        "no basalt.verity/basalt.verity_data_blocks on the command line: {} mounted unverified",
+                        handoff.root_device
+                    ),
+                );
+                handoff.root_device.clone()
+            }
+        };
+        if !handoff.verity_name.is_empty() {
+            // A mount that fails on a corrupted block must say so, never fall back.
+            let m = mounts::mount_fs(
+                env.mounts,
+                &source,
+                &newroot,
+                "squashfs",
+                MsFlags::MS_RDONLY,
+                None,
+            );
+            if let Err(e) = m {
+                report_verity(env.dm, &handoff.verity_name);
+                console::error("mount-root", e);
+                mount_or_stay(
+                    env.mounts,
+                    &source,
+                    &newroot,
+                    "squashfs",
+                    MsFlags::MS_RDONLY,
+                );
+            }
+        } else {
+            mount_or_stay(
+                env.mounts,
+                &source,
+                &newroot,
+                "squashfs",
+                MsFlags::MS_RDONLY,
+            );
+        }
     }
     steps.done("mount_root");
 
@@ -298,6 +352,75 @@ fn mount_kernel_filesystems(env: &mut Env<'_>) {
             console::error("mount", e);
         }
     }
+}
+
+/// Set up the verity mapping for the root partition `part`, retrying every few
+/// seconds forever on failure: an unverified root is never mounted instead.
+fn verity_or_stay(
+    dm: &mut dyn DeviceMapper,
+    name: &str,
+    part: &Path,
+    root_hash: &str,
+    data_blocks: u64,
+) -> PathBuf {
+    loop {
+        let made = verity::read_superblock(part, data_blocks).and_then(|sb| {
+            let (sectors, params) = verity::table(
+                &part.display().to_string(),
+                root_hash,
+                data_blocks,
+                &sb.salt,
+            );
+            dm.create_verity(name, sectors, &params)
+        });
+        match made {
+            Ok(node) => return node,
+            Err(e) => {
+                console::error("verity", e);
+                std::thread::sleep(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+/// Print `basalt: error verity corruption ...` when the mapping's status says
+/// a corrupted block was read.
+pub fn report_verity(dm: &mut dyn DeviceMapper, name: &str) -> bool {
+    match dm.verity_status(name) {
+        Ok(st) if verity::corrupted(&st) => {
+            console::error(
+                "verity",
+                format_args!(
+                    "corruption detected on {name} (status {st}): reads of corrupted blocks fail with EIO"
+                ),
+            );
+            true
+        }
+        Ok(_) => false,
+        Err(e) => {
+            console::error("verity", e);
+            false
+        }
+    }
+}
+
+/// The `basalt.*` keys of the kernel command line, problems reported.
+pub fn boot_args(cmdline_path: &Path) -> cmdline::BootArgs {
+    let text = match std::fs::read_to_string(cmdline_path) {
+        Ok(t) => t,
+        Err(e) => {
+            console::error("cmdline", format_args!("{} ({e})", cmdline_path.display()));
+            String::new()
+        }
+    };
+    let args = cmdline::parse(&text);
+    for p in &args.problems {
+        console::error("cmdline", p);
+    }
+    if args.slot.is_none() {
+        console::error("cmdline", "no basalt.slot, using slot a");
+    }
+    args
 }
 
 /// The slot named on the kernel command line; slot a (reported) when absent,
@@ -757,6 +880,22 @@ mod tests {
         }
     }
 
+    /// Device-mapper that must not be used (the fixture has no verity keys).
+    struct NoDm;
+    impl DeviceMapper for NoDm {
+        fn create_verity(
+            &mut self,
+            name: &str,
+            _: u64,
+            _: &str,
+        ) -> Result<PathBuf, verity::VerityError> {
+            panic!("unexpected verity mapping {name}")
+        }
+        fn verity_status(&mut self, name: &str) -> Result<String, verity::VerityError> {
+            panic!("unexpected verity status {name}")
+        }
+    }
+
     #[test]
     fn prepare_root_follows_the_boot_protocol() {
         let t = tempfile::tempdir().unwrap();
@@ -784,6 +923,7 @@ mod tests {
                 mounts: &mut mounts,
                 modules: &mut loader,
                 block: &mut disk,
+                dm: &mut NoDm,
                 reopen_console: false,
             };
             prepare_root(&mut env)
@@ -851,6 +991,7 @@ mod tests {
             mounts: &mut mounts,
             modules: &mut loader,
             block: &mut disk,
+            dm: &mut NoDm,
             reopen_console: false,
         });
         assert!(!handoff.data_grown);
@@ -904,6 +1045,8 @@ mod tests {
             root_device: "/dev/vda2".into(),
             data_device: "/dev/vda4".into(),
             boot_device: "/dev/vda1".into(),
+            verity_root_hash: "ab".repeat(32),
+            verity_name: "basalt-root-a".into(),
             steps_ms: [("modules".to_string(), 120)].into_iter().collect(),
         };
         let text = toml::to_string(&h).unwrap();

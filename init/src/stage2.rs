@@ -68,6 +68,8 @@ pub struct Context {
     pub services: Vec<ServiceDef>,
     pub distribution: Option<service::Distribution>,
     pub stage2_end_ms: u64,
+    /// Duration of each phase, for `basaltctl boot-time`.
+    pub phases_ms: Vec<(String, u64)>,
 }
 
 type Phase = fn(&mut Context) -> Result<(), Stage2Error>;
@@ -94,10 +96,19 @@ pub fn run() -> ! {
     if let Err(e) = sys::Signals::open(crate::supervisor::SIGNALS) {
         console::error("signals", e);
     }
+    crate::logs::init(log_settings(Path::new(slot::IMAGE_FACTS_PATH)));
     let mut ctx = Context::default();
     for (name, phase) in PHASES {
+        let t0 = sys::boottime_ms();
         if let Some(Err(e)) = guarded(name, || phase(&mut ctx)) {
             console::error(name, e);
+        }
+        ctx.phases_ms
+            .push((name.to_string(), sys::boottime_ms().saturating_sub(t0)));
+        if *name == "kernel-mounts"
+            && let Some(p) = crate::logs::open_persistent(Path::new("/var/log"))
+        {
+            say!("logs persistent at {}", p.display());
         }
     }
     ctx.stage2_end_ms = report::uptime_ms(Path::new("/proc"));
@@ -133,8 +144,23 @@ fn supervise(ctx: Context) -> Option<ShutdownKind> {
             slot: ctx.handoff.slot.clone(),
             hostname: ctx.hostname.clone(),
             machine_id: ctx.machine_id.clone(),
+            verity: Some(ctx.handoff.verity_name.clone()).filter(|n| !n.is_empty()),
+            boot: crate::boottime::BootTimes {
+                firmware_loader_us: crate::boottime::read_firmware(Path::new(
+                    "/sys/firmware/efi/efivars",
+                )),
+                stage1_start_ms: ctx.handoff.kernel_start_to_stage1_ms,
+                stage1_end_ms: ctx.handoff.stage1_end_ms,
+                stage1_steps: crate::boottime::STAGE1_ORDER
+                    .iter()
+                    .filter_map(|n| ctx.handoff.steps_ms.get(*n).map(|d| (n.to_string(), *d)))
+                    .collect(),
+                stage2_end_ms: ctx.stage2_end_ms,
+                stage2_steps: ctx.phases_ms.clone(),
+            },
         },
         proc_dir: PathBuf::from("/proc"),
+        watchdog: Some(PathBuf::from("/dev/watchdog")),
     };
     let mut sup = match Supervisor::new(config) {
         Ok(s) => s,
@@ -170,9 +196,14 @@ pub fn ready_report(ctx: &Context, sup: &Supervisor, proc_dir: &Path) -> Json {
         ),
         ("pid1_rss_kib", Json::Num(report::rss_kib(proc_dir))),
         ("data_grown", Json::Bool(ctx.handoff.data_grown)),
+        ("verity", sup.verity_json()),
         (
             "timings_ms",
             Json::Obj(vec![
+                (
+                    "stage1_start",
+                    Json::Num(ctx.handoff.kernel_start_to_stage1_ms),
+                ),
                 ("stage1", Json::Num(ctx.handoff.stage1_end_ms)),
                 ("stage2", Json::Num(ctx.stage2_end_ms)),
                 ("kubernetes_exec", Json::opt_num(exec_at)),
@@ -199,6 +230,34 @@ fn read_handoff(ctx: &mut Context) -> Result<(), Stage2Error> {
 fn is_mount_point(path: &Path) -> bool {
     let text = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
     mounts::parse_mount_points(&text).iter().any(|p| p == path)
+}
+
+/// `[logs]` of /etc/basalt/image.toml (docs/logs.md): `ring_kib`, `console`
+/// (`all` | `init` | `none`), `persistent`. Defaults when absent or bad (reported).
+pub fn log_settings(image_toml: &Path) -> crate::logs::Settings {
+    let mut s = crate::logs::Settings::default();
+    let Ok(text) = std::fs::read_to_string(image_toml) else {
+        return s;
+    };
+    let Ok(v) = text.parse::<toml::Table>() else {
+        return s;
+    };
+    let Some(logs) = v.get("logs").and_then(|l| l.as_table()) else {
+        return s;
+    };
+    if let Some(k) = logs.get("ring_kib").and_then(|k| k.as_integer()) {
+        s.ring_kib = k.clamp(4, 16 * 1024) as usize;
+    }
+    if let Some(c) = logs.get("console").and_then(|c| c.as_str()) {
+        match crate::logs::ConsoleLevel::parse(c) {
+            Some(l) => s.console = l,
+            None => console::error("logs", format_args!("console = {c:?} (all, init or none)")),
+        }
+    }
+    if let Some(p) = logs.get("persistent").and_then(|p| p.as_bool()) {
+        s.persistent = p;
+    }
+    s
 }
 
 fn kernel_mounts(_ctx: &mut Context) -> Result<(), Stage2Error> {
@@ -229,6 +288,21 @@ fn kernel_mounts(_ctx: &mut Context) -> Result<(), Stage2Error> {
         {
             console::error("mount", e);
         }
+    }
+    // systemd-boot's timing variables, for `basaltctl boot-time` (read-only).
+    let efivars = Path::new("/sys/firmware/efi/efivars");
+    if efivars.is_dir()
+        && !is_mount_point(efivars)
+        && let Err(e) = mounts::mount_fs(
+            m,
+            "efivarfs",
+            efivars,
+            "efivarfs",
+            nosuid | MsFlags::MS_RDONLY,
+            None,
+        )
+    {
+        console::error("mount", e);
     }
     let cg = Path::new("/sys/fs/cgroup");
     let rest: [(&str, &Path, &str, MsFlags, Option<&str>); 4] = [
@@ -462,6 +536,19 @@ fn kubernetes(ctx: &mut Context) -> Result<(), Stage2Error> {
 /// kill what is left, sync, unmount (or remount read-only), `reboot(2)`.
 pub fn shutdown(kind: ShutdownKind) -> ! {
     guarded("shutdown", || {
+        // What k3s/k0s leave behind (k3s-killall.sh), before everything else goes.
+        let c = crate::cleanup::kubernetes_leftovers(Path::new("/"), Path::new("/proc"));
+        if c != crate::cleanup::Cleaned::default() {
+            say!(
+                "k8s-cleanup killed {} shim processes, unmounted {}, deleted links {:?}",
+                c.killed.len(),
+                c.unmounted.len(),
+                c.links
+            );
+        }
+        say!(
+            "k8s-cleanup skipped iptables rules: no iptables on the image, they end with the kernel"
+        );
         kill_everything();
         sys::sync();
         unmount_all(&mut KernelMounts);

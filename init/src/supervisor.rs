@@ -49,6 +49,10 @@ pub struct NodeInfo {
     pub slot: String,
     pub hostname: String,
     pub machine_id: String,
+    /// The root's dm-verity mapping (`basalt-root-a`); `None` when the root is not verified.
+    pub verity: Option<String>,
+    /// This boot's timings up to the supervisor (`basaltctl boot-time`).
+    pub boot: crate::boottime::BootTimes,
 }
 
 /// Everything the supervisor needs; no global paths inside.
@@ -62,6 +66,8 @@ pub struct Config {
     pub info: NodeInfo,
     /// `/proc`, for uptime in status replies.
     pub proc_dir: PathBuf,
+    /// A watchdog device to arm and pet from the loop, when it exists.
+    pub watchdog: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -104,6 +110,10 @@ struct Unit {
     check_pid: Option<i32>,
     stop: Option<Stop>,
     last_exit: Option<ExitStatus>,
+    /// The service's stdout/stderr pipe, kept for PID 1's whole life (the
+    /// write end is handed to every run; a restart never breaks a writer).
+    log_pipe: Option<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)>,
+    log_pending: Vec<u8>,
 }
 
 #[derive(Debug)]
@@ -129,6 +139,8 @@ pub const SIGNALS: &[Signal] = &[
 const KILL_GRACE: Duration = Duration::from_secs(5);
 /// Longest sleep of the loop when no timer is due (a safety net, not a tick).
 const MAX_SLEEP: Duration = Duration::from_secs(60);
+/// How often the loop asks device-mapper about the root's verity status.
+const VERITY_CHECK: Duration = Duration::from_secs(1);
 /// Cap on a TCP/HTTP probe: probes run inline, so they must be short.
 const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
 
@@ -142,6 +154,15 @@ pub struct Supervisor {
     info: NodeInfo,
     proc_dir: PathBuf,
     all_ready_at: Option<Instant>,
+    /// `CLOCK_BOOTTIME` ms when every service was first ready.
+    all_ready_ms: Option<u64>,
+    /// Last verity status check, and whether a corruption was reported.
+    verity_checked: Option<Instant>,
+    verity_corrupted: bool,
+    watchdog: Option<sys::watchdog::Watchdog>,
+    last_pet: Instant,
+    /// Set by `basaltctl debug stop-watchdog`: the loop runs on but stops petting.
+    watchdog_stopped: bool,
     on_ready: Option<ReadyHook>,
     shutdown: Option<Shutdown>,
 }
@@ -201,6 +222,14 @@ impl Supervisor {
                 check_pid: None,
                 stop: None,
                 last_exit: None,
+                log_pipe: match sys::log_pipe() {
+                    Ok(p) => Some(p),
+                    Err(e) => {
+                        console::error("log-pipe", format_args!("{} ({e})", def.name));
+                        None
+                    }
+                },
+                log_pending: Vec::new(),
             })
             .collect();
         let control = config.control_socket.as_deref().and_then(open_control);
@@ -214,6 +243,12 @@ impl Supervisor {
             info: config.info,
             proc_dir: config.proc_dir,
             all_ready_at: None,
+            all_ready_ms: None,
+            verity_checked: None,
+            verity_corrupted: false,
+            watchdog: open_watchdog(config.watchdog.as_deref()),
+            last_pet: now,
+            watchdog_stopped: false,
             on_ready: None,
             shutdown: None,
         })
@@ -242,6 +277,8 @@ impl Supervisor {
     pub fn run(&mut self) -> ShutdownKind {
         loop {
             guarded("supervisor timers", || self.tick(Instant::now()));
+            guarded("verity status", || self.check_verity(Instant::now(), false));
+            guarded("watchdog", || self.pet_watchdog(Instant::now()));
             if let Some(sd) = &self.shutdown
                 && sd.done
             {
@@ -252,6 +289,11 @@ impl Supervisor {
                 let mut fds = vec![self.signals.as_fd()];
                 if let Some(l) = &self.control {
                     fds.push(l.as_fd());
+                }
+                for u in &self.units {
+                    if let Some((r, _)) = &u.log_pipe {
+                        fds.push(r.as_fd());
+                    }
                 }
                 match sys::poll_readable(&fds, Some(wait.as_millis() as u32)) {
                     Ok(r) => r,
@@ -264,8 +306,12 @@ impl Supervisor {
             };
             guarded("supervisor signals", || self.handle_signals());
             guarded("supervisor reaping", || self.reap_all());
-            if readable.get(1).copied().unwrap_or(false) {
+            let first_log = if self.control.is_some() { 2 } else { 1 };
+            if self.control.is_some() && readable.get(1).copied().unwrap_or(false) {
                 guarded("control socket", || self.serve_control());
+            }
+            if readable.iter().skip(first_log).any(|r| *r) {
+                guarded("service logs", || self.drain_logs());
             }
         }
     }
@@ -351,6 +397,7 @@ impl Supervisor {
                 .all(|u| u.state == State::Blocked || u.first_ready.is_some())
         {
             self.all_ready_at = Some(now);
+            self.all_ready_ms = Some(sys::boottime_ms());
             if let Some(hook) = self.on_ready.take() {
                 hook(self);
             }
@@ -359,6 +406,11 @@ impl Supervisor {
 
     fn next_wake(&self, now: Instant) -> Duration {
         let mut next = now + MAX_SLEEP;
+        if let Some(w) = &self.watchdog
+            && !self.watchdog_stopped
+        {
+            next = next.min(self.last_pet + pet_interval(w.timeout_secs));
+        }
         for u in &self.units {
             match u.state {
                 State::Backoff if self.shutdown.is_none() => next = next.min(u.restart_at),
@@ -388,7 +440,14 @@ impl Supervisor {
             .env_clear()
             .envs(self.base_env.iter().map(|(k, v)| (k, v)))
             .envs(&u.def.env)
-            .stdin(Stdio::null())
+            .stdin(Stdio::null());
+        // Output into the log ring through the unit's pipe (console when there is none).
+        if let Some((_, w)) = &u.log_pipe
+            && let (Ok(a), Ok(b)) = (w.try_clone(), w.try_clone())
+        {
+            cmd.stdout(Stdio::from(a)).stderr(Stdio::from(b));
+        }
+        cmd
             // Own process group: stopping a service signals everything it started.
             .process_group(0);
         sys::unblock_signals_in_child(&mut cmd);
@@ -645,10 +704,35 @@ impl Supervisor {
         }
         let words: Vec<&str> = line.split_whitespace().collect();
         let (reply, then) = match words.as_slice() {
-            ["status"] => (self.status_text(), None),
-            ["status", "--json"] => (format!("{}\n", self.status_json()), None),
+            ["status"] => {
+                self.check_verity(Instant::now(), true);
+                (self.status_text(), None)
+            }
+            ["status", "--json"] => {
+                self.check_verity(Instant::now(), true);
+                (format!("{}\n", self.status_json()), None)
+            }
             ["reboot"] => ("ok reboot\n".to_string(), Some(ShutdownKind::Reboot)),
             ["poweroff"] => ("ok poweroff\n".to_string(), Some(ShutdownKind::PowerOff)),
+            ["logs"] => (crate::logs::reply(None, 0), None),
+            ["logs", "--since", n] => (crate::logs::reply(None, n.parse().unwrap_or(0)), None),
+            ["logs", name] => (crate::logs::reply(Some(name), 0), None),
+            ["logs", name, "--since", n] => {
+                (crate::logs::reply(Some(name), n.parse().unwrap_or(0)), None)
+            }
+            ["boot-time"] => (self.boot_time_text(), None),
+            // Test hook for the watchdog: the loop keeps running but stops petting.
+            ["debug", "stop-watchdog"] => {
+                self.watchdog_stopped = true;
+                let reply = match &self.watchdog {
+                    Some(w) => format!(
+                        "ok watchdog no longer petted, reset in {} s\n",
+                        w.timeout_secs
+                    ),
+                    None => "error no watchdog\n".to_string(),
+                };
+                (reply, None)
+            }
             _ => (format!("error unknown command {:?}\n", line.trim()), None),
         };
         let _ = (&stream).write_all(reply.as_bytes());
@@ -668,6 +752,91 @@ impl Supervisor {
             State::Exited => "exited",
             State::Stopped => "stopped",
             State::Blocked => "blocked",
+        }
+    }
+
+    fn boot_time_text(&self) -> String {
+        let (exec, ready) = self.milestones(crate::service::KUBERNETES_SERVICE);
+        crate::boottime::render(&self.info.boot, exec, ready, self.all_ready_ms)
+    }
+
+    /// Read whatever the services wrote, into the ring (and the console).
+    fn drain_logs(&mut self) {
+        let mut buf = [0u8; 4096];
+        for u in &mut self.units {
+            let Some((r, _)) = &u.log_pipe else {
+                continue;
+            };
+            // Bounded: a chatty service cannot starve the loop.
+            for _ in 0..16 {
+                let n = match sys::read_nonblocking(r, &mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                for line in crate::logs::split_lines(&mut u.log_pending, &buf[..n]) {
+                    if crate::logs::record(&u.def.name, &line) {
+                        console::raw_line(&line);
+                    }
+                }
+            }
+        }
+    }
+
+    fn pet_watchdog(&mut self, now: Instant) {
+        if self.watchdog_stopped {
+            return;
+        }
+        if let Some(w) = &mut self.watchdog
+            && now.duration_since(self.last_pet) >= pet_interval(w.timeout_secs) / 2
+        {
+            if let Err(e) = w.pet() {
+                console::error("watchdog", e);
+            }
+            self.last_pet = now;
+        }
+    }
+
+    /// Ask device-mapper whether the root's verity target has seen a
+    /// corrupted block (at most once a second unless `now_please`); report
+    /// the first detection on the console.
+    fn check_verity(&mut self, now: Instant, now_please: bool) {
+        let Some(name) = self.info.verity.clone() else {
+            return;
+        };
+        if self.verity_corrupted
+            || (!now_please
+                && self
+                    .verity_checked
+                    .is_some_and(|t| now.duration_since(t) < VERITY_CHECK))
+        {
+            return;
+        }
+        self.verity_checked = Some(now);
+        let mut dm = crate::verity::KernelDeviceMapper::default();
+        match crate::verity::DeviceMapper::verity_status(&mut dm, &name) {
+            Ok(st) if crate::verity::corrupted(&st) => {
+                self.verity_corrupted = true;
+                console::error(
+                    "verity",
+                    format_args!(
+                        "corruption detected on {name} (status {st}): reads of corrupted blocks fail with EIO"
+                    ),
+                );
+            }
+            Ok(_) => {}
+            Err(e) => console::error("verity", e),
+        }
+    }
+
+    /// `verity` in status and ready reports: `null` without verity, else
+    /// `{"device": <mapping>, "corrupted": bool}`.
+    pub fn verity_json(&self) -> Json {
+        match &self.info.verity {
+            None => Json::Null,
+            Some(name) => Json::Obj(vec![
+                ("device", Json::str(name)),
+                ("corrupted", Json::Bool(self.verity_corrupted)),
+            ]),
         }
     }
 
@@ -698,6 +867,7 @@ impl Supervisor {
                 Json::Num(crate::report::uptime_ms(&self.proc_dir)),
             ),
             ("ready", Json::Bool(self.all_ready_at.is_some())),
+            ("verity", self.verity_json()),
             ("services", Json::Arr(services)),
         ])
     }
@@ -721,6 +891,15 @@ impl Supervisor {
         );
         let _ = writeln!(
             s,
+            "verity:     {}",
+            match &self.info.verity {
+                None => "off".to_string(),
+                Some(n) if self.verity_corrupted => format!("{n} CORRUPTION DETECTED"),
+                Some(n) => format!("{n} ok"),
+            }
+        );
+        let _ = writeln!(
+            s,
             "{:<20} {:<9} {:>7} {:>8}",
             "SERVICE", "STATE", "PID", "RESTARTS"
         );
@@ -736,6 +915,35 @@ impl Supervisor {
             );
         }
         s
+    }
+}
+
+/// Pet at least this often: a third of the timeout (the loop may pet earlier).
+fn pet_interval(timeout_secs: u32) -> Duration {
+    Duration::from_millis(u64::from(timeout_secs.max(1)) * 1000 / 3)
+}
+
+/// Seconds the watchdog waits for a pet before resetting the machine.
+pub const WATCHDOG_TIMEOUT_SECS: u32 = 10;
+
+fn open_watchdog(path: Option<&Path>) -> Option<sys::watchdog::Watchdog> {
+    let path = path?;
+    if !path.exists() {
+        return None;
+    }
+    match sys::watchdog::Watchdog::open(path, WATCHDOG_TIMEOUT_SECS) {
+        Ok(w) => {
+            crate::say!(
+                "watchdog {} armed, timeout {} s",
+                path.display(),
+                w.timeout_secs
+            );
+            Some(w)
+        }
+        Err(e) => {
+            console::error("watchdog", format_args!("{} ({e})", path.display()));
+            None
+        }
     }
 }
 

@@ -31,6 +31,7 @@ fn main() {
 fn supervisor_role() {
     let args: Vec<String> = std::env::args().collect();
     basalt_init::console::install_panic_hook();
+    basalt_init::logs::init(basalt_init::logs::Settings::default());
     if let Err(e) = basalt_init::sys::set_child_subreaper() {
         eprintln!("subreaper: {e}");
         std::process::exit(2);
@@ -47,8 +48,11 @@ fn supervisor_role() {
             slot: "a".into(),
             hostname: "testhost".into(),
             machine_id: "0123456789abcdef0123456789abcdef".into(),
+            verity: None,
+            boot: Default::default(),
         },
         proc_dir: PathBuf::from("/proc"),
+        watchdog: None,
     };
     let mut sup = match Supervisor::new(config) {
         Ok(s) => s,
@@ -501,6 +505,131 @@ fn orphans_are_reaped() -> Result<(), String> {
     run.finish(Duration::from_secs(20))
 }
 
+fn rss_kib(pid: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    basalt_init::report::parse_rss_kib(&s)
+}
+
+/// 10 000 orphans from one service: all reaped, the supervisor's RSS does not grow.
+fn orphan_storm() -> Result<(), String> {
+    let run = Run::start(&[(
+        "storm",
+        r#"exec = ["/bin/sh", "-c", "sleep 0.5; i=0; while [ $i -lt 10000 ]; do ( : & ); i=$((i+1)); done; touch @DIR@/done; exec sleep 1000"]"#
+            .into(),
+    )]);
+    run.wait("service storm started", Duration::from_secs(10))?;
+    let sup = run.supervisor_pid();
+    let before = rss_kib(sup).ok_or("no supervisor RSS")?;
+    let end = Instant::now() + Duration::from_secs(120);
+    while !run.path("done").exists() {
+        if Instant::now() > end {
+            return Err(format!("storm did not finish:\n{}", run.dump()));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let zombies: Vec<_> = descendants(run.child.id())
+        .into_iter()
+        .filter(|(_, st)| *st == 'Z')
+        .collect();
+    if !zombies.is_empty() {
+        return Err(format!("{} zombies left after the storm", zombies.len()));
+    }
+    let after = rss_kib(sup).ok_or("no supervisor RSS")?;
+    println!("  orphan storm: supervisor RSS {before} KiB before, {after} KiB after 10000 orphans");
+    if after > before + 64 {
+        return Err(format!("supervisor RSS grew from {before} to {after} KiB"));
+    }
+    run.control("poweroff")?;
+    run.finish(Duration::from_secs(20))
+}
+
+/// A crash-looping service backs off to its cap, then runs normally once fixed.
+fn crash_loop_recovers_when_fixed() -> Result<(), String> {
+    let run = Run::start(&[(
+        "flaky",
+        r#"exec = ["/bin/sh", "-c", "[ -e @DIR@/fixed ] || exit 4; touch @DIR@/running; exec sleep 1000"]
+[backoff]
+initial_ms = 100
+max_ms = 200
+reset_after_secs = 1
+"#
+        .into(),
+    )]);
+    run.wait_nth("service flaky started pid", 4, Duration::from_secs(10))?;
+    let exits = run.lines_with("service flaky exited");
+    if !exits
+        .iter()
+        .skip(1)
+        .all(|l| l.contains("restart in 200 ms"))
+        || exits.len() < 3
+    {
+        return Err(format!("no backoff cap of 200 ms: {exits:?}"));
+    }
+    std::fs::write(run.path("fixed"), "").map_err(|e| e.to_string())?;
+    let end = Instant::now() + Duration::from_secs(10);
+    while !run.path("running").exists() {
+        if Instant::now() > end {
+            return Err(format!("never recovered:\n{}", run.dump()));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    let n_exits = run.lines_with("service flaky exited").len();
+    let status = run.control("status --json")?;
+    if !status.contains("\"ready\"") || !status.contains("\"state\":\"ready\"") {
+        return Err(format!("not running after the fix: {status}"));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    if run.lines_with("service flaky exited").len() != n_exits {
+        return Err(format!("still exiting after the fix:\n{}", run.dump()));
+    }
+    run.control("poweroff")?;
+    run.finish(Duration::from_secs(10))
+}
+
+/// Service output goes through a pipe into the log ring (and on to the
+/// console); `logs <service>` returns only that service's lines.
+fn logs_are_kept_per_service() -> Result<(), String> {
+    let run = Run::start(&[
+        (
+            "chatty",
+            r#"exec = ["/bin/sh", "-c", "echo hello-out; echo hello-err >&2; printf 'no-newline'; sleep 0.2; echo ' end'; exec sleep 1000"]"#
+                .into(),
+        ),
+        ("quiet", r#"exec = ["/bin/sleep", "1000"]"#.into()),
+    ]);
+    run.wait("hello-err", Duration::from_secs(10))?;
+    run.wait("no-newline end", Duration::from_secs(10))?;
+    let logs = run.control("logs chatty")?;
+    for want in [
+        " chatty: hello-out",
+        " chatty: hello-err",
+        " chatty: no-newline end",
+    ] {
+        if !logs.contains(want) {
+            return Err(format!("{want:?} not in logs:\n{logs}"));
+        }
+    }
+    if logs.contains("quiet") || logs.contains("init:") {
+        return Err(format!("other sources in `logs chatty`:\n{logs}"));
+    }
+    let all = run.control("logs")?;
+    if !all.contains(" init: service quiet started pid") {
+        return Err(format!("init's own lines missing from `logs`:\n{all}"));
+    }
+    let last: u64 = all
+        .lines()
+        .last()
+        .and_then(|l| l.split_whitespace().next()?.parse().ok())
+        .ok_or("no sequence numbers")?;
+    if !run.control(&format!("logs --since {last}"))?.is_empty() {
+        return Err("`--since <last>` returned lines".into());
+    }
+    run.control("poweroff")?;
+    run.finish(Duration::from_secs(10))
+}
+
 /// Shutdown stops services in reverse dependency order; one ignoring SIGTERM
 /// is SIGKILLed after its stop timeout.
 fn shutdown_in_reverse_order() -> Result<(), String> {
@@ -562,6 +691,12 @@ fn driver() {
         ("crash_loop_backs_off", crash_loop_backs_off),
         ("readiness_gates_dependents", readiness_gates_dependents),
         ("orphans_are_reaped", orphans_are_reaped),
+        ("orphan_storm", orphan_storm),
+        ("logs_are_kept_per_service", logs_are_kept_per_service),
+        (
+            "crash_loop_recovers_when_fixed",
+            crash_loop_recovers_when_fixed,
+        ),
         ("shutdown_in_reverse_order", shutdown_in_reverse_order),
         ("bad_service_file_is_reported", bad_service_file_is_reported),
     ];

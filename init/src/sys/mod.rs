@@ -7,6 +7,9 @@
 //! grow policy (what to mount, when to retry).
 
 pub mod block;
+pub mod dm;
+pub mod netlink;
+pub mod watchdog;
 
 use std::ffi::CString;
 use std::fs::File;
@@ -383,4 +386,22 @@ pub fn boottime_ms() -> u64 {
     clock_gettime(ClockId::CLOCK_BOOTTIME).map_or(0, |t| {
         (t.tv_sec() as u64).saturating_mul(1000) + (t.tv_nsec() as u64) / 1_000_000
     })
+}
+
+/// A pipe for a service's output: `(read end, write end)`, both close-on-exec
+/// (the child gets a dup without the flag); the read end is non-blocking.
+pub fn log_pipe() -> Result<(std::os::fd::OwnedFd, std::os::fd::OwnedFd), Errno> {
+    use nix::fcntl::{FcntlArg, OFlag, fcntl};
+    let (r, w) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
+    fcntl(&r, FcntlArg::F_SETFL(OFlag::O_NONBLOCK))?;
+    Ok((r, w))
+}
+
+/// `read(2)` on a non-blocking fd: `Ok(0)` also when nothing is there (EAGAIN).
+pub fn read_nonblocking(fd: &std::os::fd::OwnedFd, buf: &mut [u8]) -> Result<usize, Errno> {
+    match nix::unistd::read(fd, buf) {
+        Ok(n) => Ok(n),
+        Err(Errno::EAGAIN) => Ok(0),
+        Err(e) => Err(e),
+    }
 }

@@ -1,0 +1,83 @@
+# Shared helpers for the benchmark scripts (sourced).
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+ASSETS=${BASALT_ASSETS:-$ROOT/.cache/assets}
+N=${N:-5}
+OUT=${OUT:-$ROOT/target/bench}
+mkdir -p "$OUT"
+
+median() { sort -n | awk '{a[NR]=$1} END {if (NR%2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2}'; }
+now_ms() { date +%s%3N; }
+
+# Boot a disk image under QEMU (TCG, OVMF, same flags as tests/src/qemu.rs),
+# serial console to $2, until a line matching $3 appears (or $4 seconds pass).
+boot_until() {
+  local img=$1 log=$2 pattern=$3 limit=${4:-400} vars
+  vars=$(mktemp "$OUT/vars.XXXX")
+  cp "$ASSETS/amd64/ovmf/usr/share/OVMF/OVMF_VARS_4M.fd" "$vars" 2>/dev/null ||
+    cp "$(ls "$ASSETS"/amd64/ovmf/usr/share/OVMF/OVMF_VARS*.fd | head -1)" "$vars"
+  local code
+  code=$(ls "$ASSETS"/amd64/ovmf/usr/share/OVMF/OVMF_CODE_4M.fd 2>/dev/null || ls "$ASSETS"/amd64/ovmf/usr/share/OVMF/OVMF_CODE*.fd | head -1)
+  : > "$log"
+  qemu-system-x86_64 -accel tcg -M q35 -cpu max -smp 1 -m 1024 -nodefaults -display none \
+    -no-reboot -serial "file:$log" \
+    -drive "if=pflash,format=raw,unit=0,readonly=on,file=$code" \
+    -drive "if=pflash,format=raw,unit=1,file=$vars" \
+    -drive "if=virtio,format=raw,file=$img" &
+  local qpid=$! t=0
+  while ! grep -aq "$pattern" "$log" && [ $t -lt $((limit * 10)) ]; do sleep 0.1; t=$((t + 1)); done
+  sleep 1
+  kill "$qpid" 2>/dev/null || true
+  wait "$qpid" 2>/dev/null || true
+  rm -f "$vars"
+  grep -aq "$pattern" "$log"
+}
+
+off() { sfdisk -J "$1" | python3 -c "import json,sys; t=json.load(sys.stdin)['partitiontable']; print([p for p in t['partitions'] if p.get('name')==sys.argv[1]][0]['start']*512)" "$2"; }
+
+# busybox_image <src.img> <dst.img> <final command> [extra file to put at /newroot-less path]
+# A copy of <src.img> whose initramfs /init is a busybox shell script doing
+# stage 1's steps (no dm-verity: busybox has no device-mapper tool), ending in
+# `exec switch_root /newroot <final command>`.
+busybox_image() {
+  local src=$1 base=$2 final=$3
+  cp --sparse=always "$src" "$base"
+  esp=$(off "$base" esp)
+  work=$(mktemp -d "$OUT/initrd.XXXX")
+  mcopy -o -i "$base@@$esp" ::a/initramfs "$work/initramfs.orig"
+  mkdir "$work/root"
+  (cd "$work/root" && cpio -id --quiet < ../initramfs.orig)
+  mkdir -p "$work/root/bin"
+  cp "$ASSETS/amd64/busybox/bin/busybox" "$work/root/bin/busybox"
+  [ -n "${BENCH_EXTRA:-}" ] && cp "$BENCH_EXTRA" "$work/root/pid1"
+  mods=$(sed -n 's/^modules *= *\[\(.*\)\]/\1/p' "$work/root/etc/basalt/initramfs.toml" | tr -d '",')
+  kver=$(sed -n 's/^kernel_version *= *"\(.*\)"/\1/p' "$work/root/etc/basalt/initramfs.toml")
+  cat > "$work/root/init" <<SCRIPT
+#!/bin/busybox sh
+/bin/busybox mount -t proc proc /proc
+read up _ < /proc/uptime; echo "bench: start \$up"
+/bin/busybox --install -s /bin
+export PATH=/bin
+mount -t sysfs sysfs /sys
+mount -t devtmpfs -o mode=0755 devtmpfs /dev
+for m in $mods; do insmod /lib/modules/$kver/\$m 2>/dev/null; done
+find_part() { for u in /sys/class/block/*/uevent; do grep -q "^PARTNAME=\$1\$" \$u && { . \$u; echo /dev/\$DEVNAME; return; }; done; }
+i=0; while [ -z "\$(find_part root-a)" ] && [ \$i -lt 500 ]; do sleep 0.02; i=\$((i+1)); done
+ROOT=\$(find_part root-a); DATA=\$(find_part data); ESP=\$(find_part esp)
+mount -t squashfs -o ro \$ROOT /newroot
+mount -t ext4 -o noatime \$DATA /newroot/var
+mkdir -p /newetc; mount -t tmpfs tmpfs /newetc; cp -a /newroot/etc/. /newetc/; mount --move /newetc /newroot/etc
+mount -t vfat -o umask=0077 \$ESP /newroot/boot
+mount -t tmpfs -o mode=0755 tmpfs /newroot/run
+[ -e /pid1 ] && cp /pid1 /newroot/run/pid1
+mount --move /dev /newroot/dev; mount --move /sys /newroot/sys
+read up _ < /proc/uptime; echo "bench: exec \$up"
+mount --move /proc /newroot/proc
+exec switch_root /newroot $final
+SCRIPT
+  chmod 755 "$work/root/init"
+  (cd "$work/root" && find . | sort | cpio -o -H newc --quiet > ../initramfs.new)
+  mcopy -o -i "$base@@$esp" "$work/initramfs.new" ::a/initramfs
+  rm -rf "$work"
+
+}

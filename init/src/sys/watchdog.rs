@@ -1,0 +1,49 @@
+//! `/dev/watchdog` (`linux/watchdog.h`): set the timeout, pet it. Closing
+//! without the magic `V` leaves it armed, so a PID 1 that stops petting (or
+//! a shutdown that hangs) resets the machine.
+
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::path::Path;
+
+use nix::errno::Errno;
+
+// WDIOC_SETTIMEOUT is `_IOWR('W', 6, int)`.
+nix::ioctl_readwrite!(wdioc_settimeout, b'W', 6, libc::c_int);
+
+#[derive(Debug)]
+pub struct Watchdog {
+    file: File,
+    /// The timeout the driver accepted, in seconds.
+    pub timeout_secs: u32,
+}
+
+impl Watchdog {
+    /// Open (which arms it) and ask for `timeout_secs`; the driver may round it.
+    pub fn open(path: &Path, timeout_secs: u32) -> Result<Watchdog, Errno> {
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(path)
+            .map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)))?;
+        let mut t = timeout_secs.min(i32::MAX as u32) as libc::c_int;
+        // SAFETY: WDIOC_SETTIMEOUT reads and writes one int through the
+        // pointer, which points at `t`, alive across the call.
+        let accepted = match unsafe { wdioc_settimeout(file.as_raw_fd(), &mut t) } {
+            Ok(_) => t.max(1) as u32,
+            // Some drivers have a fixed timeout; keep their default (60 s for softdog).
+            Err(_) => 60,
+        };
+        Ok(Watchdog {
+            file,
+            timeout_secs: accepted,
+        })
+    }
+
+    /// Restart the countdown.
+    pub fn pet(&mut self) -> Result<(), Errno> {
+        self.file
+            .write_all(b"\0")
+            .map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)))
+    }
+}
