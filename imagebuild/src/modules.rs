@@ -650,6 +650,9 @@ mod tests {
         assert!(pos("virtio") < pos("virtio_pci"));
         assert!(pos("virtio_pci_modern_dev") < pos("virtio_pci"));
         assert!(pos("fat") < pos("vfat"));
-        assert_eq!(names.len(), 11, "{names:?}");
+        // dm-verity needs dm-bufio and dm-mod first; softdog pulls in watchdog.
+        assert!(pos("dm_mod") < pos("dm_verity") && pos("dm_bufio") < pos("dm_verity"));
+        assert!(pos("watchdog") < pos("softdog"));
+        assert_eq!(names.len(), 18, "{names:?}");
     }
 }

@@ -10,6 +10,7 @@ const KNOWN_KEYS: &[&str] = &[
     CMDLINE_VERITY,
     CMDLINE_VERITY_DATA_BLOCKS,
     "basalt.root",
+    "basalt.watchdog",
 ];
 
 /// What the command line tells init.
@@ -19,6 +20,8 @@ pub struct BootArgs {
     pub verity: Option<String>,
     /// MBR boards: the partition number of this slot's root (`basalt.root=5`).
     pub root_partition: Option<u32>,
+    /// `basalt.watchdog=0|1`: arm `/dev/watchdog` (default yes).
+    pub watchdog: Option<bool>,
     /// Data blocks (4096 bytes) covered by the verity tree.
     pub verity_data_blocks: Option<u64>,
     /// Problems to report as `basalt: error` lines (unknown keys, bad values).
@@ -86,6 +89,11 @@ pub fn parse(cmdline: &str) -> BootArgs {
                     args.problems.push(format!("bad value {key}={v}"));
                 }
             }
+            ("basalt.watchdog", Some(v)) => match v {
+                "0" => args.watchdog = Some(false),
+                "1" => args.watchdog = Some(true),
+                _ => args.problems.push(format!("bad value {key}={v}")),
+            },
             ("basalt.root", Some(v)) => match v.parse::<u32>() {
                 Ok(n) if (1..=63).contains(&n) => args.root_partition = Some(n),
                 _ => args.problems.push(format!("bad value {key}={v}")),

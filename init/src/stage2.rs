@@ -129,6 +129,11 @@ pub fn run() -> ! {
     shutdown(kind)
 }
 
+fn watchdog_wanted(cmdline_path: &Path) -> bool {
+    let text = std::fs::read_to_string(cmdline_path).unwrap_or_default();
+    crate::cmdline::parse(&text).watchdog.unwrap_or(true)
+}
+
 fn supervise(ctx: Context) -> Option<ShutdownKind> {
     let config = Config {
         services: ctx.services.clone(),
@@ -160,7 +165,11 @@ fn supervise(ctx: Context) -> Option<ShutdownKind> {
             },
         },
         proc_dir: PathBuf::from("/proc"),
-        watchdog: Some(PathBuf::from("/dev/watchdog")),
+        // `basalt.watchdog=0` on the command line leaves the watchdog alone:
+        // for emulators whose watchdog model resets at once when armed (QEMU's
+        // raspi machines reset on the first write to the PM registers).
+        watchdog: watchdog_wanted(Path::new("/proc/cmdline"))
+            .then(|| PathBuf::from("/dev/watchdog")),
     };
     let mut sup = match Supervisor::new(config) {
         Ok(s) => s,
