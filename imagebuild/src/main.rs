@@ -78,6 +78,7 @@ enum Cmd {
     /// Boot an image in QEMU with the serial console attached.
     Run {
         image: PathBuf,
+        /// `x86_64` (UEFI, OVMF) or `aarch64` (a Raspberry Pi image on QEMU's raspi3b).
         #[arg(long, default_value = "x86_64")]
         arch: String,
         #[arg(long, default_value_t = 2048)]

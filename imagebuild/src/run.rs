@@ -22,8 +22,12 @@ pub enum RunError {
     NoFirmware { looked: String },
     #[error("image {0} does not exist")]
     NoImage(PathBuf),
-    #[error("architecture {0:?} is not supported by `basalt run` yet (x86_64)")]
+    #[error(
+        "architecture {0:?} is not supported by `basalt run` (x86_64, aarch64 = Raspberry Pi 3 model)"
+    )]
     Arch(String),
+    #[error("reading the Raspberry Pi boot files out of {image}: {why}")]
+    PiBoot { image: PathBuf, why: String },
 }
 
 /// How to boot.
@@ -89,6 +93,7 @@ pub fn command(opts: &RunOptions, assets: Option<&Path>) -> Result<Command, RunE
     }
     match opts.arch.as_str() {
         "x86_64" | "amd64" => {}
+        "aarch64" | "arm64" | "rpi3" => return pi_command(opts),
         other => return Err(RunError::Arch(other.to_string())),
     }
     let qemu = "qemu-system-x86_64";
@@ -148,6 +153,86 @@ pub fn command(opts: &RunOptions, assets: Option<&Path>) -> Result<Command, RunE
         opts.api_port, opts.ssh_port
     ));
     c.args(["-device", "i6300esb"]);
+    c.args(&opts.extra);
+    Ok(c)
+}
+
+/// A Raspberry Pi SD image under QEMU's `raspi3b` model. QEMU does not run
+/// the Pi firmware: like the firmware, this reads slot a's boot partition (p2)
+/// and hands its kernel, DTB, initramfs and `cmdline.txt` to QEMU (read with
+/// mtools' `mcopy`). The card is attached as the SD card (its size must be a
+/// power of two, as the real model's is); the network is a USB NIC.
+fn pi_command(opts: &RunOptions) -> Result<Command, RunError> {
+    let bin = which("qemu-system-aarch64").ok_or(RunError::NoQemu {
+        binary: "qemu-system-aarch64".into(),
+        package: "qemu-system-arm",
+    })?;
+    let err = |why: String| RunError::PiBoot {
+        image: opts.image.clone(),
+        why,
+    };
+    let mut f = std::fs::File::open(&opts.image).map_err(|e| err(e.to_string()))?;
+    let mut mbr = [0u8; 512];
+    std::io::Read::read_exact(&mut f, &mut mbr).map_err(|e| err(e.to_string()))?;
+    let e = &mbr[446 + 16..446 + 32]; // partition 2: slot a's boot FAT
+    let start = u64::from(u32::from_le_bytes([e[8], e[9], e[10], e[11]])) * 512;
+    if mbr[510..512] != [0x55, 0xAA] || start == 0 {
+        return Err(err(
+            "no MBR partition 2 (is this a Raspberry Pi image?)".into()
+        ));
+    }
+    let dir = std::env::temp_dir().join(format!("basalt-run-pi-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| err(e.to_string()))?;
+    let at = format!("{}@@{start}", opts.image.display());
+    let get = |name: &str| -> Result<PathBuf, RunError> {
+        let to = dir.join(name);
+        let out = Command::new("mcopy")
+            .args(["-n", "-o", "-i", &at, &format!("::{name}")])
+            .arg(&to)
+            .output()
+            .map_err(|e| err(format!("mcopy (Debian package mtools): {e}")))?;
+        if !out.status.success() {
+            return Err(err(format!(
+                "{name}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        Ok(to)
+    };
+    let kernel = get("kernel8.img")?;
+    let initramfs = get("initramfs")?;
+    let dtb = get("bcm2837-rpi-3-b.dtb")?;
+    let cmdline = std::fs::read_to_string(get("cmdline.txt")?).map_err(|e| err(e.to_string()))?;
+    let mut c = Command::new(bin);
+    c.args([
+        "-accel",
+        "tcg",
+        "-M",
+        "raspi3b",
+        "-m",
+        "1G",
+        "-display",
+        "none",
+        "-nodefaults",
+    ]);
+    c.args(["-serial", "mon:stdio"]);
+    c.arg("-kernel")
+        .arg(kernel)
+        .arg("-dtb")
+        .arg(dtb)
+        .arg("-initrd")
+        .arg(initramfs);
+    c.arg("-append").arg(cmdline.trim());
+    c.arg("-drive")
+        .arg(format!("file={},if=sd,format=raw", opts.image.display()));
+    if !opts.persist {
+        c.arg("-snapshot");
+    }
+    c.args(["-device", "usb-net,netdev=n0"]);
+    c.arg("-netdev").arg(format!(
+        "user,id=n0,hostfwd=tcp:127.0.0.1:{}-:6443,hostfwd=tcp:127.0.0.1:{}-:22",
+        opts.api_port, opts.ssh_port
+    ));
     c.args(&opts.extra);
     Ok(c)
 }

@@ -10,7 +10,8 @@
 //! Asserted from the serial console: stage 1 → stage 2 → stand-in received and
 //! ready → `basalt: ready` on slot a with the image's hostname, the data
 //! partition grown (MBR: extended p4 and logical p7) → clean poweroff; then on
-//! the disk file, with sfdisk, that p7 reaches the end of the SD card.
+//! the disk file, with sfdisk, that p7 reaches the end of the SD card. Then
+//! `basalt run --arch aarch64` boots the untouched image the same way.
 
 use anyhow::{Context, Result, ensure};
 use basalt_tests::console::Console;
@@ -186,6 +187,47 @@ fn rpi3_image_boots_to_ready_under_qemu_raspi3b() -> Result<()> {
     ensure!(
         end == sectors,
         "p7 ends at sector {end}, the card has {sectors}"
+    );
+
+    // `basalt run --arch aarch64` (issue 7) boots the same, untouched image the
+    // same way (its own p2 files, raspi3b), to ready and its own poweroff.
+    let before = std::fs::read(&img)?;
+    let port = || -> Result<u16> {
+        Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port())
+    };
+    let mut run = Qemu(
+        Command::new(build::basalt_binary())
+            .args(["run", "--arch", "aarch64"])
+            .arg(&img)
+            .args([
+                "--api-port",
+                &port()?.to_string(),
+                "--ssh-port",
+                &port()?.to_string(),
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting basalt run --arch aarch64")?,
+    );
+    let stdout = run.0.stdout.take().context("no console")?;
+    let mut console = Console::spawn(stdout, &dir.join("basalt-run-console.log"))?;
+    let line = console.expect(report::READY_PREFIX, STEP)?;
+    ensure!(report::parse_ready(&line)?.slot == "a", "{line}");
+    console.expect("basalt: shutdown complete", STEP)?;
+    let status = loop {
+        if let Some(st) = run.0.try_wait()? {
+            break st;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    ensure!(status.success(), "basalt run exited with {status}");
+    ensure!(
+        std::fs::read(&img)? == before,
+        "basalt run (snapshot) changed the image"
     );
     Ok(())
 }
