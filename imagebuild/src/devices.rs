@@ -8,6 +8,9 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
+// The device reads the mount table with the same unescaping (one copy).
+use basalt_init::mounts::unescape_octal;
+
 /// Where the kernel's views of devices and mounts are read from.
 #[derive(Debug, Clone)]
 pub struct HostPaths {
@@ -127,28 +130,9 @@ fn mounts_by_dev(mountinfo: &Path) -> Vec<(String, String)> {
     text.lines()
         .filter_map(|l| {
             let f: Vec<&str> = l.split(' ').collect();
-            Some((f.get(2)?.to_string(), unescape(f.get(4)?)))
+            Some((f.get(2)?.to_string(), unescape_octal(f.get(4)?)))
         })
         .collect()
-}
-
-fn unescape(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Device names (`sda2`, `zram0`) in use as swap.
