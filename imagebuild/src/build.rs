@@ -295,7 +295,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
     let initramfs = initramfs::build(&board, &tree, &mods, &init, epoch32)?;
 
     p.step("writing the root filesystem (squashfs)");
-    let squashfs = squashfs::write(&tree, epoch32)?;
+    let squashfs = squashfs::write_cached(&tree, epoch32)?;
     // dm-verity: the hash tree follows the squashfs in root-a; its root hash
     // goes on the slot's command line (docs/boot-protocol.md, "dm-verity").
     let root_verity = verity::for_root("root-a", &squashfs);

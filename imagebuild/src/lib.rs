@@ -4,6 +4,7 @@
 //! concept (DESIGN.md vocabulary): board, imagedef, modules, initramfs,
 //! rootfs additions (root), squashfs, esp, data, disk. Beside the pipeline:
 //! verity, outputs (.img.zst, .bmap, SHA256SUMS), bundle, flash, devices, run.
+pub mod artifacts;
 pub mod bmap;
 pub mod board;
 pub mod build;

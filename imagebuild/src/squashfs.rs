@@ -9,6 +9,8 @@ use backhand::compression::Compressor;
 use backhand::{FilesystemCompressor, FilesystemWriter, NodeHeader};
 use basalt_rootfs::tree::{EntryKind, FileData, Tree};
 
+use crate::artifacts::{Artifacts, Key};
+
 #[derive(Debug, thiserror::Error)]
 pub enum SquashfsError {
     #[error("squashfs: adding {path}: {err}")]
@@ -22,6 +24,59 @@ pub enum SquashfsError {
     Write(#[source] backhand::BackhandError),
     #[error("squashfs: compressor: {0}")]
     Compressor(#[source] backhand::BackhandError),
+}
+
+/// [`write`], through the artifact cache: a tree already compressed by this
+/// same `basalt` executable (same paths, modes, owners, times and content)
+/// comes back from the cache instead of being compressed again.
+pub fn write_cached(tree: &Tree, epoch: u32) -> Result<Vec<u8>, SquashfsError> {
+    let Some(cache) = Artifacts::open("squashfs") else {
+        return write(tree, epoch);
+    };
+    let Some(key) = tree_key(tree, epoch) else {
+        return write(tree, epoch);
+    };
+    if let Some(bytes) = cache.get_bytes(&key) {
+        return Ok(bytes);
+    }
+    let bytes = write(tree, epoch)?;
+    cache.put_bytes(&key, &bytes);
+    Ok(bytes)
+}
+
+/// Everything [`write`] reads from `tree`, hashed; `None` when a host file
+/// cannot be read (then [`write`] reports the error itself).
+fn tree_key(tree: &Tree, epoch: u32) -> Option<Key> {
+    use sha2::{Digest, Sha256};
+    let mut key = Key::new("squashfs");
+    key.add(&epoch.to_le_bytes());
+    for (path, e) in tree.iter() {
+        key.add(path.as_os_str().as_encoded_bytes());
+        key.add(&e.mode.to_le_bytes())
+            .add(&e.uid.to_le_bytes())
+            .add(&e.gid.to_le_bytes())
+            .add(&e.mtime.to_le_bytes());
+        match &e.kind {
+            EntryKind::Dir => key.add(b"d"),
+            EntryKind::Symlink(t) => key.add(b"l").add(t.as_os_str().as_encoded_bytes()),
+            EntryKind::File(FileData::Bytes(b)) => key.add(b"f").add(&Sha256::digest(b.as_slice())),
+            EntryKind::File(FileData::HostPath(p)) => {
+                use std::io::Read;
+                let mut h = Sha256::new();
+                let mut f = std::fs::File::open(p).ok()?;
+                let mut buf = vec![0u8; 256 * 1024];
+                loop {
+                    let n = f.read(&mut buf).ok()?;
+                    if n == 0 {
+                        break;
+                    }
+                    h.update(&buf[..n]);
+                }
+                key.add(b"f").add(&h.finalize())
+            }
+        };
+    }
+    Some(key)
 }
 
 /// Write `tree` as a squashfs image in memory.

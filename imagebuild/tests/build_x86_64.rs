@@ -115,18 +115,30 @@ fn build_test_image_and_check_with_standard_tools() {
     let def = def.to_str().unwrap();
 
     let (o1, o2, o3) = (tmp.join("one"), tmp.join("two"), tmp.join("three"));
+    let o2warm = tmp.join("two-warm");
+    let cache = tmp.join("cache");
+    // Build one without the artifact cache; two with an empty cache (filled),
+    // then again from it (squashfs and ext4 taken from the cache): all the same.
     let t = Instant::now();
-    run(&mut basalt(
+    run(basalt(
         &env,
         &["build", def, "--out", o1.to_str().unwrap()],
         "1700000000",
-    ));
+    )
+    .env("BASALT_NO_ARTIFACT_CACHE", "1"));
     println!("build time: {:.2} s", t.elapsed().as_secs_f64());
-    run(&mut basalt(
-        &env,
-        &["build", def, "--out", o2.to_str().unwrap()],
-        "1700000000",
-    ));
+    for out in [&o2, &o2warm] {
+        run(basalt(
+            &env,
+            &["build", def, "--out", out.to_str().unwrap()],
+            "1700000000",
+        )
+        .env("XDG_CACHE_HOME", &cache));
+    }
+    let cached = std::fs::read_dir(cache.join("basalt/artifacts/squashfs"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(cached, 1, "the squashfs went into the artifact cache");
     run(&mut basalt(
         &env,
         &["build", def, "--out", o3.to_str().unwrap()],
@@ -137,6 +149,11 @@ fn build_test_image_and_check_with_standard_tools() {
     // Reproducible: same SOURCE_DATE_EPOCH → same bytes; another → different.
     let h1 = sha256(&img);
     assert_eq!(h1, sha256(&o2.join("basalt-x86_64-test.img")));
+    assert_eq!(
+        h1,
+        sha256(&o2warm.join("basalt-x86_64-test.img")),
+        "a build from the artifact cache differs from one without it"
+    );
     assert_ne!(h1, sha256(&o3.join("basalt-x86_64-test.img")));
 
     // Sparse: far fewer blocks allocated than the apparent size.
