@@ -38,6 +38,8 @@ pub enum InitramfsError {
     Write(#[from] std::io::Error),
     #[error("serialising initramfs.toml: {0}")]
     Toml(#[from] toml::ser::Error),
+    #[error(transparent)]
+    Module(#[from] crate::modules::ModulesError),
 }
 
 /// Build the initramfs bytes.
@@ -62,7 +64,7 @@ pub fn build(
         modules: modules
             .order
             .iter()
-            .map(|p| p.display().to_string())
+            .map(|p| crate::modules::initramfs_path(p).display().to_string())
             .collect(),
     };
     let settings_text = format!(
@@ -92,7 +94,7 @@ pub fn build(
     };
     add_parents(Path::new("etc/basalt/initramfs.toml"));
     for m in &modules.order {
-        add_parents(&mod_base.join(m));
+        add_parents(&mod_base.join(crate::modules::initramfs_path(m)));
     }
 
     enum Item<'a> {
@@ -110,7 +112,10 @@ pub fn build(
         Item::Bytes(settings_text.as_bytes(), 0o644),
     );
     for m in &modules.order {
-        items.insert(mod_base.join(m), Item::Module(m));
+        items.insert(
+            mod_base.join(crate::modules::initramfs_path(m)),
+            Item::Module(m),
+        );
     }
 
     let mut w = CpioWriter::new(Vec::new());
@@ -131,6 +136,7 @@ pub fn build(
                     })?,
                     _ => return Err(InitramfsError::NotAFile { path: shown }),
                 };
+                let data = crate::modules::decompress(&src, data)?;
                 w.file(&name, 0o644, meta, &data)?;
             }
         }

@@ -226,6 +226,7 @@ impl DepSource for ModinfoDeps<'_> {
                 });
             }
         };
+        let data = decompress(&path, data)?;
         let sec = elf_section(&data, ".modinfo")
             .map_err(|why| ModulesError::Elf {
                 path: shown.clone(),
@@ -285,7 +286,62 @@ pub fn module_name(p: &Path) -> String {
         .file_name()
         .map(|n| n.to_string_lossy())
         .unwrap_or_default();
-    canonical_name(f.strip_suffix(".ko").unwrap_or(&f))
+    let f = strip_compression(&f);
+    canonical_name(f.strip_suffix(".ko").unwrap_or(f))
+}
+
+/// Suffixes of compressed modules, as kmod knows them (Alpine ships `.ko.gz`).
+pub const COMPRESSED: &[&str] = &[".gz", ".xz", ".zst"];
+
+fn strip_compression(f: &str) -> &str {
+    COMPRESSED
+        .iter()
+        .find_map(|c| f.strip_suffix(c).filter(|s| s.ends_with(".ko")))
+        .unwrap_or(f)
+}
+
+/// Whether `rel` names a module file: `.ko`, `.ko.gz`, `.ko.xz` or `.ko.zst`.
+pub fn is_module_file(rel: &Path) -> bool {
+    rel.file_name()
+        .map(|n| strip_compression(&n.to_string_lossy()).ends_with(".ko"))
+        .unwrap_or(false)
+}
+
+/// Where a module goes in the initramfs: compressed modules are stored
+/// decompressed (`x.ko.gz` → `x.ko`), so stage 1 loads them on any kernel,
+/// with or without `CONFIG_MODULE_DECOMPRESS`.
+pub fn initramfs_path(rel: &Path) -> PathBuf {
+    let name = rel
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    rel.with_file_name(strip_compression(&name))
+}
+
+/// A module's ELF bytes: `data` decompressed according to `rel`'s suffix.
+pub fn decompress(rel: &Path, data: Vec<u8>) -> Result<Vec<u8>, ModulesError> {
+    use std::io::Read;
+    let shown = rel.display().to_string();
+    let name = rel.to_string_lossy();
+    let err = |e: std::io::Error| ModulesError::Read {
+        path: shown.clone(),
+        err: std::io::Error::new(e.kind(), format!("decompressing: {e}")),
+    };
+    let mut out = Vec::new();
+    if name.ends_with(".ko.gz") {
+        flate2::read::GzDecoder::new(&data[..])
+            .read_to_end(&mut out)
+            .map_err(err)?;
+    } else if name.ends_with(".ko.xz") {
+        liblzma::read::XzDecoder::new(&data[..])
+            .read_to_end(&mut out)
+            .map_err(err)?;
+    } else if name.ends_with(".ko.zst") {
+        out = zstd::stream::decode_all(&data[..]).map_err(err)?;
+    } else {
+        return Ok(data);
+    }
+    Ok(out)
 }
 
 /// Resolve `wanted` (names) to files in dependency order. `index` maps names
@@ -374,7 +430,7 @@ pub fn resolve(
     let mut index = BTreeMap::new();
     for (p, e) in tree.iter() {
         if let (Ok(rel), EntryKind::File(_)) = (p.strip_prefix(&base), &e.kind)
-            && rel.extension().is_some_and(|x| x == "ko")
+            && is_module_file(rel)
         {
             // First one wins on a name clash, in sorted path order: deterministic.
             index
@@ -654,5 +710,73 @@ mod tests {
         assert!(pos("dm_mod") < pos("dm_verity") && pos("dm_bufio") < pos("dm_verity"));
         assert!(pos("watchdog") < pos("softdog"));
         assert_eq!(names.len(), 18, "{names:?}");
+    }
+
+    /// Alpine ships `.ko.gz`; other distributions `.ko.xz` or `.ko.zst`. The
+    /// real kernel's modules, each compressed one of the three ways, resolve
+    /// in the same order, and the initramfs gets them decompressed as `.ko`.
+    #[test]
+    fn compressed_modules_resolve_and_land_decompressed() {
+        use std::io::Write;
+        let Some(k) = assets() else { return };
+        let spec = basalt_rootfs::overlay::OverlaySpec {
+            source: k,
+            exclude: vec!["usr".into()],
+            ..Default::default()
+        };
+        let plain = basalt_rootfs::overlay::load(&spec).unwrap();
+        let board = crate::board::Board::embedded("x86_64").unwrap();
+        let wanted = &board.initramfs.modules;
+        let kernel = Path::new("boot/vmlinuz-6");
+        let want = resolve(&plain, "lib/modules", kernel, wanted).unwrap();
+
+        let mut tree = Tree::new();
+        let mut originals = BTreeMap::new();
+        for (i, (p, e)) in plain.iter().enumerate() {
+            let is_ko = p.extension().is_some_and(|x| x == "ko");
+            match (&e.kind, is_ko) {
+                (EntryKind::File(d), true) => {
+                    let raw = d.read().unwrap();
+                    let (suffix, packed) = match i % 3 {
+                        0 => {
+                            let mut z = flate2::write::GzEncoder::new(
+                                Vec::new(),
+                                flate2::Compression::fast(),
+                            );
+                            z.write_all(&raw).unwrap();
+                            ("gz", z.finish().unwrap())
+                        }
+                        1 => {
+                            let mut z = liblzma::write::XzEncoder::new(Vec::new(), 0);
+                            z.write_all(&raw).unwrap();
+                            ("xz", z.finish().unwrap())
+                        }
+                        _ => ("zst", zstd::stream::encode_all(&raw[..], 1).unwrap()),
+                    };
+                    let name = format!("{}.{suffix}", p.display());
+                    originals.insert(PathBuf::from(&name), raw);
+                    let entry = Entry::file(FileData::Bytes(std::sync::Arc::new(packed)), 0o644);
+                    tree.insert(&name, entry).unwrap();
+                }
+                _ => tree.insert(p, e.clone()).unwrap(),
+            }
+        }
+        let got = resolve(&tree, "lib/modules", kernel, wanted).unwrap();
+        let names =
+            |r: &Resolved| -> Vec<String> { r.order.iter().map(|p| module_name(p)).collect() };
+        assert_eq!(names(&got), names(&want));
+        let base = Path::new("lib/modules").join(&got.kernel_version);
+        for (rel, plain_rel) in got.order.iter().zip(&want.order) {
+            assert_ne!(rel, plain_rel, "{rel:?} should be the compressed file");
+            assert_eq!(&initramfs_path(rel), plain_rel);
+            let Some(EntryKind::File(d)) = tree.get(base.join(rel)).map(|e| &e.kind) else {
+                panic!("{rel:?} missing");
+            };
+            let out = decompress(rel, d.read().unwrap()).unwrap();
+            assert_eq!(&out, &originals[&base.join(rel)], "{rel:?}");
+        }
+        // A damaged archive is an error naming the module, not garbage in the initramfs.
+        let bad = decompress(Path::new("kernel/x.ko.gz"), b"not gzip".to_vec()).unwrap_err();
+        assert!(bad.to_string().contains("kernel/x.ko.gz"), "{bad}");
     }
 }
