@@ -286,4 +286,70 @@ mod tests {
             .collect();
         assert_eq!(got, shipped);
     }
+
+    /// The applet table read from the arm64, armhf and amd64 busybox-static
+    /// assets matches what each binary itself says (`--list-full`), run under
+    /// qemu-user for the foreign architectures: an independent check that the
+    /// byte-level method holds on every architecture Basalt builds for.
+    #[test]
+    fn every_architecture_matches_its_own_list_full() {
+        let Ok(root) = std::env::var("BASALT_ASSETS") else {
+            eprintln!("BASALT_ASSETS not set: skipping the per-architecture busybox check");
+            return;
+        };
+        for (arch, runner) in [
+            ("amd64", None),
+            ("arm64", Some("qemu-aarch64-static")),
+            ("armhf", Some("qemu-arm-static")),
+        ] {
+            let p = std::path::Path::new(&root)
+                .join(arch)
+                .join("busybox/bin/busybox");
+            if !p.exists() {
+                eprintln!("{}: missing, skipping {arch}", p.display());
+                continue;
+            }
+            let mut cmd = match runner {
+                Some(r) => {
+                    let mut c = std::process::Command::new(r);
+                    c.arg(&p);
+                    c
+                }
+                None => std::process::Command::new(&p),
+            };
+            let out = match cmd.arg("--list-full").output() {
+                Ok(o) if o.status.success() => o.stdout,
+                Ok(o) => panic!("{arch}: busybox --list-full failed: {}", o.status),
+                Err(e) => {
+                    // tests/run installs qemu-user-static; without it only the
+                    // native architecture can be checked.
+                    assert!(runner.is_some(), "{arch}: {e}");
+                    eprintln!("{arch}: {e}: skipping (no qemu-user)");
+                    continue;
+                }
+            };
+            let mut want: Vec<(String, String)> = String::from_utf8_lossy(&out)
+                .lines()
+                .map(|l| match l.rsplit_once('/') {
+                    Some((d, n)) => (n.to_string(), d.to_string()),
+                    None => (l.to_string(), String::new()),
+                })
+                .collect();
+            want.sort();
+            let a = applets(&std::fs::read(&p).unwrap(), arch).unwrap();
+            assert_eq!(a.method, Method::BinaryTable, "{arch}");
+            let mut got: Vec<(String, String)> = a
+                .links
+                .iter()
+                .map(|(n, d)| (n.clone(), d.to_string()))
+                .collect();
+            got.sort();
+            assert!(
+                want.len() > 200,
+                "{arch}: only {} applets listed",
+                want.len()
+            );
+            assert_eq!(got, want, "{arch}");
+        }
+    }
 }
