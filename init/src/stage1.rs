@@ -42,6 +42,11 @@ pub struct Handoff {
     pub verity_root_hash: String,
     /// The mapped device's name (`basalt-root-a`), for status queries.
     pub verity_name: String,
+    /// `reboot-partition` boards: this boot is the one attempt of a trial of
+    /// this slot (stage 1 recorded it in the marker and armed the watchdog);
+    /// stage 2's health gate commits with `rpi::commit_reboot_partition`.
+    #[serde(default)]
+    pub trial: bool,
     pub steps_ms: BTreeMap<String, u64>,
 }
 
@@ -86,6 +91,34 @@ pub struct Env<'a> {
     pub dm: &'a mut dyn DeviceMapper,
     /// Reopen stdio on `<root>/dev/console` (not in tests).
     pub reopen_console: bool,
+    /// `reboot-partition` boards: the watchdog a trial arms and the
+    /// `reboot N` that returns to the primary.
+    pub watchdog: &'a dyn crate::rpi::Watchdog,
+    pub reboot: &'a dyn crate::rpi::RebootWithArg,
+}
+
+/// `/dev/watchdog`, opened with the trial's timeout and closed without the
+/// magic `V`: it keeps counting until stage 2 opens it again and pets it.
+pub struct KernelWatchdog(pub PathBuf);
+
+impl crate::rpi::Watchdog for KernelWatchdog {
+    fn arm(&self, timeout_secs: u32) -> std::io::Result<()> {
+        crate::sys::watchdog::Watchdog::open(&self.0, timeout_secs)
+            .map(drop)
+            .map_err(std::io::Error::from)
+    }
+}
+
+/// `sync`, then `reboot(2)` with `LINUX_REBOOT_CMD_RESTART2` and the argument.
+pub struct KernelReboot;
+
+impl crate::rpi::RebootWithArg for KernelReboot {
+    fn reboot_with_arg(&self, arg: &str) -> std::io::Result<()> {
+        nix::unistd::sync();
+        Err(std::io::Error::from(crate::sys::reboot(
+            &crate::sys::RebootHow::Restart2(arg.to_string()),
+        )))
+    }
 }
 
 impl Env<'_> {
@@ -122,6 +155,8 @@ pub fn run() -> ! {
         block: &mut KernelBlockDevices,
         dm: &mut KernelDeviceMapper::default(),
         reopen_console: true,
+        watchdog: &KernelWatchdog(PathBuf::from("/dev/watchdog")),
+        reboot: &KernelReboot,
     };
     let handoff = prepare_root(&mut env);
     write_handoff(&env.path("/newroot/run/basalt/stage1.toml"), &handoff);
@@ -182,6 +217,13 @@ pub fn prepare_root(env: &mut Env<'_>) -> Handoff {
     let mbr_root = mbr.then(|| mbr_root_partition(&env.path("/proc/cmdline"), slot));
     let parts = wait_for_partitions(&env.path("/sys/class/block"), slot, mbr_root);
     steps.done("wait_devices");
+
+    // 3b. Boards without tryboot: the trial rules, before anything that could hang.
+    if settings_boot_method(env).as_deref() == Some("reboot-partition") {
+        let watchdog = args.watchdog != Some(false);
+        handoff.trial = reboot_partition_trial(env, parts.get(ESP_PARTITION_NAME), slot, watchdog);
+        steps.done("trial");
+    }
 
     // 4. The slot's root, read-only, through dm-verity when the command line names a root hash.
     let dev = env.path("/dev");
@@ -479,6 +521,113 @@ fn wait_for_partitions(
             }
         }
     }
+}
+
+/// `boot_method` from the initramfs settings.
+fn settings_boot_method(env: &Env<'_>) -> Option<String> {
+    InitramfsSettings::load(&env.path(INITRAMFS_MARKER))
+        .ok()
+        .and_then(|s| s.boot_method)
+}
+
+/// Where stage 1 mounts the config FAT (p1) for the trial rules.
+pub const TRIAL_CONFIG_MOUNT: &str = "/run/basalt-config";
+
+/// `reboot-partition` boards (docs/raspberry-pi.md, "Updates on Pi 2, 3 and
+/// Zero 2 W"): mount p1, read `autoboot.txt` and the trial marker, decide with
+/// [`crate::rpi::stage1_plan`] and carry it out — record the attempt and arm
+/// the watchdog for a trial, or `reboot N` into the primary. Returns whether
+/// this boot is a trial. Every failure is reported and the boot goes on: a
+/// slot that boots is better than a node that stops here.
+fn reboot_partition_trial(
+    env: &mut Env<'_>,
+    config: Option<&Partition>,
+    slot: Slot,
+    watchdog_wanted: bool,
+) -> bool {
+    use crate::rpi::{self, Stage1Plan, Stage1Report};
+    let Some(config) = config else {
+        console::error(
+            "trial",
+            "no config partition (p1): the trial marker is not checked",
+        );
+        return false;
+    };
+    let dir = env.path(TRIAL_CONFIG_MOUNT);
+    if let Err(e) = std::fs::create_dir_all(&dir) {
+        console::error("trial", format_args!("{}: {e}", dir.display()));
+        return false;
+    }
+    let dev = config.dev_path(&env.path("/dev")).display().to_string();
+    let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    if let Err(e) = mounts::mount_fs(env.mounts, &dev, &dir, "vfat", flags, None) {
+        console::error("trial", format_args!("mounting {dev}: {e}"));
+        return false;
+    }
+    let primary = match rpi::read_autoboot(&dir) {
+        Ok(a) => Some(a.primary),
+        Err(e) => {
+            console::error("trial", e);
+            None
+        }
+    };
+    let marker = rpi::read_marker(&dir).unwrap_or_else(|e| {
+        console::error("trial", e);
+        None
+    });
+    let mut plan = rpi::stage1_plan(slot, primary, marker);
+    let mut trial = false;
+    match &mut plan {
+        Stage1Plan::Continue {
+            watchdog_secs,
+            report,
+            ..
+        } => {
+            if watchdog_secs.is_some() {
+                trial = true;
+                say!("trial of slot {} (its one attempt)", slot.name());
+                if !watchdog_wanted {
+                    console::error(
+                        "trial",
+                        "basalt.watchdog=0: the trial runs without the watchdog; a hang is not recovered",
+                    );
+                    *watchdog_secs = None;
+                }
+            }
+            match report {
+                Stage1Report::None => {}
+                Stage1Report::TrialRolledBack { slot: s, attempts } => console::error(
+                    "trial",
+                    format_args!(
+                        "trial of slot {} rolled back after {attempts} attempt(s)",
+                        s.name()
+                    ),
+                ),
+                Stage1Report::StaleMarker => say!("trial marker was stale (commit done): removed"),
+                Stage1Report::RedirectIgnored { primary } => console::error(
+                    "trial",
+                    format_args!(
+                        "the firmware ignores autoboot.txt and reboot N: booting slot {} although slot {} is primary",
+                        slot.name(),
+                        primary.name()
+                    ),
+                ),
+                Stage1Report::PrimaryUnknown => {
+                    console::error("trial", "autoboot.txt unreadable: booting this slot")
+                }
+            }
+        }
+        Stage1Plan::Reboot { partition, .. } => {
+            say!("trial: rebooting into partition {partition}");
+        }
+    }
+    if let Err(e) = rpi::apply_stage1_plan(&dir, &plan, env.watchdog, env.reboot) {
+        console::error("trial", e);
+    }
+    if let Err(e) = env.mounts.umount(&dir, nix::mount::MntFlags::empty()) {
+        console::error("trial", format_args!("unmounting {}: {e}", dir.display()));
+    }
+    trial
 }
 
 /// `partition_table` from the initramfs settings (`gpt` when unreadable).
@@ -880,6 +1029,113 @@ mod tests {
         }
     }
 
+    /// Seams for `reboot-partition` trials that record what stage 1 asked for.
+    #[derive(Default)]
+    struct NoWatchdog;
+    impl crate::rpi::Watchdog for NoWatchdog {
+        fn arm(&self, _: u32) -> std::io::Result<()> {
+            panic!("unexpected watchdog arm")
+        }
+    }
+    struct NoReboot;
+    impl crate::rpi::RebootWithArg for NoReboot {
+        fn reboot_with_arg(&self, arg: &str) -> std::io::Result<()> {
+            panic!("unexpected reboot {arg}")
+        }
+    }
+    #[derive(Default)]
+    struct SeenWatchdog(std::cell::RefCell<Vec<u32>>);
+    impl crate::rpi::Watchdog for SeenWatchdog {
+        fn arm(&self, secs: u32) -> std::io::Result<()> {
+            self.0.borrow_mut().push(secs);
+            Ok(())
+        }
+    }
+    #[derive(Default)]
+    struct SeenReboot(std::cell::RefCell<Vec<String>>);
+    impl crate::rpi::RebootWithArg for SeenReboot {
+        fn reboot_with_arg(&self, arg: &str) -> std::io::Result<()> {
+            self.0.borrow_mut().push(arg.to_string());
+            // The real one does not return; a failed reboot lets the boot go on.
+            Err(std::io::Error::other("test reboot"))
+        }
+    }
+
+    /// Stage 1 on a `reboot-partition` board runs the trial rules against p1:
+    /// a first trial boot records its attempt and arms the watchdog; the same
+    /// slot booting again reboots into the primary; the primary booting with
+    /// the marker reports the rollback and removes the marker.
+    #[test]
+    fn reboot_partition_trial_follows_the_marker() {
+        use crate::rpi::{self, MarkerKind, TrialMarker};
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path().to_path_buf();
+        let cfg = root.join(TRIAL_CONFIG_MOUNT.trim_start_matches('/'));
+        std::fs::create_dir_all(&cfg).unwrap();
+        rpi::write_autoboot(&cfg, rpi::Autoboot { primary: Slot::A }).unwrap();
+        let trial = TrialMarker {
+            kind: MarkerKind::Trial,
+            slot: Slot::B,
+            attempts: 0,
+        };
+        rpi::write_marker(&cfg, &trial).unwrap();
+        let p1 = blockdev::Partition {
+            name: String::new(),
+            devname: "mmcblk0p1".into(),
+            number: 1,
+            disk: "mmcblk0".into(),
+            start_512: 2048,
+            size_512: 8192,
+        };
+        let run = |slot: Slot, wd: &SeenWatchdog, rb: &SeenReboot| {
+            let mut mounts = crate::mounts::fake::FakeMounts::default();
+            let mut loader = Recorder(vec![]);
+            let mut disk = FileDisk {
+                path: root.join("none"),
+                resized: vec![],
+                ext4: vec![],
+            };
+            let mut env = Env {
+                root: root.clone(),
+                mounts: &mut mounts,
+                modules: &mut loader,
+                block: &mut disk,
+                dm: &mut NoDm,
+                reopen_console: false,
+                watchdog: wd,
+                reboot: rb,
+            };
+            let trial = reboot_partition_trial(&mut env, Some(&p1), slot, true);
+            let calls = mounts.calls.join("\n");
+            assert!(
+                calls.contains("/dev/mmcblk0p1 ") && calls.contains(" vfat "),
+                "{calls}"
+            );
+            assert!(calls.contains("umount"), "{calls}");
+            trial
+        };
+
+        // First boot of the trial of b: attempt recorded before the watchdog.
+        let (wd, rb) = (SeenWatchdog::default(), SeenReboot::default());
+        assert!(run(Slot::B, &wd, &rb));
+        assert_eq!(*wd.0.borrow(), [rpi::TRIAL_WATCHDOG_SECS]);
+        assert!(rb.0.borrow().is_empty());
+        let m = rpi::read_marker(&cfg).unwrap().unwrap();
+        assert_eq!(m.attempts, 1);
+
+        // b boots again (watchdog reset kept the partition): back to a's p2.
+        let (wd, rb) = (SeenWatchdog::default(), SeenReboot::default());
+        assert!(!run(Slot::B, &wd, &rb));
+        assert_eq!(*rb.0.borrow(), ["2"]);
+        assert!(wd.0.borrow().is_empty());
+
+        // The primary boots: the rollback is reported, the marker removed.
+        let (wd, rb) = (SeenWatchdog::default(), SeenReboot::default());
+        assert!(!run(Slot::A, &wd, &rb));
+        assert!(rb.0.borrow().is_empty());
+        assert_eq!(rpi::read_marker(&cfg).unwrap(), None);
+    }
+
     /// Device-mapper that must not be used (the fixture has no verity keys).
     struct NoDm;
     impl DeviceMapper for NoDm {
@@ -925,6 +1181,8 @@ mod tests {
                 block: &mut disk,
                 dm: &mut NoDm,
                 reopen_console: false,
+                watchdog: &NoWatchdog,
+                reboot: &NoReboot,
             };
             prepare_root(&mut env)
         };
@@ -993,6 +1251,8 @@ mod tests {
             block: &mut disk,
             dm: &mut NoDm,
             reopen_console: false,
+            watchdog: &NoWatchdog,
+            reboot: &NoReboot,
         });
         assert!(!handoff.data_grown);
         assert_eq!(disk.resized.len(), 1);
@@ -1047,6 +1307,7 @@ mod tests {
             boot_device: "/dev/vda1".into(),
             verity_root_hash: "ab".repeat(32),
             verity_name: "basalt-root-a".into(),
+            trial: true,
             steps_ms: [("modules".to_string(), 120)].into_iter().collect(),
         };
         let text = toml::to_string(&h).unwrap();
