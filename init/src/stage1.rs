@@ -47,6 +47,12 @@ pub struct Handoff {
     /// stage 2's health gate commits with `rpi::commit_reboot_partition`.
     #[serde(default)]
     pub trial: bool,
+    /// PID 1's CPU time when stage 1 started (µs): the kernel's own work in
+    /// the init task before it ran init, for the boot report's split.
+    #[serde(default)]
+    pub cpu_start_user_us: u64,
+    #[serde(default)]
+    pub cpu_start_system_us: u64,
     pub steps_ms: BTreeMap<String, u64>,
 }
 
@@ -168,7 +174,26 @@ pub fn run() -> ! {
             console::error("move-mount", e);
         }
     }
+    // Stage 2 is this same program (the builder puts one init binary in both
+    // the initramfs and the root). Exec'ing the initramfs copy, already in
+    // RAM and held open across switch_root, spares reading 1 MB through
+    // squashfs and dm-verity, and every later page fault on init's code goes
+    // to RAM instead: measured under QEMU TCG, docs/boot-protocol.md.
+    let image = std::fs::File::open(env.path("/init"));
     switch_root(env.mounts, Path::new("/newroot"));
+    match image {
+        Ok(f) => {
+            let e = sys::fexec(&f, ROOT_INIT_PATH);
+            console::error(
+                "exec-stage2",
+                format_args!("from the initramfs copy ({e}); trying {ROOT_INIT_PATH}"),
+            );
+        }
+        Err(e) => console::error(
+            "exec-stage2",
+            format_args!("opening /init ({e}); trying {ROOT_INIT_PATH}"),
+        ),
+    }
     let err = std::process::Command::new(ROOT_INIT_PATH).exec();
     if !handoff.verity_name.is_empty() {
         report_verity(env.dm, &handoff.verity_name);
@@ -184,6 +209,7 @@ pub fn prepare_root(env: &mut Env<'_>) -> Handoff {
         ms: BTreeMap::new(),
     };
     let mut handoff = Handoff::default();
+    (handoff.cpu_start_user_us, handoff.cpu_start_system_us) = sys::own_cpu_us();
 
     // 1. Kernel filesystems, then the console as stdio.
     mount_kernel_filesystems(env);
@@ -1308,6 +1334,8 @@ mod tests {
             verity_root_hash: "ab".repeat(32),
             verity_name: "basalt-root-a".into(),
             trial: true,
+            cpu_start_user_us: 10,
+            cpu_start_system_us: 2000,
             steps_ms: [("modules".to_string(), 120)].into_iter().collect(),
         };
         let text = toml::to_string(&h).unwrap();

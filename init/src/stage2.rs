@@ -88,6 +88,7 @@ const PHASES: &[(&str, Phase)] = &[
 
 /// Run stage 2. Never returns: ends in `reboot(2)`.
 pub fn run() -> ! {
+    let started_ms = sys::boottime_ms();
     console::install_panic_hook();
     say!("stage2 start");
     // Block PID 1's signals now so one sent during the phases stays pending
@@ -111,6 +112,14 @@ pub fn run() -> ! {
             say!("logs persistent at {}", p.display());
         }
     }
+    // From stage 1's end (switch_root, exec) to stage 2's first instruction.
+    ctx.phases_ms.insert(
+        0,
+        (
+            "exec".to_string(),
+            started_ms.saturating_sub(ctx.handoff.stage1_end_ms),
+        ),
+    );
     ctx.stage2_end_ms = report::uptime_ms(Path::new("/proc"));
     if let Err(e) = sys::ctrl_alt_del_to_signal() {
         console::error("ctrl-alt-del", e);
@@ -162,6 +171,10 @@ fn supervise(ctx: Context) -> Option<ShutdownKind> {
                     .collect(),
                 stage2_end_ms: ctx.stage2_end_ms,
                 stage2_steps: ctx.phases_ms.clone(),
+                stage1_cpu_us: (
+                    ctx.handoff.cpu_start_user_us,
+                    ctx.handoff.cpu_start_system_us,
+                ),
             },
         },
         proc_dir: PathBuf::from("/proc"),
@@ -218,6 +231,15 @@ pub fn ready_report(ctx: &Context, sup: &Supervisor, proc_dir: &Path) -> Json {
                 ("kubernetes_exec", Json::opt_num(exec_at)),
                 ("kubernetes_ready", Json::opt_num(ready_at)),
             ]),
+        ),
+        (
+            "init_cpu_ms",
+            sup.cpu_until_exec(k).map_or(Json::Null, |(user, sys)| {
+                Json::Obj(vec![
+                    ("user", Json::Num(user / 1000)),
+                    ("system", Json::Num(sys / 1000)),
+                ])
+            }),
         ),
     ])
 }

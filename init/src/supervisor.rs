@@ -105,6 +105,8 @@ struct Unit {
     ready: bool,
     /// Uptime ms of the first start and first readiness (boot report).
     first_exec: Option<u64>,
+    /// PID 1's own CPU time (user µs, system µs) when this service first started.
+    first_exec_cpu_us: Option<(u64, u64)>,
     first_ready: Option<u64>,
     next_check: Instant,
     check_pid: Option<i32>,
@@ -217,6 +219,7 @@ impl Supervisor {
                 restarts: 0,
                 ready: false,
                 first_exec: None,
+                first_exec_cpu_us: None,
                 first_ready: None,
                 next_check: now,
                 check_pid: None,
@@ -267,6 +270,15 @@ impl Supervisor {
     pub fn milestones(&self, name: &str) -> (Option<u64>, Option<u64>) {
         self.unit(name)
             .map_or((None, None), |u| (u.first_exec, u.first_ready))
+    }
+
+    /// PID 1's CPU time, (user µs, system µs), from its start (stage 1 and
+    /// stage 2 are one process) to the named service's first exec.
+    pub fn cpu_until_exec(&self, name: &str) -> Option<(u64, u64)> {
+        let (u0, s0) = self.info.boot.stage1_cpu_us;
+        self.unit(name)
+            .and_then(|u| u.first_exec_cpu_us)
+            .map(|(u, s)| (u.saturating_sub(u0), s.saturating_sub(s0)))
     }
 
     fn unit(&self, name: &str) -> Option<&Unit> {
@@ -462,6 +474,7 @@ impl Supervisor {
                 u.ready = false;
                 u.next_check = now;
                 u.first_exec.get_or_insert_with(sys::boottime_ms);
+                u.first_exec_cpu_us.get_or_insert_with(sys::own_cpu_us);
                 say!("service {} started pid {pid}", u.def.name);
                 if u.def.ready.is_none() {
                     self.mark_ready(i);
@@ -756,8 +769,16 @@ impl Supervisor {
     }
 
     fn boot_time_text(&self) -> String {
-        let (exec, ready) = self.milestones(crate::service::KUBERNETES_SERVICE);
-        crate::boottime::render(&self.info.boot, exec, ready, self.all_ready_ms)
+        let k = crate::service::KUBERNETES_SERVICE;
+        let (exec, ready) = self.milestones(k);
+        let mut text = crate::boottime::render(&self.info.boot, exec, ready, self.all_ready_ms);
+        if let (Some(at), Some(cpu)) = (exec, self.cpu_until_exec(k)) {
+            text.push_str(&crate::boottime::render_cpu(
+                at.saturating_sub(self.info.boot.stage1_start_ms),
+                cpu,
+            ));
+        }
+        text
     }
 
     /// Read whatever the services wrote, into the ring (and the console).

@@ -381,6 +381,41 @@ pub fn unblock_signals_in_child(cmd: &mut std::process::Command) {
 
 /// Milliseconds since the kernel started (`CLOCK_BOOTTIME`, the clock behind
 /// `/proc/uptime`, at millisecond instead of centisecond resolution).
+/// Exec the program open as `image` (`fexecve`) with `argv0` as its only
+/// argument and the current environment. Returns only on failure.
+pub fn fexec(image: &std::fs::File, argv0: &str) -> Errno {
+    use std::os::fd::AsFd;
+    let Ok(arg) = CString::new(argv0) else {
+        return Errno::EINVAL;
+    };
+    let env: Vec<CString> = std::env::vars_os()
+        .filter_map(|(k, v)| {
+            let mut kv = k.into_encoded_bytes();
+            kv.push(b'=');
+            kv.extend(v.into_encoded_bytes());
+            CString::new(kv).ok()
+        })
+        .collect();
+    match nix::unistd::fexecve(image.as_fd(), &[arg], &env) {
+        Ok(never) => match never {},
+        Err(e) => e,
+    }
+}
+
+/// This process's CPU time so far, (user µs, system µs) (`getrusage`): PID 1
+/// keeps its usage across stage 1's exec of stage 2. The kernel splits the
+/// precise total between user and system by tick sampling, so the split is an
+/// estimate at a few ms resolution.
+pub fn own_cpu_us() -> (u64, u64) {
+    use nix::sys::resource::{UsageWho, getrusage};
+    getrusage(UsageWho::RUSAGE_SELF).map_or((0, 0), |u| {
+        let us = |t: nix::sys::time::TimeVal| {
+            (t.tv_sec().max(0) as u64) * 1_000_000 + t.tv_usec().max(0) as u64
+        };
+        (us(u.user_time()), us(u.system_time()))
+    })
+}
+
 pub fn boottime_ms() -> u64 {
     use nix::time::{ClockId, clock_gettime};
     clock_gettime(ClockId::CLOCK_BOOTTIME).map_or(0, |t| {
