@@ -35,7 +35,9 @@ boot_until() {
 
 off() { sfdisk -J "$1" | python3 -c "import json,sys; t=json.load(sys.stdin)['partitiontable']; print([p for p in t['partitions'] if p.get('name')==sys.argv[1]][0]['start']*512)" "$2"; }
 
-# busybox_image <src.img> <dst.img> <final command> [extra file to put at /newroot-less path]
+# busybox_image <src.img> <dst.img> <final command>
+# ($BENCH_EXTRA: a file copied to /run/pid1 of the real root; $BENCH_STAGE2: a
+# busybox script copied to /run/stage2.sh, with busybox as /run/busybox)
 # A copy of <src.img> whose initramfs /init is a busybox shell script doing
 # stage 1's steps (no dm-verity: busybox has no device-mapper tool), ending in
 # `exec switch_root /newroot <final command>`.
@@ -50,6 +52,7 @@ busybox_image() {
   mkdir -p "$work/root/bin"
   cp "$ASSETS/amd64/busybox/bin/busybox" "$work/root/bin/busybox"
   [ -n "${BENCH_EXTRA:-}" ] && cp "$BENCH_EXTRA" "$work/root/pid1"
+  [ -n "${BENCH_STAGE2:-}" ] && cp "$BENCH_STAGE2" "$work/root/stage2.sh"
   mods=$(sed -n 's/^modules *= *\[\(.*\)\]/\1/p' "$work/root/etc/basalt/initramfs.toml" | tr -d '",')
   kver=$(sed -n 's/^kernel_version *= *"\(.*\)"/\1/p' "$work/root/etc/basalt/initramfs.toml")
   cat > "$work/root/init" <<SCRIPT
@@ -70,6 +73,7 @@ mkdir -p /newetc; mount -t tmpfs tmpfs /newetc; cp -a /newroot/etc/. /newetc/; m
 mount -t vfat -o umask=0077 \$ESP /newroot/boot
 mount -t tmpfs -o mode=0755 tmpfs /newroot/run
 [ -e /pid1 ] && cp /pid1 /newroot/run/pid1
+[ -e /stage2.sh ] && cp /bin/busybox /newroot/run/busybox && cp /stage2.sh /newroot/run/stage2.sh
 mount --move /dev /newroot/dev; mount --move /sys /newroot/sys
 read up _ < /proc/uptime; echo "bench: exec \$up"
 mount --move /proc /newroot/proc

@@ -53,6 +53,11 @@ pub struct Handoff {
     pub cpu_start_user_us: u64,
     #[serde(default)]
     pub cpu_start_system_us: u64,
+    /// The same at the end of stage 1.
+    #[serde(default)]
+    pub cpu_end_user_us: u64,
+    #[serde(default)]
+    pub cpu_end_system_us: u64,
     pub steps_ms: BTreeMap<String, u64>,
 }
 
@@ -383,6 +388,7 @@ pub fn prepare_root(env: &mut Env<'_>) -> Handoff {
     steps.done("boot_run");
     handoff.steps_ms = steps.ms;
     handoff.stage1_end_ms = report::uptime_ms(&env.path("/proc"));
+    (handoff.cpu_end_user_us, handoff.cpu_end_system_us) = sys::own_cpu_us();
     handoff
 }
 
@@ -1336,6 +1342,8 @@ mod tests {
             trial: true,
             cpu_start_user_us: 10,
             cpu_start_system_us: 2000,
+            cpu_end_user_us: 30,
+            cpu_end_system_us: 4000,
             steps_ms: [("modules".to_string(), 120)].into_iter().collect(),
         };
         let text = toml::to_string(&h).unwrap();

@@ -235,9 +235,18 @@ pub fn ready_report(ctx: &Context, sup: &Supervisor, proc_dir: &Path) -> Json {
         (
             "init_cpu_ms",
             sup.cpu_until_exec(k).map_or(Json::Null, |(user, sys)| {
+                let h = &ctx.handoff;
                 Json::Obj(vec![
                     ("user", Json::Num(user / 1000)),
                     ("system", Json::Num(sys / 1000)),
+                    (
+                        "stage1_user",
+                        Json::Num(h.cpu_end_user_us.saturating_sub(h.cpu_start_user_us) / 1000),
+                    ),
+                    (
+                        "stage1_system",
+                        Json::Num(h.cpu_end_system_us.saturating_sub(h.cpu_start_system_us) / 1000),
+                    ),
                 ])
             }),
         ),
