@@ -77,6 +77,10 @@ pub fn entry(args: &[String]) -> i32 {
         Role::Stage1 => stage1::run(),
         Role::Stage2 => stage2::run(),
         Role::Basaltctl => control::main(args.get(1..).unwrap_or(&[])),
+        Role::Refuse if args.get(1).map(String::as_str) == Some("--version") => {
+            println!("basalt init {}", env!("CARGO_PKG_VERSION"));
+            0
+        }
         Role::Refuse => {
             eprintln!(
                 "init: must run as PID 1 (or be called as basaltctl: status [--json] | reboot | poweroff)"

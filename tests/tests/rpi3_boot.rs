@@ -1,17 +1,24 @@
-//! Raspberry Pi 3 (64-bit) end to end (issue 4): `basalt build
-//! tests/images/rpi3.toml` with init and the Kubernetes stand-in built for
-//! aarch64-unknown-linux-musl, then `qemu-system-aarch64 -M raspi3b` with the
-//! kernel, DTB, initramfs and command line read out of the image's slot-a boot
-//! partition (p2) with mtools: the image's own files are what boots. QEMU does
-//! not emulate the Pi firmware (config.txt, autoboot.txt, tryboot): that side
-//! is checked by the firmware model in init/src/rpi.rs and the structural
-//! tests in imagebuild/tests/build_rpi.rs.
+//! Raspberry Pi end to end (issue 4), 64-bit and 32-bit: `basalt build
+//! tests/images/<board>.toml` with init and the Kubernetes stand-in built for
+//! the board's architecture, then QEMU with the kernel, DTB, initramfs and
+//! command line read out of the image's slot-a boot partition (p2) with mtools:
+//! the image's own files are what boots.
+//! - `rpi3` (aarch64-unknown-linux-musl, stable toolchain) under
+//!   `qemu-system-aarch64 -M raspi3b`; then `basalt run --arch aarch64` boots the
+//!   untouched image the same way.
+//! - `rpi-armv7` (32-bit ARMv7 hard-float: armv7-unknown-linux-musleabihf built
+//!   by `scripts/build-init armv7`, nightly `-Zbuild-std`) under
+//!   `qemu-system-arm -M raspi2b`.
+//!
+//! QEMU does not emulate the Pi firmware (config.txt, autoboot.txt, tryboot):
+//! that side is checked by the firmware model in init/src/rpi.rs and the
+//! structural tests in imagebuild/tests/build_rpi.rs.
 //!
 //! Asserted from the serial console: stage 1 → stage 2 → stand-in received and
 //! ready → `basalt: ready` on slot a with the image's hostname, the data
-//! partition grown (MBR: extended p4 and logical p7) → clean poweroff; then on
-//! the disk file, with sfdisk, that p7 reaches the end of the SD card. Then
-//! `basalt run --arch aarch64` boots the untouched image the same way.
+//! partition grown (MBR: extended p4 and logical p7), no `basalt: error` →
+//! clean poweroff; then on the disk file, with sfdisk, that p7 reaches the end
+//! of the SD card.
 
 use anyhow::{Context, Result, ensure};
 use basalt_tests::console::Console;
@@ -21,6 +28,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 const TARGET: &str = "aarch64-unknown-linux-musl";
+const ARMV7_TARGET: &str = "armv7-unknown-linux-musleabihf";
 const STEP: Duration = Duration::from_secs(180);
 
 struct Qemu(Child);
@@ -29,6 +37,24 @@ impl Drop for Qemu {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// init and the stand-in for armv7 (static musl through nightly -Zbuild-std),
+/// by the script users run (docs/raspberry-pi.md).
+fn build_armv7_binaries(log_dir: &Path) -> Result<(PathBuf, PathBuf)> {
+    build::run_logged(
+        "scripts/build-init armv7 (init, k8s-standin for armv7 musl)",
+        Command::new(repo_root().join("scripts/build-init"))
+            .current_dir(repo_root())
+            .env("BASALT_BUILD_STANDIN", "1")
+            .env("BASALT_ARMV7", "musl")
+            .args(["armv7", "--check"]),
+        &log_dir.join("build-init-armv7.log"),
+    )?;
+    Ok((
+        build::device_binary(ARMV7_TARGET, "init"),
+        build::device_binary(ARMV7_TARGET, "k8s-standin"),
+    ))
 }
 
 /// init and the stand-in for aarch64 (static musl, linked by rust-lld).
@@ -72,34 +98,37 @@ fn mcopy_out(img: &Path, offset: u64, name: &str, to: &Path) -> Result<()> {
     Ok(())
 }
 
-#[test]
-fn rpi3_image_boots_to_ready_under_qemu_raspi3b() -> Result<()> {
-    let dir = work_dir("rpi3_boot")?;
-    build::ensure_binaries(&dir)?; // basalt itself
-    let (init, standin) = build_device_binaries(&dir)?;
+/// One board's QEMU boot.
+struct Pi {
+    board: &'static str,
+    qemu: &'static str,
+    machine: &'static str,
+    kernel: &'static str,
+    dtb: &'static str,
+}
+
+/// Build `tests/images/<board>.toml` with `init`/`standin`, boot it to ready and
+/// poweroff, check the grown card. Returns the work dir and the built image.
+fn boot_pi(pi: &Pi, dir: &Path, init: &Path, standin: &Path) -> Result<PathBuf> {
     let out = dir.join("out");
     let log = dir.join("build.log");
+    let def = format!("tests/images/{}.toml", pi.board);
     build::run_logged(
-        "basalt build tests/images/rpi3.toml",
+        &format!("basalt build {def}"),
         Command::new(build::basalt_binary())
             .current_dir(repo_root())
-            .args(["build", "tests/images/rpi3.toml", "--raw-only", "--out"])
+            .args(["build", &def, "--raw-only", "--out"])
             .arg(&out)
             .env("BASALT_ASSETS", basalt_tests::assets::Assets::root())
-            .env("BASALT_INIT", &init)
-            .env("BASALT_STANDIN", &standin),
+            .env("BASALT_INIT", init)
+            .env("BASALT_STANDIN", standin),
         &log,
     )?;
-    let img = out.join("basalt-rpi3-test.img");
+    let img = out.join(format!("basalt-{}-test.img", pi.board));
     let table = disk::partition_table(&img)?;
     let p2 = table.partitions.get(1).context("no partition 2")?;
     let off = table.offset(p2);
-    for f in [
-        "kernel8.img",
-        "initramfs",
-        "bcm2837-rpi-3-b.dtb",
-        "cmdline.txt",
-    ] {
+    for f in [pi.kernel, "initramfs", pi.dtb, "cmdline.txt"] {
         mcopy_out(&img, off, f, &dir.join(f))?;
     }
     let cmdline = std::fs::read_to_string(dir.join("cmdline.txt"))?;
@@ -115,12 +144,12 @@ fn rpi3_image_boots_to_ready_under_qemu_raspi3b() -> Result<()> {
     let sd = dir.join("sd.img");
     std::fs::copy(&img, &sd)?;
     let mut child = Qemu(
-        Command::new("qemu-system-aarch64")
+        Command::new(pi.qemu)
             .args([
                 "-accel",
                 "tcg",
                 "-M",
-                "raspi3b",
+                pi.machine,
                 "-m",
                 "1G",
                 "-display",
@@ -129,9 +158,9 @@ fn rpi3_image_boots_to_ready_under_qemu_raspi3b() -> Result<()> {
             ])
             .args(["-serial", "stdio", "-no-reboot"])
             .arg("-kernel")
-            .arg(dir.join("kernel8.img"))
+            .arg(dir.join(pi.kernel))
             .arg("-dtb")
-            .arg(dir.join("bcm2837-rpi-3-b.dtb"))
+            .arg(dir.join(pi.dtb))
             .arg("-initrd")
             .arg(dir.join("initramfs"))
             .arg("-append")
@@ -142,7 +171,7 @@ fn rpi3_image_boots_to_ready_under_qemu_raspi3b() -> Result<()> {
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
-            .context("starting qemu-system-aarch64 (Debian package qemu-system-arm)")?,
+            .with_context(|| format!("starting {} (Debian package qemu-system-arm)", pi.qemu))?,
     );
     let stdout = child.0.stdout.take().context("no console")?;
     let mut console = Console::spawn(stdout, &dir.join("console.log"))?;
@@ -153,7 +182,7 @@ fn rpi3_image_boots_to_ready_under_qemu_raspi3b() -> Result<()> {
     let ready = report::parse_ready(&line)?;
     ensure!(ready.slot == "a", "booted slot {}", ready.slot);
     ensure!(
-        ready.hostname == "basalt-rpi3-test",
+        ready.hostname == format!("basalt-{}-test", pi.board),
         "hostname {}",
         ready.hostname
     );
@@ -188,6 +217,22 @@ fn rpi3_image_boots_to_ready_under_qemu_raspi3b() -> Result<()> {
         end == sectors,
         "p7 ends at sector {end}, the card has {sectors}"
     );
+    Ok(img)
+}
+
+#[test]
+fn rpi3_image_boots_to_ready_under_qemu_raspi3b() -> Result<()> {
+    let dir = work_dir("rpi3_boot")?;
+    build::ensure_binaries(&dir)?; // basalt itself
+    let (init, standin) = build_device_binaries(&dir)?;
+    let pi = Pi {
+        board: "rpi3",
+        qemu: "qemu-system-aarch64",
+        machine: "raspi3b",
+        kernel: "kernel8.img",
+        dtb: "bcm2837-rpi-3-b.dtb",
+    };
+    let img = boot_pi(&pi, &dir, &init, &standin)?;
 
     // `basalt run --arch aarch64` (issue 7) boots the same, untouched image the
     // same way (its own p2 files, raspi3b), to ready and its own poweroff.
@@ -229,5 +274,23 @@ fn rpi3_image_boots_to_ready_under_qemu_raspi3b() -> Result<()> {
         std::fs::read(&img)? == before,
         "basalt run (snapshot) changed the image"
     );
+    Ok(())
+}
+
+/// 32-bit ARMv7 (issue 4): Basalt's own init, cross-built with the script users
+/// run, boots the rpi-armv7 image to ready under QEMU's Raspberry Pi 2B.
+#[test]
+fn rpi_armv7_image_boots_to_ready_under_qemu_raspi2b() -> Result<()> {
+    let dir = work_dir("rpi_armv7_boot")?;
+    build::ensure_binaries(&dir)?; // basalt itself
+    let (init, standin) = build_armv7_binaries(&dir)?;
+    let pi = Pi {
+        board: "rpi-armv7",
+        qemu: "qemu-system-arm",
+        machine: "raspi2b",
+        kernel: "kernel7.img",
+        dtb: "bcm2836-rpi-2-b.dtb",
+    };
+    boot_pi(&pi, &dir, &init, &standin)?;
     Ok(())
 }
