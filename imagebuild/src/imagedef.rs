@@ -11,10 +11,11 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 /// Default image definitions shipped with basalt, per board: (board, text).
-/// `x86_64` is made of Alpine packages and real k3s (needs the network, or a
-/// warm cache and a lock); `x86_64-test-assets` of the Debian test assets and
-/// the Kubernetes stand-in (offline): what `basalt build` builds with neither
-/// a definition nor `--board`.
+/// `x86_64` and the Raspberry Pi boards are made of Alpine packages and real
+/// k3s (need the network, or a warm cache and a lock); each `<board>-test-assets`
+/// of the Debian test assets and the Kubernetes stand-in (offline).
+/// `x86_64-test-assets` is what `basalt build` builds with neither a definition
+/// nor `--board`.
 pub const EMBEDDED_DEFAULTS: &[(&str, &str)] = &[
     ("x86_64", include_str!("../defaults/x86_64.toml")),
     (
@@ -25,6 +26,22 @@ pub const EMBEDDED_DEFAULTS: &[(&str, &str)] = &[
     ("rpi5", include_str!("../defaults/rpi5.toml")),
     ("rpi3", include_str!("../defaults/rpi3.toml")),
     ("rpi-armv7", include_str!("../defaults/rpi-armv7.toml")),
+    (
+        "rpi4-test-assets",
+        include_str!("../defaults/rpi4-test-assets.toml"),
+    ),
+    (
+        "rpi5-test-assets",
+        include_str!("../defaults/rpi5-test-assets.toml"),
+    ),
+    (
+        "rpi3-test-assets",
+        include_str!("../defaults/rpi3-test-assets.toml"),
+    ),
+    (
+        "rpi-armv7-test-assets",
+        include_str!("../defaults/rpi-armv7-test-assets.toml"),
+    ),
 ];
 
 /// What `basalt build` builds with neither a definition nor `--board`.
@@ -833,7 +850,7 @@ hostname = "n1"
         }
         let rpi3 = EMBEDDED_DEFAULTS
             .iter()
-            .find(|(b, _)| *b == "rpi3")
+            .find(|(b, _)| *b == "rpi3-test-assets")
             .unwrap();
         let d = ImageDefinition::parse(rpi3.1, "rpi3", Path::new("/"), &|n| {
             (n == "BASALT_SOURCE_DIR").then(|| "/src".to_string())
@@ -844,6 +861,51 @@ hostname = "n1"
             Some("usr/lib/raspi-firmware")
         );
         assert_eq!(d.rpi.overlays.as_deref(), Some(&[][..]));
+    }
+
+    /// The Alpine defaults (`--board <name>`): Alpine packages, the board's own
+    /// kernel and firmware packages in the world, real k3s with a release URL
+    /// for the board's architecture; no test assets, no stand-in.
+    #[test]
+    fn alpine_defaults_install_the_boards_packages_and_real_k3s() {
+        for (name, text) in EMBEDDED_DEFAULTS {
+            if name.ends_with("-test-assets") {
+                continue;
+            }
+            let d = ImageDefinition::parse(text, name, Path::new("/"), &|_| None).unwrap();
+            let board = crate::board::Board::embedded(&d.board).unwrap();
+            let p = d
+                .packages
+                .as_ref()
+                .expect("an Alpine default has [packages]");
+            assert!(
+                p.repositories
+                    .iter()
+                    .all(|r| r.spec.starts_with("https://dl-cdn.alpinelinux.org/alpine/")),
+                "{name}"
+            );
+            if let Some(bp) = &board.packages {
+                for want in [&bp.kernel, &bp.firmware] {
+                    assert!(p.world.contains(want), "{name}: world lacks {want}");
+                }
+            }
+            assert!(
+                d.overlays.is_empty(),
+                "{name}: overlays in an Alpine default"
+            );
+            assert!(
+                d.kubernetes.source.is_none(),
+                "{name}: a local Kubernetes binary"
+            );
+            let v = d.kubernetes.version.as_deref().expect("a k3s version");
+            let url =
+                crate::kubernetes::release_url(d.kubernetes.distribution, v, &board.alpine_arch)
+                    .unwrap();
+            assert!(
+                url.starts_with("https://github.com/k3s-io/k3s/releases/download/"),
+                "{url}"
+            );
+        }
     }
 
     #[test]

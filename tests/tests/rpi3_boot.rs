@@ -100,7 +100,10 @@ fn mcopy_out(img: &Path, offset: u64, name: &str, to: &Path) -> Result<()> {
 
 /// One board's QEMU boot.
 struct Pi {
-    board: &'static str,
+    /// `tests/images/<def>.toml` (its `name` is `basalt-<def>-test`).
+    def: &'static str,
+    /// Extra environment for `basalt build`.
+    env: Vec<(&'static str, PathBuf)>,
     qemu: &'static str,
     machine: &'static str,
     kernel: &'static str,
@@ -112,7 +115,7 @@ struct Pi {
 fn boot_pi(pi: &Pi, dir: &Path, init: &Path, standin: &Path) -> Result<PathBuf> {
     let out = dir.join("out");
     let log = dir.join("build.log");
-    let def = format!("tests/images/{}.toml", pi.board);
+    let def = format!("tests/images/{}.toml", pi.def);
     build::run_logged(
         &format!("basalt build {def}"),
         Command::new(build::basalt_binary())
@@ -121,10 +124,12 @@ fn boot_pi(pi: &Pi, dir: &Path, init: &Path, standin: &Path) -> Result<PathBuf> 
             .arg(&out)
             .env("BASALT_ASSETS", basalt_tests::assets::Assets::root())
             .env("BASALT_INIT", init)
-            .env("BASALT_STANDIN", standin),
+            .env("BASALT_STANDIN", standin)
+            .env("XDG_CACHE_HOME", dir.join("cache"))
+            .envs(pi.env.iter().map(|(k, v)| (*k, v.as_os_str()))),
         &log,
     )?;
-    let img = out.join(format!("basalt-{}-test.img", pi.board));
+    let img = out.join(format!("basalt-{}-test.img", pi.def));
     let table = disk::partition_table(&img)?;
     let p2 = table.partitions.get(1).context("no partition 2")?;
     let off = table.offset(p2);
@@ -182,7 +187,7 @@ fn boot_pi(pi: &Pi, dir: &Path, init: &Path, standin: &Path) -> Result<PathBuf> 
     let ready = report::parse_ready(&line)?;
     ensure!(ready.slot == "a", "booted slot {}", ready.slot);
     ensure!(
-        ready.hostname == format!("basalt-{}-test", pi.board),
+        ready.hostname == format!("basalt-{}-test", pi.def),
         "hostname {}",
         ready.hostname
     );
@@ -226,7 +231,8 @@ fn rpi3_image_boots_to_ready_under_qemu_raspi3b() -> Result<()> {
     build::ensure_binaries(&dir)?; // basalt itself
     let (init, standin) = build_device_binaries(&dir)?;
     let pi = Pi {
-        board: "rpi3",
+        def: "rpi3",
+        env: Vec::new(),
         qemu: "qemu-system-aarch64",
         machine: "raspi3b",
         kernel: "kernel8.img",
@@ -285,12 +291,73 @@ fn rpi_armv7_image_boots_to_ready_under_qemu_raspi2b() -> Result<()> {
     build::ensure_binaries(&dir)?; // basalt itself
     let (init, standin) = build_armv7_binaries(&dir)?;
     let pi = Pi {
-        board: "rpi-armv7",
+        def: "rpi-armv7",
+        env: Vec::new(),
         qemu: "qemu-system-arm",
         machine: "raspi2b",
         kernel: "kernel7.img",
         dtb: "bcm2836-rpi-2-b.dtb",
     };
     boot_pi(&pi, &dir, &init, &standin)?;
+    Ok(())
+}
+
+/// The rpi3 image with kernel and firmware from Alpine-style packages
+/// (`linux-rpi`, `raspberrypi-bootloader`) in a local signed aarch64 repository
+/// made with independent tools (tests/alpine/make-trees, make-repo), boots to
+/// ready: the board's own package paths (boot/vmlinuz-rpi, DTBs and firmware
+/// in boot/) work end to end.
+#[test]
+fn rpi3_image_from_alpine_packages_boots_to_ready() -> Result<()> {
+    let dir = work_dir("rpi3_apk_boot")?;
+    build::ensure_binaries(&dir)?;
+    let (init, standin) = build_device_binaries(&dir)?;
+    let (trees, repo) = (dir.join("trees"), dir.join("repo"));
+    build::run_logged(
+        "tests/alpine/make-trees (aarch64, with kernel)",
+        Command::new(repo_root().join("tests/alpine/make-trees"))
+            .arg(&trees)
+            .arg("--with-kernel")
+            .env("ALPINE_ARCH", "aarch64")
+            .env("BASALT_ASSETS", basalt_tests::assets::Assets::root()),
+        &dir.join("make-trees.log"),
+    )?;
+    for pkg in ["linux-rpi", "raspberrypi-bootloader"] {
+        ensure!(
+            trees.join(pkg).is_dir(),
+            "make-trees made no {pkg} (arm64 test assets missing?)"
+        );
+    }
+    build::run_logged(
+        "tests/alpine/make-repo (aarch64)",
+        Command::new(repo_root().join("tests/alpine/make-repo"))
+            .arg(&trees)
+            .arg(&repo)
+            .arg("aarch64"),
+        &dir.join("make-repo.log"),
+    )?;
+    let pi = Pi {
+        def: "rpi3-apk",
+        env: vec![("BASALT_TEST_REPO", repo)],
+        qemu: "qemu-system-aarch64",
+        machine: "raspi3b",
+        kernel: "kernel8.img",
+        dtb: "bcm2837-rpi-3-b.dtb",
+    };
+    let img = boot_pi(&pi, &dir, &init, &standin)?;
+    // The slot's kernel is linux-rpi's boot/vmlinuz-rpi, byte for byte.
+    let table = disk::partition_table(&img)?;
+    let p2 = table.partitions.get(1).context("no partition 2")?;
+    mcopy_out(&img, table.offset(p2), "start.elf", &dir.join("start.elf"))?;
+    ensure!(
+        std::fs::read(dir.join("kernel8.img"))?
+            == std::fs::read(trees.join("linux-rpi/root/boot/vmlinuz-rpi"))?,
+        "kernel8.img is not linux-rpi's boot/vmlinuz-rpi"
+    );
+    ensure!(
+        std::fs::read(dir.join("start.elf"))?
+            == std::fs::read(trees.join("raspberrypi-bootloader/root/boot/start.elf"))?,
+        "start.elf is not raspberrypi-bootloader's"
+    );
     Ok(())
 }
