@@ -225,7 +225,7 @@ pub fn prepare_root(env: &mut Env<'_>) -> Handoff {
     steps.done("mounts");
 
     // 2. Modules, in the order the builder resolved.
-    match InitramfsSettings::load(&env.path(INITRAMFS_MARKER)) {
+    let settings = match InitramfsSettings::load(&env.path(INITRAMFS_MARKER)) {
         Ok(settings) => {
             let paths = settings.module_paths(&env.root);
             let report = modules::load_in_order(env.modules, &paths);
@@ -235,22 +235,29 @@ pub fn prepare_root(env: &mut Env<'_>) -> Handoff {
                     format_args!("{} of {} failed", report.failed.len(), paths.len()),
                 );
             }
+            Some(settings)
         }
-        Err(e) => console::error("initramfs-settings", e),
-    }
+        Err(e) => {
+            console::error("initramfs-settings", e);
+            None
+        }
+    };
     steps.done("modules");
 
     // 3. Which slot booted, and its partitions.
     let args = boot_args(&env.path("/proc/cmdline"));
     let slot = args.slot.unwrap_or(Slot::A);
     handoff.slot = slot.name().to_string();
-    let mbr = settings_partition_table(env) == "mbr";
+    // Unreadable settings: GPT, no trial rules (the x86_64 defaults).
+    let mbr = settings
+        .as_ref()
+        .is_some_and(|s| s.partition_table == "mbr");
     let mbr_root = mbr.then(|| mbr_root_partition(&env.path("/proc/cmdline"), slot));
     let parts = wait_for_partitions(&env.path("/sys/class/block"), slot, mbr_root);
     steps.done("wait_devices");
 
     // 3b. Boards without tryboot: the trial rules, before anything that could hang.
-    if settings_boot_method(env).as_deref() == Some("reboot-partition") {
+    if settings.as_ref().and_then(|s| s.boot_method.as_deref()) == Some("reboot-partition") {
         let watchdog = args.watchdog != Some(false);
         handoff.trial = reboot_partition_trial(env, parts.get(ESP_PARTITION_NAME), slot, watchdog);
         steps.done("trial");
@@ -555,13 +562,6 @@ fn wait_for_partitions(
     }
 }
 
-/// `boot_method` from the initramfs settings.
-fn settings_boot_method(env: &Env<'_>) -> Option<String> {
-    InitramfsSettings::load(&env.path(INITRAMFS_MARKER))
-        .ok()
-        .and_then(|s| s.boot_method)
-}
-
 /// Where stage 1 mounts the config FAT (p1) for the trial rules.
 pub const TRIAL_CONFIG_MOUNT: &str = "/run/basalt-config";
 
@@ -660,13 +660,6 @@ fn reboot_partition_trial(
         console::error("trial", format_args!("unmounting {}: {e}", dir.display()));
     }
     trial
-}
-
-/// `partition_table` from the initramfs settings (`gpt` when unreadable).
-fn settings_partition_table(env: &Env<'_>) -> String {
-    InitramfsSettings::load(&env.path(INITRAMFS_MARKER))
-        .map(|s| s.partition_table)
-        .unwrap_or_else(|_| "gpt".to_string())
 }
 
 /// MBR boards: the root partition number, from `basalt.root` or the slot.
