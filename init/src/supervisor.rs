@@ -569,13 +569,34 @@ impl Supervisor {
             return;
         }
         u.next_check = now + ready.interval;
-        let ok = match &ready.probe {
+        let timeout = PROBE_TIMEOUT.min(ready.interval);
+        // Network probes run in a forked child (sys::fork_probe): the loop
+        // never waits on a peer. Every probe's verdict comes back as the
+        // child's exit status, through on_check_exit.
+        let forked = match &ready.probe {
             Probe::Tcp(addr) => {
-                TcpStream::connect_timeout(addr, PROBE_TIMEOUT.min(ready.interval)).is_ok()
+                let addr = *addr;
+                Some(sys::fork_probe(move || {
+                    TcpStream::connect_timeout(&addr, timeout).is_ok()
+                }))
             }
             Probe::Http { addr, host, path } => {
-                http_ok(addr, host, path, PROBE_TIMEOUT.min(ready.interval))
+                let (addr, host, path) = (*addr, host.clone(), path.clone());
+                Some(sys::fork_probe(move || {
+                    http_ok(&addr, &host, &path, timeout)
+                }))
             }
+            Probe::Exec(_) => None,
+        };
+        if let Some(r) = forked {
+            match r {
+                Ok(pid) => u.check_pid = Some(pid),
+                Err(e) => console::error("ready-check", format_args!("{} (fork: {e})", u.def.name)),
+            }
+            return;
+        }
+        let ok = match &ready.probe {
+            Probe::Tcp(_) | Probe::Http { .. } => false,
             Probe::Exec(argv) => {
                 let mut cmd = Command::new(&argv[0]);
                 cmd.args(&argv[1..])

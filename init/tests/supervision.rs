@@ -20,6 +20,7 @@ fn main() {
     match std::env::var("BASALT_TEST_ROLE").as_deref() {
         Ok("supervisor") => supervisor_role(),
         Ok("tcp-server") => tcp_server_role(),
+        Ok("mute-server") => mute_server_role(),
         _ => driver(),
     }
 }
@@ -79,6 +80,16 @@ fn tcp_server_role() {
     }
 }
 
+/// Accepts connections and never answers (nor closes them): a peer that hangs.
+fn mute_server_role() {
+    let port: u16 = std::env::var("PORT").unwrap().parse().unwrap();
+    let l = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+    let mut held = Vec::new();
+    for s in l.incoming() {
+        held.push(s);
+    }
+}
+
 // ---------------------------------------------------------------- driver
 
 type Lines = Arc<Mutex<Vec<(Instant, String)>>>;
@@ -128,6 +139,9 @@ impl Run {
                 "--map-root-user",
                 "--pid",
                 "--fork",
+                // A failed test drops its Run, which kills unshare: take the
+                // supervisor (the namespace's PID 1) and its services with it.
+                "--kill-child",
                 "--mount",
                 "--mount-proc",
             ])
@@ -379,6 +393,56 @@ reset_after_secs = 60
     }
     run.wait("shutdown poweroff", Duration::from_secs(5))?;
     run.finish(Duration::from_secs(10))
+}
+
+/// An HTTP readiness check against a peer that accepts and never answers
+/// runs outside PID 1's loop: basaltctl keeps answering at once while the
+/// checks (each up to 500 ms) go on, and the service is never called ready.
+fn hung_probe_does_not_block_the_loop() -> Result<(), String> {
+    let port = free_port();
+    let exe = std::env::current_exe().unwrap().display().to_string();
+    let run = Run::start(&[(
+        "mute",
+        format!(
+            r#"exec = ["{exe}"]
+env = {{ BASALT_TEST_ROLE = "mute-server", PORT = "{port}" }}
+[ready]
+http = "http://127.0.0.1:{port}/healthz"
+interval_ms = 600
+timeout_secs = 60
+"#
+        ),
+    )]);
+    run.wait("service mute started", Duration::from_secs(10))?;
+    let ctl = run.path("basaltctl");
+    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_init"), &ctl).unwrap();
+    let mut worst = Duration::ZERO;
+    for _ in 0..30 {
+        let t = Instant::now();
+        let out = Command::new(&ctl)
+            .args(["status", "--json"])
+            .env("BASALT_CONTROL_SOCKET", &run.socket)
+            .output()
+            .map_err(|e| e.to_string())?;
+        worst = worst.max(t.elapsed());
+        let json = String::from_utf8_lossy(&out.stdout);
+        if !json.contains("\"name\":\"mute\",\"state\":\"starting\"") {
+            return Err(format!("mute should still be starting: {json}"));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    if worst > Duration::from_millis(250) {
+        return Err(format!(
+            "basaltctl status took {} ms while a readiness check hung: the loop blocked\n{}",
+            worst.as_millis(),
+            run.dump()
+        ));
+    }
+    let pid = run.supervisor_pid();
+    basalt_init::sys::kill(pid as i32, basalt_init::sys::Signal::SIGUSR2)
+        .map_err(|e| e.to_string())?;
+    run.wait("shutdown poweroff", Duration::from_secs(5))?;
+    run.finish(Duration::from_secs(20))
 }
 
 /// TCP and exec readiness gate `after`; basaltctl reports status; SIGUSR2 powers off.
@@ -690,6 +754,10 @@ fn driver() {
     let tests: &[(&str, Scenario)] = &[
         ("crash_loop_backs_off", crash_loop_backs_off),
         ("readiness_gates_dependents", readiness_gates_dependents),
+        (
+            "hung_probe_does_not_block_the_loop",
+            hung_probe_does_not_block_the_loop,
+        ),
         ("orphans_are_reaped", orphans_are_reaped),
         ("orphan_storm", orphan_storm),
         ("logs_are_kept_per_service", logs_are_kept_per_service),

@@ -358,6 +358,25 @@ pub fn is_ramfs(path: &Path) -> bool {
     })
 }
 
+/// Run `probe` in a forked child that exits 0 when it returns true, 1 when it
+/// returns false (or panics); the caller reaps it like any child. PID 1 uses
+/// this for network readiness checks, so a slow or silent peer blocks a child,
+/// never the supervision loop. PID 1 is single-threaded, so the child may
+/// allocate and make any call.
+pub fn fork_probe(probe: impl FnOnce() -> bool) -> Result<i32, Errno> {
+    // SAFETY: fork in a single-threaded process; the child runs `probe` and
+    // leaves with _exit (no atexit handlers, no unwinding into the parent's
+    // frames), the parent only records the pid.
+    match unsafe { nix::unistd::fork() }? {
+        nix::unistd::ForkResult::Parent { child } => Ok(child.as_raw()),
+        nix::unistd::ForkResult::Child => {
+            let ok = std::panic::catch_unwind(std::panic::AssertUnwindSafe(probe)).unwrap_or(false);
+            // SAFETY: _exit ends the child at once; nothing else runs.
+            unsafe { libc::_exit(if ok { 0 } else { 1 }) }
+        }
+    }
+}
+
 /// Make `cmd`'s child start with an empty signal mask. PID 1 blocks the
 /// signals it reads through its signalfd, and std's `Command` passes the
 /// mask on to children (it no longer resets it), so without this a service
