@@ -91,19 +91,19 @@ pub fn time_step(
     if servers.is_empty() {
         return Ok(());
     }
-    let mut exec = match find_program(root, &["/usr/sbin/ntpd", "/sbin/ntpd"]) {
-        Some(p) => vec![p],
-        None => match find_program(root, &["/bin/busybox", "/usr/bin/busybox"]) {
-            Some(b) => vec![b, "ntpd".into()],
-            None => {
-                out.warn(
-                    "time: no ntpd in the image (busybox ntpd); the clock is not synchronised"
-                        .into(),
-                );
-                return Ok(());
-            }
-        },
+    // Only a real ntpd or a busybox link to one: not every busybox build
+    // has the applet (Debian's does not).
+    let Some(ntpd) = find_program(
+        root,
+        &["/usr/sbin/ntpd", "/sbin/ntpd", "/usr/bin/ntpd", "/bin/ntpd"],
+    ) else {
+        out.warn(format!(
+            "time: no ntpd in the image (busybox ntpd); the clock is not synchronised with {}",
+            servers.join(", ")
+        ));
+        return Ok(());
     };
+    let mut exec = vec![ntpd];
     exec.push("-n".into());
     for s in &servers {
         exec.extend(["-p".to_string(), s.clone()]);
@@ -172,9 +172,14 @@ mod tests {
         std::fs::create_dir_all(root.at("/etc")).unwrap();
         std::fs::create_dir_all(root.at("/usr/share/zoneinfo/Europe")).unwrap();
         std::fs::write(root.at("/usr/share/zoneinfo/Europe/London"), "TZif").unwrap();
-        std::fs::create_dir_all(root.at("/bin")).unwrap();
-        std::fs::write(root.at("/bin/busybox"), "").unwrap();
         let mut cfg = NodeConfig::default();
+        cfg.time.ntp_servers = Some(vec!["10.0.0.1".into()]);
+        let mut out = Outcome::default();
+        time_step(&root, &cfg, &mut Recorder::default(), &mut out).unwrap();
+        assert!(out.services.is_empty(), "no ntpd in the image");
+        assert!(out.warnings[0].contains("no ntpd"), "{:?}", out.warnings);
+        std::fs::create_dir_all(root.at("/usr/sbin")).unwrap();
+        std::fs::write(root.at("/usr/sbin/ntpd"), "").unwrap();
         cfg.time.timezone = Some("Europe/London".into());
         cfg.time.ntp_servers = Some(vec!["10.0.0.1".into(), "time.example".into()]);
         let mut out = Outcome::default();
@@ -189,8 +194,7 @@ mod tests {
         assert_eq!(
             d.exec,
             [
-                "/bin/busybox",
-                "ntpd",
+                "/usr/sbin/ntpd",
                 "-n",
                 "-p",
                 "10.0.0.1",

@@ -589,4 +589,14 @@ channel = "stable"
         assert_eq!(run(&root, &mut Recorder::default()), Status::Failed);
         assert_eq!(results(&root).hostname.as_deref(), Some("image-default"));
     }
+
+    /// The QEMU test's two configs (tests/tests/nodeconfig/) are one node.
+    #[test]
+    fn e2e_fixtures_are_the_same_node() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/tests/nodeconfig");
+        let a = nodeconfig::load_dir_or_file(&dir.join("toml/node.toml")).unwrap();
+        let b = nodeconfig::load_dir_or_file(&dir.join("cloud-init")).unwrap();
+        assert_eq!(a, b);
+        assert_eq!(a.files.len(), 2);
+    }
 }
