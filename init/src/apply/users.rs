@@ -63,6 +63,8 @@ pub fn resolve_owner(root: &Root, user: &str, group: &str) -> Result<(u32, u32),
             .iter()
             .find(|e| e.name() == name)
             .and_then(Entry::id)
+            // root is 0 even on an image without /etc/passwd (busybox only).
+            .or((name == "root").then_some(0))
             .ok_or_else(|| ApplyError::Invalid(format!("no {name:?} in {file}")))
     };
     Ok((lookup("/etc/passwd", user)?, lookup("/etc/group", group)?))
@@ -83,6 +85,30 @@ pub fn step(
     let mut passwd = read_db(&passwd_path);
     let mut group = read_db(&group_path);
     let mut shadow = read_db(&shadow_path);
+    // An image without account files (busybox only) still has root.
+    if !passwd.iter().any(|e| e.name() == "root") {
+        passwd.insert(
+            0,
+            Entry(
+                ["root", "x", "0", "0", "root", "/root", "/bin/sh"]
+                    .map(String::from)
+                    .to_vec(),
+            ),
+        );
+    }
+    if !group.iter().any(|e| e.name() == "root") {
+        group.insert(0, Entry(["root", "x", "0", ""].map(String::from).to_vec()));
+    }
+    if !shadow.iter().any(|e| e.name() == "root") {
+        shadow.insert(
+            0,
+            Entry(
+                ["root", "*", "0", "0", "99999", "7", "", "", ""]
+                    .map(String::from)
+                    .to_vec(),
+            ),
+        );
+    }
     let mut homes = Vec::new();
     for u in &cfg.users {
         let home = format!("{HOME_BASE}/{}", u.name);
@@ -276,7 +302,7 @@ mod tests {
             "root:x:0:\nwheel:x:10:root,ops\nops:x:1000:\ndocker:x:1001:ops\n"
         );
         let shadow = std::fs::read_to_string(root.at("/etc/shadow")).unwrap();
-        assert_eq!(shadow, "ops:*:0:0:99999:7:::\nroot:$6$s$h:0:0:99999:7:::\n");
+        assert_eq!(shadow, "root:$6$s$h:0:0:99999:7:::\nops:*:0:0:99999:7:::\n");
         let meta = std::fs::metadata(root.at("/etc/shadow")).unwrap();
         assert_eq!(meta.permissions().mode() & 0o777, 0o600);
         let keys = root.at("/var/home/ops/.ssh/authorized_keys");
@@ -315,5 +341,31 @@ mod tests {
         assert_eq!(resolve_owner(&root, "ops", "docker").unwrap(), (1000, 1001));
         assert_eq!(resolve_owner(&root, "7", "8").unwrap(), (7, 8));
         assert!(resolve_owner(&root, "nobody", "root").is_err());
+    }
+
+    #[test]
+    fn an_image_without_account_files_gets_root_too() {
+        let t = tempfile::tempdir().unwrap();
+        let root = Root(t.path().to_path_buf());
+        assert_eq!(resolve_owner(&root, "root", "root").unwrap(), (0, 0));
+        let cfg = NodeConfig {
+            users: vec![user("ops", &["ssh-ed25519 AAAA"], &["wheel"], None)],
+            ..NodeConfig::default()
+        };
+        step(
+            &root,
+            &cfg,
+            &mut Recorder::default(),
+            &mut Outcome::default(),
+        )
+        .unwrap();
+        assert_eq!(
+            std::fs::read_to_string(root.at("/etc/passwd")).unwrap(),
+            "root:x:0:0:root:/root:/bin/sh\nops:x:1000:1000:ops:/var/home/ops:/bin/sh\n"
+        );
+        assert_eq!(
+            std::fs::read_to_string(root.at("/etc/group")).unwrap(),
+            "root:x:0:\nops:x:1000:\nwheel:x:1001:ops\n"
+        );
     }
 }
