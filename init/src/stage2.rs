@@ -482,6 +482,14 @@ fn node_config(ctx: &mut Context) -> Result<(), Stage2Error> {
             crate::apply::Results::default()
         }
     };
+    // The child ran this same binary: see `sys::release_code_pages` and
+    // `sys::disable_fault_around`.
+    if let Err(e) = sys::disable_fault_around() {
+        console::error("node-config", format_args!("turning fault-around off: {e}"));
+    }
+    if let Err(e) = sys::release_code_pages() {
+        console::error("node-config", format_args!("releasing code pages: {e}"));
+    }
     ctx.tz = results.tz.clone();
     let name = match results.hostname {
         Some(h) if valid_hostname(&h) => h,

@@ -317,7 +317,10 @@ pub fn run(root: &Root, sys: &mut dyn System) -> Status {
                         crate::console::error("config", format_args!("saving last good: {e}"));
                     }
                     (Status::Applied, out)
-                } else if let Some(good) = last_good().filter(|g| *g != cfg) {
+                } else if let Some(good) = last_good()
+                    .map(|g| image.clone().overlay(g))
+                    .filter(|g| *g != cfg)
+                {
                     crate::console::error(
                         "config",
                         format_args!(

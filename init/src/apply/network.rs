@@ -300,33 +300,30 @@ fn dhcp(
     static_dns: bool,
     out: &mut Outcome,
 ) -> Result<(), ApplyError> {
-    let program: Vec<String> =
-        match find_program(
-            root,
-            &[
-                "/sbin/udhcpc",
-                "/usr/sbin/udhcpc",
-                "/bin/udhcpc",
-                "/usr/bin/udhcpc",
-            ],
-        ) {
-            Some(p) => vec![p],
-            None => {
-                match find_program(root, &["/bin/busybox", "/usr/bin/busybox"]) {
-                    Some(b) => vec![b, "udhcpc".into()],
-                    None => {
-                        out.error(
-                        "network",
-                        format_args!(
-                            "DHCP wanted on {} but the image has no DHCP client (busybox udhcpc)",
+    let program: Vec<String> = match find_program(
+        root,
+        &[
+            "/sbin/udhcpc",
+            "/usr/sbin/udhcpc",
+            "/bin/udhcpc",
+            "/usr/bin/udhcpc",
+        ],
+    ) {
+        Some(p) => vec![p],
+        None => {
+            match find_program(root, &["/bin/busybox", "/usr/bin/busybox"]) {
+                Some(b) => vec![b, "udhcpc".into()],
+                None => {
+                    // The image's choice, not the config's fault: a warning.
+                    out.warn(format!(
+                            "network: DHCP wanted on {} but the image has no DHCP client (busybox udhcpc)",
                             links.iter().map(|l| l.0.as_str()).collect::<Vec<_>>().join(", ")
-                        ),
-                    );
-                        return Ok(());
-                    }
+                        ));
+                    return Ok(());
                 }
             }
-        };
+        }
+    };
     let script = root.at(UDHCPC_SCRIPT);
     write_atomic(&script, udhcpc_script(static_dns).as_bytes(), 0o755)?;
     for (link, after) in links {
