@@ -14,8 +14,9 @@
 //! - k0s: `role = "controller"` (its join secret written by the config's
 //!   `files`), `role = "worker"` with a k0s join token naming the controller.
 //!
-//! The stand-in speaks plain HTTP on 6443 (also to `https://` URLs); real
-//! k3s/k0s use TLS there.
+//! The join check goes over TLS on 6443 (the stand-in's test certificate);
+//! the k3s agent is given the server's full node-token, whose `K10<sha256>`
+//! pins that certificate, as a real k3s agent pins its server's CA.
 
 use anyhow::{Context, Result, ensure};
 use basalt_tests::assets::Assets;
@@ -55,6 +56,25 @@ fn basalt(args: &[&str]) -> Result<()> {
         String::from_utf8_lossy(&out.stderr)
     );
     Ok(())
+}
+
+/// sha256 of the stand-in's TLS certificate (tests/standin/tls/cert.der), by sha256sum.
+fn standin_cert_sha256() -> Result<String> {
+    let out = Command::new("sha256sum")
+        .arg(repo_root().join("tests/standin/tls/cert.der"))
+        .output()
+        .context("running sha256sum")?;
+    let text = String::from_utf8(out.stdout)?;
+    let hash = text.split_whitespace().next().unwrap_or("").to_string();
+    ensure!(hash.len() == 64, "sha256sum said {text:?}");
+    Ok(hash)
+}
+
+fn work_dir_log(dist: &str, vm: &str) -> std::path::PathBuf {
+    build::target_dir()
+        .join("e2e")
+        .join(format!("nodeconfig_join_{dist}"))
+        .join(format!("{vm}.console.log"))
 }
 
 /// A free TCP port on the host for the socket network.
@@ -140,7 +160,11 @@ fn join(
     agent.expect("basalt: stage2 start", TO_KERNEL)?;
     let line = agent.expect_anywhere(report::RECEIVED_PREFIX, STEP)?;
     let received = report::parse_received(&line)?;
-    agent.expect_anywhere("k8s-standin: joined https://10.77.0.1:6443", STEP)?;
+    let joined = agent.expect_anywhere("k8s-standin: joined https://10.77.0.1:6443", STEP)?;
+    ensure!(
+        joined.contains(" over TLS, server certificate sha256 "),
+        "the agent did not join over TLS: {joined}"
+    );
     agent.expect_anywhere(report::READY_PREFIX, STEP)?;
     for (name, v) in [("server", &server), ("agent", &agent)] {
         let errors = v.console.seen("basalt: error");
@@ -163,17 +187,25 @@ fn k3s_agent_joins_a_k3s_server_with_the_token_from_its_node_config() -> Result<
         "hostname = \"k3s-server\"\n{}[kubernetes]\ndistribution = \"k3s\"\nrole = \"server\"\ntoken = \"{token}\"\n",
         network(SERVER_MAC, "10.77.0.1/24")
     );
+    // The agent gets the server's full node-token, as a user copies it from
+    // the server: `K10<sha256 of the server's certificate>::server:<secret>`.
+    let node_token = format!("K10{}::server:{token}", standin_cert_sha256()?);
     let agent = format!(
-        "hostname = \"k3s-agent\"\n{}[kubernetes]\ndistribution = \"k3s\"\nrole = \"agent\"\nserver_url = \"https://10.77.0.1:6443\"\ntoken = \"{token}\"\n",
+        "hostname = \"k3s-agent\"\n{}[kubernetes]\ndistribution = \"k3s\"\nrole = \"agent\"\nserver_url = \"https://10.77.0.1:6443\"\ntoken = \"{node_token}\"\n",
         network(AGENT_MAC, "10.77.0.2/24")
     );
     let rec = join("k3s", &server, &agent, "k3s-server")?;
+    let log = std::fs::read_to_string(work_dir_log("k3s", "agent"))?;
+    ensure!(
+        log.contains("(pinned by the join token)"),
+        "the agent's full node-token did not pin the server's certificate"
+    );
     ensure!(
         rec["role"] == "agent" && rec["argv"][1] == "agent",
         "agent record: {rec}"
     );
     ensure!(
-        rec["server_url"] == "https://10.77.0.1:6443" && rec["token"] == token,
+        rec["server_url"] == "https://10.77.0.1:6443" && rec["token"] == node_token.as_str(),
         "agent record: {rec}"
     );
     let content = rec["config"]["content"].as_str().unwrap_or("");

@@ -23,6 +23,8 @@ pub enum HttpError {
     Io { addr: String, source: io::Error },
     #[error("malformed response from {addr}")]
     Response { addr: String },
+    #[error("TLS with {addr}: {what}")]
+    Tls { addr: String, what: String },
 }
 
 /// `http(s)://host[:port][/path]` split into parts. `https` is accepted and
@@ -32,6 +34,8 @@ pub struct Url {
     pub host: String,
     pub port: u16,
     pub path: String,
+    /// `https://`: TLS (src/tls.rs).
+    pub tls: bool,
 }
 
 impl Url {
@@ -68,6 +72,7 @@ impl Url {
             host: host.to_string(),
             port,
             path: path.to_string(),
+            tls: url.starts_with("https://"),
         })
     }
 
@@ -85,6 +90,8 @@ impl Url {
 pub struct Response {
     pub status: u16,
     pub body: String,
+    /// sha256 of the server's certificate, over TLS.
+    pub server_cert: Option<String>,
 }
 
 /// `GET` `path` from `base` (whose own path is ignored), with optional bearer token.
@@ -120,13 +127,39 @@ pub fn get(
     let auth = bearer
         .map(|t| format!("Authorization: Bearer {t}\r\n"))
         .unwrap_or_default();
-    write!(
-        stream,
+    let request = format!(
         "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: k8s-standin\r\n{auth}Connection: close\r\n\r\n"
-    )
-    .map_err(io_err)?;
+    );
     let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).map_err(io_err)?;
+    let mut server_cert = None;
+    if base.tls {
+        let tls_err = |what: String| HttpError::Tls {
+            addr: addr.clone(),
+            what,
+        };
+        // A k3s token `K10<sha256>::...` pins the server's certificate.
+        let cfg = crate::tls::client_config(bearer.and_then(crate::tls::pinned_hash))
+            .map_err(|e| tls_err(e.to_string()))?;
+        let name = rustls::pki_types::ServerName::try_from(base.host.clone())
+            .map_err(|e| tls_err(e.to_string()))?;
+        let conn = rustls::ClientConnection::new(cfg, name).map_err(|e| tls_err(e.to_string()))?;
+        let mut s = rustls::StreamOwned::new(conn, stream);
+        s.write_all(request.as_bytes()).map_err(io_err)?;
+        match s.read_to_end(&mut raw) {
+            Ok(_) => {}
+            // A server that closes without close_notify: keep what came.
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof && !raw.is_empty() => {}
+            Err(e) => return Err(io_err(e)),
+        }
+        server_cert = s
+            .conn
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .map(|c| crate::tls::sha256_hex(c.as_ref()));
+    } else {
+        stream.write_all(request.as_bytes()).map_err(io_err)?;
+        stream.read_to_end(&mut raw).map_err(io_err)?;
+    }
     let text = String::from_utf8_lossy(&raw);
     let (head, body) = text
         .split_once("\r\n\r\n")
@@ -140,6 +173,7 @@ pub fn get(
     Ok(Response {
         status,
         body: body.to_string(),
+        server_cert,
     })
 }
 
@@ -158,6 +192,13 @@ where
     H: Fn(&Request) -> (u16, String, &'static str) + Send + Sync + 'static,
 {
     let handler = std::sync::Arc::new(handler);
+    let tls = match crate::tls::server_config() {
+        Ok(c) => Some(c),
+        Err(e) => {
+            println!("k8s-standin: error TLS setup: {e} (plain HTTP only)");
+            None
+        }
+    };
     loop {
         let stream = match listener.accept() {
             Ok((s, _)) => s,
@@ -165,20 +206,48 @@ where
             Err(e) => return e,
         };
         let handler = handler.clone();
+        let tls = tls.clone();
         std::thread::spawn(move || {
-            // A client that goes away mid-request is its own problem.
-            let _ = handle(stream, &*handler);
+            let _ = handle(stream, tls, &*handler);
         });
     }
 }
 
-fn handle<H>(stream: TcpStream, handler: &H) -> io::Result<()>
+/// One connection: TLS when it starts with a handshake record, else plain.
+fn handle<H>(
+    stream: TcpStream,
+    tls: Option<std::sync::Arc<rustls::ServerConfig>>,
+    handler: &H,
+) -> io::Result<()>
 where
     H: Fn(&Request) -> (u16, String, &'static str),
 {
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     stream.set_write_timeout(Some(Duration::from_secs(10)))?;
-    let mut reader = BufReader::new(stream.try_clone()?).take(MAX_HEAD as u64);
+    let mut first = [0u8; 1];
+    let handshake = matches!(stream.peek(&mut first), Ok(1)) && first[0] == 0x16;
+    match tls.filter(|_| handshake) {
+        Some(cfg) => {
+            let conn = rustls::ServerConnection::new(cfg).map_err(io::Error::other)?;
+            let mut s = rustls::StreamOwned::new(conn, stream);
+            exchange(&mut s, handler)?;
+            s.conn.send_close_notify();
+            s.flush()
+        }
+        None => {
+            let mut s = stream;
+            exchange(&mut s, handler)
+        }
+    }
+}
+
+/// Read one request head from `stream`, answer it.
+fn exchange<S, H>(stream: &mut S, handler: &H) -> io::Result<()>
+where
+    S: Read + Write,
+    H: Fn(&Request) -> (u16, String, &'static str),
+{
+    let mut reader = BufReader::new(&mut *stream).take(MAX_HEAD as u64);
     let mut line = String::new();
     reader.read_line(&mut line)?;
     let mut parts = line.split_whitespace();
@@ -197,6 +266,7 @@ where
             bearer = Some(t.trim().to_string());
         }
     }
+    drop(reader);
     let req = Request {
         method,
         path,
@@ -215,7 +285,6 @@ where
         405 => "Method Not Allowed",
         _ => "Unknown",
     };
-    let mut stream = stream;
     write!(
         stream,
         "HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
@@ -261,5 +330,27 @@ mod tests {
         let r = get(&base, "/x?y", Some("tok"), Duration::from_secs(5)).unwrap();
         assert_eq!(r.status, 200);
         assert_eq!(r.body, "GET /x?y Some(\"tok\")");
+        assert_eq!(r.server_cert, None);
+
+        // The same port over TLS; a token naming the certificate's hash pins it.
+        let tls = Url::parse(&format!("https://127.0.0.1:{port}")).unwrap();
+        let r = get(&tls, "/y", Some("abc"), Duration::from_secs(5)).unwrap();
+        assert_eq!((r.status, r.body.as_str()), (200, "GET /y Some(\"abc\")"));
+        assert_eq!(
+            r.server_cert.as_deref(),
+            Some(crate::tls::cert_hash().as_str())
+        );
+        let pinned = format!("K10{}::server:abc", crate::tls::cert_hash());
+        assert_eq!(
+            get(&tls, "/z", Some(&pinned), Duration::from_secs(5))
+                .unwrap()
+                .status,
+            200
+        );
+        let wrong = format!("K10{}::server:abc", "0".repeat(64));
+        assert!(matches!(
+            get(&tls, "/z", Some(&wrong), Duration::from_secs(5)),
+            Err(HttpError::Io { .. } | HttpError::Tls { .. })
+        ));
     }
 }
