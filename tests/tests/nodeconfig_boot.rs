@@ -14,7 +14,9 @@
 //!    config file content) — and the values the configs ask for;
 //! 4. the join token left the FAT partition (checked on the disk file with
 //!    mtools): the config there now names `/var/lib/basalt/k8s-token`;
-//! 5. a broken `node.toml` on the first disk's second boot: a clear
+//! 5. PID 1 saved the clock at shutdown (`/var/lib/basalt/clock`, read with
+//!    debugfs from the disk file);
+//! 6. a broken `node.toml` on the first disk's second boot: a clear
 //!    `basalt: error config /boot/node.toml:<line>:<col>: ...` on the
 //!    console, and the node comes up with its first boot's state.
 
@@ -325,6 +327,20 @@ fn node_toml_and_cloud_init_reach_the_same_state_and_a_broken_config_keeps_the_l
         String::from_utf8_lossy(&token) == "e2e-cluster-secret-1234\n",
         "stored token {:?}",
         String::from_utf8_lossy(&token)
+    );
+
+    // PID 1 saved the last known time at shutdown (for the next boot's clock).
+    let clock = disk::read_from_ext4(&a, "data", "/lib/basalt/clock")?;
+    let saved: u64 = String::from_utf8_lossy(&clock)
+        .trim()
+        .parse()
+        .with_context(|| format!("clock file {:?}", String::from_utf8_lossy(&clock)))?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
+    ensure!(
+        saved <= now && now - saved < 3600,
+        "saved clock {saved} is not the time of the first boot's shutdown (now {now})"
     );
 
     // Second boot of the first disk with a broken node.toml: the last good config.
