@@ -144,7 +144,7 @@ bound|renew)
     {{ [ -n "$domain" ] && echo "search $domain"; for d in $dns; do echo "nameserver $d"; done; }} > /etc/resolv.conf.udhcpc
     mv /etc/resolv.conf.udhcpc /etc/resolv.conf
   fi
-  echo "basalt-udhcpc: $interface $1 $ip/${{mask:-24}} router ${{router:-none}}"
+  echo "basalt-udhcpc: $interface $1 $ip/${{mask:-24}} router ${{router:-none}} dns ${{dns:-none}}"
   ;;
 esac
 exit 0
