@@ -484,8 +484,10 @@ fn node_config(ctx: &mut Context) -> Result<(), Stage2Error> {
     };
     // The child ran this same binary: see `sys::release_code_pages` and
     // `sys::disable_fault_around`.
-    if let Err(e) = sys::disable_fault_around() {
-        console::error("node-config", format_args!("turning fault-around off: {e}"));
+    match sys::disable_fault_around() {
+        // A kernel without debugfs: nothing to turn off, nothing wrong.
+        Ok(()) | Err(sys::Errno::ENODEV | sys::Errno::ENOENT) => {}
+        Err(e) => console::error("node-config", format_args!("turning fault-around off: {e}")),
     }
     if let Err(e) = sys::release_code_pages() {
         console::error("node-config", format_args!("releasing code pages: {e}"));

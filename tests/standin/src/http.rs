@@ -132,30 +132,22 @@ pub fn get(
     );
     let mut raw = Vec::new();
     let mut server_cert = None;
-    if base.tls {
-        let tls_err = |what: String| HttpError::Tls {
-            addr: addr.clone(),
-            what,
-        };
+    if base.tls && crate::tls::AVAILABLE {
         // A k3s token `K10<sha256>::...` pins the server's certificate.
-        let cfg = crate::tls::client_config(bearer.and_then(crate::tls::pinned_hash))
-            .map_err(|e| tls_err(e.to_string()))?;
-        let name = rustls::pki_types::ServerName::try_from(base.host.clone())
-            .map_err(|e| tls_err(e.to_string()))?;
-        let conn = rustls::ClientConnection::new(cfg, name).map_err(|e| tls_err(e.to_string()))?;
-        let mut s = rustls::StreamOwned::new(conn, stream);
-        s.write_all(request.as_bytes()).map_err(io_err)?;
-        match s.read_to_end(&mut raw) {
-            Ok(_) => {}
-            // A server that closes without close_notify: keep what came.
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof && !raw.is_empty() => {}
-            Err(e) => return Err(io_err(e)),
-        }
-        server_cert = s
-            .conn
-            .peer_certificates()
-            .and_then(|c| c.first())
-            .map(|c| crate::tls::sha256_hex(c.as_ref()));
+        let pin = bearer.and_then(crate::tls::pinned_hash);
+        let (data, cert) = crate::tls::exchange(stream, &base.host, request.as_bytes(), pin)
+            .map_err(|e| match e {
+                crate::tls::TlsError::Io(source) => HttpError::Io {
+                    addr: addr.clone(),
+                    source,
+                },
+                crate::tls::TlsError::Tls(what) => HttpError::Tls {
+                    addr: addr.clone(),
+                    what,
+                },
+            })?;
+        raw = data;
+        server_cert = cert;
     } else {
         stream.write_all(request.as_bytes()).map_err(io_err)?;
         stream.read_to_end(&mut raw).map_err(io_err)?;
@@ -192,8 +184,8 @@ where
     H: Fn(&Request) -> (u16, String, &'static str) + Send + Sync + 'static,
 {
     let handler = std::sync::Arc::new(handler);
-    let tls = match crate::tls::server_config() {
-        Ok(c) => Some(c),
+    let tls = match crate::tls::Server::new() {
+        Ok(t) => t,
         Err(e) => {
             println!("k8s-standin: error TLS setup: {e} (plain HTTP only)");
             None
@@ -214,11 +206,7 @@ where
 }
 
 /// One connection: TLS when it starts with a handshake record, else plain.
-fn handle<H>(
-    stream: TcpStream,
-    tls: Option<std::sync::Arc<rustls::ServerConfig>>,
-    handler: &H,
-) -> io::Result<()>
+fn handle<H>(stream: TcpStream, tls: Option<crate::tls::Server>, handler: &H) -> io::Result<()>
 where
     H: Fn(&Request) -> (u16, String, &'static str),
 {
@@ -227,13 +215,7 @@ where
     let mut first = [0u8; 1];
     let handshake = matches!(stream.peek(&mut first), Ok(1)) && first[0] == 0x16;
     match tls.filter(|_| handshake) {
-        Some(cfg) => {
-            let conn = rustls::ServerConnection::new(cfg).map_err(io::Error::other)?;
-            let mut s = rustls::StreamOwned::new(conn, stream);
-            exchange(&mut s, handler)?;
-            s.conn.send_close_notify();
-            s.flush()
-        }
+        Some(t) => t.serve(stream, &mut |s| exchange(s, handler)),
         None => {
             let mut s = stream;
             exchange(&mut s, handler)
@@ -244,7 +226,7 @@ where
 /// Read one request head from `stream`, answer it.
 fn exchange<S, H>(stream: &mut S, handler: &H) -> io::Result<()>
 where
-    S: Read + Write,
+    S: Read + Write + ?Sized,
     H: Fn(&Request) -> (u16, String, &'static str),
 {
     let mut reader = BufReader::new(&mut *stream).take(MAX_HEAD as u64);
@@ -332,6 +314,9 @@ mod tests {
         assert_eq!(r.body, "GET /x?y Some(\"tok\")");
         assert_eq!(r.server_cert, None);
 
+        if !crate::tls::AVAILABLE {
+            return;
+        }
         // The same port over TLS; a token naming the certificate's hash pins it.
         let tls = Url::parse(&format!("https://127.0.0.1:{port}")).unwrap();
         let r = get(&tls, "/y", Some("abc"), Duration::from_secs(5)).unwrap();

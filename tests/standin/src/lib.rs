@@ -12,6 +12,10 @@ pub mod cli;
 pub mod http;
 pub mod json;
 pub mod role;
+#[cfg(target_arch = "x86_64")]
+pub mod tls;
+#[cfg(not(target_arch = "x86_64"))]
+#[path = "tls_none.rs"]
 pub mod tls;
 pub mod token;
 pub mod yaml;

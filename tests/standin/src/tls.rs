@@ -10,13 +10,24 @@
 //! certificate whose sha256 the join token names (`K10<sha256>::server:...`),
 //! and without such a token (a bare secret) any certificate — real k3s
 //! agents given a bare token do not verify the CA either.
+//!
+//! Built on x86_64 only (src/tls_none.rs elsewhere: plain HTTP, also to
+//! `https://` URLs): ring needs a C compiler for the target, and the test
+//! hosts have none for aarch64/armv7 musl.
 
+use std::io::{self, Read, Write};
+use std::net::TcpStream;
 use std::sync::Arc;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, ServerConfig, SignatureScheme};
+
+pub use crate::token::pinned_hash;
+
+/// TLS is built into this stand-in.
+pub const AVAILABLE: bool = true;
 
 pub const CERT_DER: &[u8] = include_bytes!("../tls/cert.der");
 const KEY_DER: &[u8] = include_bytes!("../tls/key.der");
@@ -48,14 +59,6 @@ pub fn server_config() -> Result<Arc<ServerConfig>, rustls::Error> {
             PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(KEY_DER.to_vec())),
         )?;
     Ok(Arc::new(cfg))
-}
-
-/// The certificate hash a k3s token pins, if it is `K10<64 hex>::...`.
-pub fn pinned_hash(token: &str) -> Option<String> {
-    let rest = token.trim().strip_prefix("K10")?;
-    let (hash, _) = rest.split_once("::")?;
-    (hash.len() == 64 && hash.bytes().all(|b| b.is_ascii_hexdigit()))
-        .then(|| hash.to_ascii_lowercase())
 }
 
 #[derive(Debug)]
@@ -131,6 +134,70 @@ pub fn client_config(pin: Option<String>) -> Result<Arc<ClientConfig>, rustls::E
         }))
         .with_no_client_auth();
     Ok(Arc::new(cfg))
+}
+
+#[derive(Debug)]
+pub enum TlsError {
+    Io(io::Error),
+    Tls(String),
+}
+
+/// A stream the HTTP code reads a request from and writes the answer to.
+pub trait ReadWrite: Read + Write {}
+impl<T: Read + Write> ReadWrite for T {}
+
+/// The server side: the stand-in's certificate.
+#[derive(Clone)]
+pub struct Server(Arc<ServerConfig>);
+
+impl Server {
+    pub fn new() -> Result<Option<Server>, String> {
+        server_config()
+            .map(|c| Some(Server(c)))
+            .map_err(|e| e.to_string())
+    }
+
+    /// Run `f` on the decrypted stream, then close the TLS session.
+    pub fn serve(
+        &self,
+        stream: TcpStream,
+        f: &mut dyn FnMut(&mut dyn ReadWrite) -> io::Result<()>,
+    ) -> io::Result<()> {
+        let conn = rustls::ServerConnection::new(self.0.clone()).map_err(io::Error::other)?;
+        let mut s = rustls::StreamOwned::new(conn, stream);
+        f(&mut s)?;
+        s.conn.send_close_notify();
+        s.flush()
+    }
+}
+
+/// Send `request` over TLS on `stream` to `host`, read the whole answer.
+/// Returns it and the sha256 of the server's certificate.
+pub fn exchange(
+    stream: TcpStream,
+    host: &str,
+    request: &[u8],
+    pin: Option<String>,
+) -> Result<(Vec<u8>, Option<String>), TlsError> {
+    let tls = |e: &dyn std::fmt::Display| TlsError::Tls(e.to_string());
+    let cfg = client_config(pin).map_err(|e| tls(&e))?;
+    let name = ServerName::try_from(host.to_string()).map_err(|e| tls(&e))?;
+    let conn = rustls::ClientConnection::new(cfg, name).map_err(|e| tls(&e))?;
+    let mut s = rustls::StreamOwned::new(conn, stream);
+    s.write_all(request).map_err(TlsError::Io)?;
+    let mut raw = Vec::new();
+    match s.read_to_end(&mut raw) {
+        Ok(_) => {}
+        // A server that closes without close_notify: keep what came.
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof && !raw.is_empty() => {}
+        Err(e) => return Err(TlsError::Io(e)),
+    }
+    let cert = s
+        .conn
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .map(|c| sha256_hex(c.as_ref()));
+    Ok((raw, cert))
 }
 
 #[cfg(test)]

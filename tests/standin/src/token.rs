@@ -12,6 +12,14 @@ pub fn k3s_node_token(secret: &str) -> String {
     format!("K10{}::server:{secret}", crate::tls::cert_hash())
 }
 
+/// The certificate hash a k3s token pins, if it is `K10<64 hex>::...`.
+pub fn pinned_hash(token: &str) -> Option<String> {
+    let rest = token.trim().strip_prefix("K10")?;
+    let (hash, _) = rest.split_once("::")?;
+    (hash.len() == 64 && hash.bytes().all(|b| b.is_ascii_hexdigit()))
+        .then(|| hash.to_ascii_lowercase())
+}
+
 /// Whether `presented` (bare secret or full node-token) matches the server's `secret`.
 pub fn k3s_token_matches(presented: &str, secret: &str) -> bool {
     let presented = presented.trim();
