@@ -14,6 +14,7 @@
     deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
 )]
 
+pub mod apply;
 pub mod blockdev;
 pub mod boottime;
 pub mod bundle;
@@ -47,6 +48,8 @@ pub enum Role {
     Stage1,
     Stage2,
     Basaltctl,
+    /// The node config child PID 1 starts in stage 2 (`apply`).
+    NodeConfig,
     /// Not PID 1 and not called `basaltctl`.
     Refuse,
 }
@@ -60,6 +63,8 @@ pub fn role(argv0: &str, pid: u32, marker_exists: bool) -> Role {
         .unwrap_or("");
     if name == "basaltctl" {
         Role::Basaltctl
+    } else if name == apply::CHILD_NAME {
+        Role::NodeConfig
     } else if pid != 1 {
         Role::Refuse
     } else if marker_exists {
@@ -77,6 +82,7 @@ pub fn entry(args: &[String]) -> i32 {
         Role::Stage1 => stage1::run(),
         Role::Stage2 => stage2::run(),
         Role::Basaltctl => control::main(args.get(1..).unwrap_or(&[])),
+        Role::NodeConfig => apply::child_main(),
         Role::Refuse if args.get(1).map(String::as_str) == Some("--version") => {
             println!("basalt init {}", env!("CARGO_PKG_VERSION"));
             0
@@ -102,5 +108,6 @@ mod tests {
         assert_eq!(role("/usr/bin/basaltctl", 4242, false), Role::Basaltctl);
         assert_eq!(role("basaltctl", 1, true), Role::Basaltctl);
         assert_eq!(role("/init", 4242, true), Role::Refuse);
+        assert_eq!(role("basalt-node-config", 77, false), Role::NodeConfig);
     }
 }

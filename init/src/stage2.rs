@@ -11,17 +11,13 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use serde::Deserialize;
-
 use crate::console::{self, guarded};
 use crate::image::ImageFacts;
 use crate::mounts::{self, KernelMounts, Mounts};
 use crate::report::{self, Json};
 use crate::say;
 use crate::service::{self, ServiceDef};
-use crate::slot::{
-    self, BOOT_MOUNT, IMAGE_FACTS_PATH, MACHINE_ID_PATH, NODE_CONFIG_FILE, SERVICES_DIR,
-};
+use crate::slot::{self, IMAGE_FACTS_PATH, MACHINE_ID_PATH, SERVICES_DIR};
 use crate::stage1::Handoff;
 use crate::supervisor::{Config, NodeInfo, ShutdownKind, Supervisor};
 use crate::sys::{self, MsFlags, RebootHow, Signal};
@@ -67,6 +63,8 @@ pub struct Context {
     pub hostname: String,
     pub services: Vec<ServiceDef>,
     pub distribution: Option<service::Distribution>,
+    /// `TZ` for services when the image has no zoneinfo (node config).
+    pub tz: Option<String>,
     pub stage2_end_ms: u64,
     /// Duration of each phase, for `basaltctl boot-time`.
     pub phases_ms: Vec<(String, u64)>,
@@ -153,7 +151,10 @@ fn supervise(ctx: Context) -> Option<ShutdownKind> {
                 "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
             ),
             ("HOME".into(), "/root".into()),
-        ],
+        ]
+        .into_iter()
+        .chain(ctx.tz.clone().map(|tz| ("TZ".to_string(), tz)))
+        .collect(),
         info: NodeInfo {
             slot: ctx.handoff.slot.clone(),
             hostname: ctx.hostname.clone(),
@@ -191,6 +192,15 @@ fn supervise(ctx: Context) -> Option<ShutdownKind> {
             return None;
         }
     };
+    // The last known time, for the next boot's clock (Pis have no RTC).
+    sup.every(
+        Duration::from_secs(15 * 60),
+        Box::new(|| {
+            if let Err(e) = crate::apply::clock::save_now() {
+                console::error("clock", e);
+            }
+        }),
+    );
     sup.on_all_ready(Box::new(move |s: &Supervisor| {
         let line = ready_report(&ctx, s, Path::new("/proc"));
         say!("ready {line}");
@@ -474,13 +484,6 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), Stage2Error> {
     Ok(())
 }
 
-/// Only the part of the node config this init reads for now. The full
-/// schema (another module) replaces this; unknown keys are ignored here.
-#[derive(Debug, Default, Deserialize)]
-struct NodeHostname {
-    hostname: Option<String>,
-}
-
 /// Hostnames as RFC 1123 allows (labels of letters, digits, '-').
 pub fn valid_hostname(h: &str) -> bool {
     !h.is_empty()
@@ -496,47 +499,47 @@ pub fn valid_hostname(h: &str) -> bool {
         })
 }
 
-/// The hostname from the node config files, later files winning; `None` if
-/// none sets a valid one. Unreadable or bad files are reported and skipped.
-pub fn hostname_from(files: &[PathBuf]) -> Option<String> {
-    let mut name = None;
-    for f in files {
-        let Ok(text) = std::fs::read_to_string(f) else {
-            continue;
-        };
-        match toml::from_str::<NodeHostname>(&text) {
-            Ok(NodeHostname { hostname: Some(h) }) if valid_hostname(&h) => name = Some(h),
-            Ok(NodeHostname { hostname: Some(h) }) => console::error(
-                "node-config",
-                format_args!("{} (invalid hostname {h:?})", f.display()),
-            ),
-            Ok(_) => {}
-            Err(e) => console::error(
-                "node-config",
-                format_args!("{} ({})", f.display(), e.message()),
-            ),
-        }
-    }
-    name
-}
-
+/// The node config, parsed and applied by a child process (`apply`): the
+/// parser's memory must never be PID 1's. PID 1 only reads the results.
 fn node_config(ctx: &mut Context) -> Result<(), Stage2Error> {
-    let files = [
-        PathBuf::from("/etc/basalt").join(NODE_CONFIG_FILE),
-        Path::new(BOOT_MOUNT).join(NODE_CONFIG_FILE),
-    ];
-    let name = hostname_from(&files).unwrap_or_else(|| {
-        let short: String = ctx.machine_id.chars().take(8).collect();
-        if short.is_empty() {
-            "basalt".to_string()
-        } else {
-            format!("basalt-{short}")
+    let results = match crate::apply::pid1::run(
+        Path::new("/proc/self/exe"),
+        Path::new(crate::apply::RESULT_FILE),
+        crate::apply::pid1::TIMEOUT,
+    ) {
+        Ok(r) => r,
+        Err(e) => {
+            console::error("node-config", e);
+            crate::apply::Results::default()
         }
-    });
-    sys::sethostname(&name).map_err(|errno| Stage2Error::Hostname {
-        name: name.clone(),
-        errno,
-    })?;
+    };
+    // The child ran this same binary: see `sys::release_code_pages` and
+    // `sys::disable_fault_around`.
+    match sys::disable_fault_around() {
+        // A kernel without debugfs: nothing to turn off, nothing wrong.
+        Ok(()) | Err(sys::Errno::ENODEV | sys::Errno::ENOENT) => {}
+        Err(e) => console::error("node-config", format_args!("turning fault-around off: {e}")),
+    }
+    if let Err(e) = sys::release_code_pages() {
+        console::error("node-config", format_args!("releasing code pages: {e}"));
+    }
+    ctx.tz = results.tz.clone();
+    let name = match results.hostname {
+        Some(h) if valid_hostname(&h) => h,
+        _ => {
+            let short: String = ctx.machine_id.chars().take(8).collect();
+            let name = if short.is_empty() {
+                "basalt".to_string()
+            } else {
+                format!("basalt-{short}")
+            };
+            sys::sethostname(&name).map_err(|errno| Stage2Error::Hostname {
+                name: name.clone(),
+                errno,
+            })?;
+            name
+        }
+    };
     let etc_hostname = Path::new("/etc/hostname");
     std::fs::write(etc_hostname, format!("{name}\n")).map_err(file_err("writing", etc_hostname))?;
     ctx.hostname = name;
@@ -550,9 +553,25 @@ fn network(_ctx: &mut Context) -> Result<(), Stage2Error> {
 }
 
 fn load_services(ctx: &mut Context) -> Result<(), Stage2Error> {
-    let (defs, errors) = service::load_dir(Path::new(SERVICES_DIR));
-    for e in errors {
+    let (mut defs, errors) = service::load_dir(Path::new(SERVICES_DIR));
+    // Services the node config generated (apply), after the image's own.
+    let (generated, more) = service::load_dir(Path::new(crate::apply::SERVICES_DIR));
+    for e in errors.into_iter().chain(more) {
         console::error("service-file", e);
+    }
+    for g in generated {
+        if defs.iter().any(|d| d.name == g.name) {
+            console::error(
+                "service-file",
+                format_args!(
+                    "{}/{}.toml: the image has a service of that name; kept the image's",
+                    crate::apply::SERVICES_DIR,
+                    g.name
+                ),
+            );
+        } else {
+            defs.push(g);
+        }
     }
     ctx.services = defs;
     Ok(())
@@ -563,8 +582,16 @@ fn kubernetes(ctx: &mut Context) -> Result<(), Stage2Error> {
     if let Some(k) = facts.kubernetes {
         ctx.services
             .retain(|s| s.name != service::KUBERNETES_SERVICE);
-        ctx.services
-            .push(service::kubernetes_service(k.distribution, &k.binary));
+        // The node config's role, when it has a [kubernetes] section (apply).
+        let path = Path::new(crate::apply::KUBERNETES_FILE);
+        let from_config = std::fs::read_to_string(path).ok().and_then(|text| {
+            ServiceDef::parse(service::KUBERNETES_SERVICE, &text, path)
+                .map_err(|e| console::error("kubernetes", e))
+                .ok()
+        });
+        ctx.services.push(
+            from_config.unwrap_or_else(|| service::kubernetes_service(k.distribution, &k.binary)),
+        );
         ctx.distribution = Some(k.distribution);
     }
     Ok(())
@@ -576,6 +603,10 @@ fn kubernetes(ctx: &mut Context) -> Result<(), Stage2Error> {
 /// kill what is left, sync, unmount (or remount read-only), `reboot(2)`.
 pub fn shutdown(kind: ShutdownKind) -> ! {
     guarded("shutdown", || {
+        // The last known time, for the next boot's clock (no RTC on a Pi).
+        if let Err(e) = crate::apply::clock::save_now() {
+            console::error("clock", e);
+        }
         // What k3s/k0s leave behind (k3s-killall.sh), before everything else goes.
         let c = crate::cleanup::kubernetes_leftovers(Path::new("/"), Path::new("/proc"));
         if c != crate::cleanup::Cleaned::default() {
@@ -703,31 +734,6 @@ mod tests {
         })
         .unwrap();
         assert_ne!(fresh, id);
-    }
-
-    #[test]
-    fn hostname_later_file_wins_and_bad_ones_are_skipped() {
-        let t = tempfile::tempdir().unwrap();
-        let image = t.path().join("image-node.toml");
-        let boot = t.path().join("boot-node.toml");
-        std::fs::write(&image, "hostname = \"from-image\"\n[other]\nx = 1\n").unwrap();
-        assert_eq!(
-            hostname_from(&[image.clone(), boot.clone()]).as_deref(),
-            Some("from-image")
-        );
-        std::fs::write(&boot, "hostname = \"edge-01\"").unwrap();
-        assert_eq!(
-            hostname_from(&[image.clone(), boot.clone()]).as_deref(),
-            Some("edge-01")
-        );
-        std::fs::write(&boot, "hostname = \"bad name!\"").unwrap();
-        assert_eq!(
-            hostname_from(&[image.clone(), boot.clone()]).as_deref(),
-            Some("from-image")
-        );
-        std::fs::write(&boot, "hostname = ").unwrap();
-        assert_eq!(hostname_from(&[image, boot]).as_deref(), Some("from-image"));
-        assert_eq!(hostname_from(&[]), None);
     }
 
     #[test]

@@ -146,6 +146,9 @@ const VERITY_CHECK: Duration = Duration::from_secs(1);
 /// Cap on a TCP/HTTP probe: probes run inline, so they must be short.
 const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
 
+/// A task the loop runs every period (`Supervisor::every`).
+pub type PeriodicTask = Box<dyn FnMut()>;
+
 pub struct Supervisor {
     units: Vec<Unit>,
     order: Vec<usize>,
@@ -167,6 +170,8 @@ pub struct Supervisor {
     watchdog_stopped: bool,
     on_ready: Option<ReadyHook>,
     shutdown: Option<Shutdown>,
+    /// Tasks run every period from the loop (`every`): (period, last run, task).
+    periodic: Vec<(Duration, Instant, PeriodicTask)>,
 }
 
 impl std::fmt::Debug for Supervisor {
@@ -254,11 +259,27 @@ impl Supervisor {
             watchdog_stopped: false,
             on_ready: None,
             shutdown: None,
+            periodic: Vec::new(),
         })
     }
 
     pub fn on_all_ready(&mut self, hook: ReadyHook) {
         self.on_ready = Some(hook);
+    }
+
+    /// Run `task` from the loop about every `period` (at most MAX_SLEEP late),
+    /// e.g. saving the clock.
+    pub fn every(&mut self, period: Duration, task: PeriodicTask) {
+        self.periodic.push((period, Instant::now(), task));
+    }
+
+    fn run_periodic(&mut self, now: Instant) {
+        for (period, last, task) in &mut self.periodic {
+            if now.duration_since(*last) >= *period {
+                *last = now;
+                task();
+            }
+        }
     }
 
     /// Pid of the named service's current run.
@@ -291,6 +312,7 @@ impl Supervisor {
             guarded("supervisor timers", || self.tick(Instant::now()));
             guarded("verity status", || self.check_verity(Instant::now(), false));
             guarded("watchdog", || self.pet_watchdog(Instant::now()));
+            guarded("periodic", || self.run_periodic(Instant::now()));
             if let Some(sd) = &self.shutdown
                 && sd.done
             {

@@ -23,6 +23,8 @@ pub enum HttpError {
     Io { addr: String, source: io::Error },
     #[error("malformed response from {addr}")]
     Response { addr: String },
+    #[error("TLS with {addr}: {what}")]
+    Tls { addr: String, what: String },
 }
 
 /// `http(s)://host[:port][/path]` split into parts. `https` is accepted and
@@ -32,6 +34,8 @@ pub struct Url {
     pub host: String,
     pub port: u16,
     pub path: String,
+    /// `https://`: TLS (src/tls.rs).
+    pub tls: bool,
 }
 
 impl Url {
@@ -68,6 +72,7 @@ impl Url {
             host: host.to_string(),
             port,
             path: path.to_string(),
+            tls: url.starts_with("https://"),
         })
     }
 
@@ -85,6 +90,8 @@ impl Url {
 pub struct Response {
     pub status: u16,
     pub body: String,
+    /// sha256 of the server's certificate, over TLS.
+    pub server_cert: Option<String>,
 }
 
 /// `GET` `path` from `base` (whose own path is ignored), with optional bearer token.
@@ -120,13 +127,31 @@ pub fn get(
     let auth = bearer
         .map(|t| format!("Authorization: Bearer {t}\r\n"))
         .unwrap_or_default();
-    write!(
-        stream,
+    let request = format!(
         "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: k8s-standin\r\n{auth}Connection: close\r\n\r\n"
-    )
-    .map_err(io_err)?;
+    );
     let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).map_err(io_err)?;
+    let mut server_cert = None;
+    if base.tls && crate::tls::AVAILABLE {
+        // A k3s token `K10<sha256>::...` pins the server's certificate.
+        let pin = bearer.and_then(crate::tls::pinned_hash);
+        let (data, cert) = crate::tls::exchange(stream, &base.host, request.as_bytes(), pin)
+            .map_err(|e| match e {
+                crate::tls::TlsError::Io(source) => HttpError::Io {
+                    addr: addr.clone(),
+                    source,
+                },
+                crate::tls::TlsError::Tls(what) => HttpError::Tls {
+                    addr: addr.clone(),
+                    what,
+                },
+            })?;
+        raw = data;
+        server_cert = cert;
+    } else {
+        stream.write_all(request.as_bytes()).map_err(io_err)?;
+        stream.read_to_end(&mut raw).map_err(io_err)?;
+    }
     let text = String::from_utf8_lossy(&raw);
     let (head, body) = text
         .split_once("\r\n\r\n")
@@ -140,6 +165,7 @@ pub fn get(
     Ok(Response {
         status,
         body: body.to_string(),
+        server_cert,
     })
 }
 
@@ -158,6 +184,13 @@ where
     H: Fn(&Request) -> (u16, String, &'static str) + Send + Sync + 'static,
 {
     let handler = std::sync::Arc::new(handler);
+    let tls = match crate::tls::Server::new() {
+        Ok(t) => t,
+        Err(e) => {
+            println!("k8s-standin: error TLS setup: {e} (plain HTTP only)");
+            None
+        }
+    };
     loop {
         let stream = match listener.accept() {
             Ok((s, _)) => s,
@@ -165,20 +198,38 @@ where
             Err(e) => return e,
         };
         let handler = handler.clone();
+        let tls = tls.clone();
         std::thread::spawn(move || {
-            // A client that goes away mid-request is its own problem.
-            let _ = handle(stream, &*handler);
+            let _ = handle(stream, tls, &*handler);
         });
     }
 }
 
-fn handle<H>(stream: TcpStream, handler: &H) -> io::Result<()>
+/// One connection: TLS when it starts with a handshake record, else plain.
+fn handle<H>(stream: TcpStream, tls: Option<crate::tls::Server>, handler: &H) -> io::Result<()>
 where
     H: Fn(&Request) -> (u16, String, &'static str),
 {
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     stream.set_write_timeout(Some(Duration::from_secs(10)))?;
-    let mut reader = BufReader::new(stream.try_clone()?).take(MAX_HEAD as u64);
+    let mut first = [0u8; 1];
+    let handshake = matches!(stream.peek(&mut first), Ok(1)) && first[0] == 0x16;
+    match tls.filter(|_| handshake) {
+        Some(t) => t.serve(stream, &mut |s| exchange(s, handler)),
+        None => {
+            let mut s = stream;
+            exchange(&mut s, handler)
+        }
+    }
+}
+
+/// Read one request head from `stream`, answer it.
+fn exchange<S, H>(stream: &mut S, handler: &H) -> io::Result<()>
+where
+    S: Read + Write + ?Sized,
+    H: Fn(&Request) -> (u16, String, &'static str),
+{
+    let mut reader = BufReader::new(&mut *stream).take(MAX_HEAD as u64);
     let mut line = String::new();
     reader.read_line(&mut line)?;
     let mut parts = line.split_whitespace();
@@ -197,6 +248,7 @@ where
             bearer = Some(t.trim().to_string());
         }
     }
+    drop(reader);
     let req = Request {
         method,
         path,
@@ -215,7 +267,6 @@ where
         405 => "Method Not Allowed",
         _ => "Unknown",
     };
-    let mut stream = stream;
     write!(
         stream,
         "HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
@@ -261,5 +312,30 @@ mod tests {
         let r = get(&base, "/x?y", Some("tok"), Duration::from_secs(5)).unwrap();
         assert_eq!(r.status, 200);
         assert_eq!(r.body, "GET /x?y Some(\"tok\")");
+        assert_eq!(r.server_cert, None);
+
+        if !crate::tls::AVAILABLE {
+            return;
+        }
+        // The same port over TLS; a token naming the certificate's hash pins it.
+        let tls = Url::parse(&format!("https://127.0.0.1:{port}")).unwrap();
+        let r = get(&tls, "/y", Some("abc"), Duration::from_secs(5)).unwrap();
+        assert_eq!((r.status, r.body.as_str()), (200, "GET /y Some(\"abc\")"));
+        assert_eq!(
+            r.server_cert.as_deref(),
+            Some(crate::tls::cert_hash().as_str())
+        );
+        let pinned = format!("K10{}::server:abc", crate::tls::cert_hash());
+        assert_eq!(
+            get(&tls, "/z", Some(&pinned), Duration::from_secs(5))
+                .unwrap()
+                .status,
+            200
+        );
+        let wrong = format!("K10{}::server:abc", "0".repeat(64));
+        assert!(matches!(
+            get(&tls, "/z", Some(&wrong), Duration::from_secs(5)),
+            Err(HttpError::Io { .. } | HttpError::Tls { .. })
+        ));
     }
 }

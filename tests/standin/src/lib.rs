@@ -12,6 +12,11 @@ pub mod cli;
 pub mod http;
 pub mod json;
 pub mod role;
+#[cfg(target_arch = "x86_64")]
+pub mod tls;
+#[cfg(not(target_arch = "x86_64"))]
+#[path = "tls_none.rs"]
+pub mod tls;
 pub mod token;
 pub mod yaml;
 
@@ -41,11 +46,13 @@ names, default /etc/rancher/k3s/config.yaml), write k3s's <data-dir>/server/node
 and kubeconfig (default /etc/rancher/k3s/k3s.yaml) or k0s's <data-dir>/pki/admin.conf,
 record argv, K3S_*/K0S_* environment and the config file in <data-dir>/standin-received.json,
 print `k8s-standin: received {json}`, wait K8S_STANDIN_DELAY_MS (default 1000) to mimic
-start-up, then serve PLAIN HTTP (real k3s/k0s serve HTTPS) on 0.0.0.0:6443:
+start-up, then serve HTTPS with the stand-in's fixed TEST certificate, and plain HTTP
+to connections that do not start with a TLS handshake, on 0.0.0.0:6443:
 /readyz, /livez, /healthz -> 200 ok; /version; /v1-standin/join (token check for agents).
 
 Agents (k3s agent, k0s worker) record the same way, then ask the server to check their
-token (GET /v1-standin/join) until it accepts, print `k8s-standin: joined <url>`, and
+token (GET /v1-standin/join; over TLS for https:// URLs, pinning the certificate a full
+K10<sha256>:: token names) until it accepts, print `k8s-standin: joined <url> ...`, and
 serve /healthz on 0.0.0.0:10248 (the kubelet's health port).
 
 kubectl get --raw=/readyz prints the body and exits 0 iff the server answers 200.

@@ -428,7 +428,7 @@ fn server(inv: &Invocation, argv: &[String]) -> Result<i32, RoleError> {
     let listener = TcpListener::bind(("0.0.0.0", port))
         .map_err(|source| RoleError::Listen { port, source })?;
     println!(
-        "k8s-standin: serving plain HTTP on 0.0.0.0:{port} (/readyz, /livez, /version, {JOIN_PATH})"
+        "k8s-standin: serving HTTPS (the stand-in's test certificate) and plain HTTP on 0.0.0.0:{port} (/readyz, /livez, /version, {JOIN_PATH})"
     );
     let distribution = inv.distribution;
     let source = http::serve(listener, move |req: &Request| {
@@ -506,9 +506,9 @@ fn agent(inv: &Invocation, argv: &[String]) -> Result<i32, RoleError> {
     write_file(&received_path, &format!("{rec}\n"), 0o600)?;
     println!("k8s-standin: received {rec}");
     let mut last_error = String::new();
-    loop {
+    let joined = loop {
         let msg = match http::get(&base, JOIN_PATH, Some(&secret), Duration::from_secs(5)) {
-            Ok(r) if r.status == 200 => break,
+            Ok(r) if r.status == 200 => break r,
             Ok(r) => format!("server answered {} to the join token check", r.status),
             Err(e) => e.to_string(),
         };
@@ -517,8 +517,18 @@ fn agent(inv: &Invocation, argv: &[String]) -> Result<i32, RoleError> {
             last_error = msg;
         }
         std::thread::sleep(Duration::from_secs(2));
+    };
+    match &joined.server_cert {
+        Some(h) => println!(
+            "k8s-standin: joined {server_url} over TLS, server certificate sha256 {h} ({})",
+            if crate::tls::pinned_hash(&secret).is_some() {
+                "pinned by the join token"
+            } else {
+                "not pinned: the join token names no certificate"
+            }
+        ),
+        None => println!("k8s-standin: joined {server_url}"),
     }
-    println!("k8s-standin: joined {server_url}");
     let port = env_port("K8S_STANDIN_KUBELET_PORT", DEFAULT_KUBELET_PORT)?;
     let listener = TcpListener::bind(("0.0.0.0", port))
         .map_err(|source| RoleError::Listen { port, source })?;

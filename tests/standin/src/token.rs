@@ -5,12 +5,19 @@
 
 const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
 
-/// The CA hash part of the stand-in's k3s node-token (it has no CA).
-pub const STANDIN_CA_HASH: &str = "standin";
-
-/// The full k3s node-token for a secret.
+/// The full k3s node-token for a secret: `K10` + the sha256 of the
+/// stand-in's TLS certificate (src/tls.rs; k3s puts its CA's hash there) +
+/// `::server:` + the secret.
 pub fn k3s_node_token(secret: &str) -> String {
-    format!("K10{STANDIN_CA_HASH}::server:{secret}")
+    format!("K10{}::server:{secret}", crate::tls::cert_hash())
+}
+
+/// The certificate hash a k3s token pins, if it is `K10<64 hex>::...`.
+pub fn pinned_hash(token: &str) -> Option<String> {
+    let rest = token.trim().strip_prefix("K10")?;
+    let (hash, _) = rest.split_once("::")?;
+    (hash.len() == 64 && hash.bytes().all(|b| b.is_ascii_hexdigit()))
+        .then(|| hash.to_ascii_lowercase())
 }
 
 /// Whether `presented` (bare secret or full node-token) matches the server's `secret`.
