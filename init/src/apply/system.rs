@@ -66,6 +66,10 @@ impl System for KernelSystem {
     }
 
     fn set_clock(&mut self, secs: i64) -> Result<(), Errno> {
+        // time_t is 32 bits on some 32-bit targets (armv7 musl in Rust's libc):
+        // a time it cannot hold is refused, never wrapped.
+        #[allow(clippy::useless_conversion)] // i64 → time_t is a no-op on 64-bit targets
+        let secs = secs.try_into().map_err(|_| Errno::EOVERFLOW)?;
         let ts = nix::sys::time::TimeSpec::new(secs, 0);
         nix::time::clock_settime(nix::time::ClockId::CLOCK_REALTIME, ts)
     }

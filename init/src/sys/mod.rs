@@ -462,6 +462,9 @@ pub fn read_nonblocking(fd: &std::os::fd::OwnedFd, buf: &mut [u8]) -> Result<usi
 
 /// Address ranges of `exe`'s code (`r-xp` mappings) in `/proc/self/maps` text.
 pub fn code_ranges(maps: &str, exe: &str) -> Vec<(usize, usize)> {
+    // A deleted binary (stage 2 runs the initramfs' /init, which switch_root
+    // removed) reads `/init (deleted)` in both the link and the maps line.
+    let exe = exe.trim_end_matches(" (deleted)");
     maps.lines()
         .filter_map(|l| {
             let mut f = l.split_whitespace();
@@ -504,7 +507,9 @@ pub fn release_code_pages() -> Result<usize, Errno> {
         }
         total += end - start;
     }
-    let f = File::open(&exe).map_err(|_| Errno::ENOENT)?;
+    // Through the magic link: the binary may be deleted (stage 2 runs from the
+    // initramfs' /init, removed by switch_root), its path then unopenable.
+    let f = File::open("/proc/self/exe").map_err(|_| Errno::ENOENT)?;
     nix::fcntl::posix_fadvise(
         &f,
         0,
@@ -565,5 +570,11 @@ mod code_tests {
         // In this test process: releasing the code pages and running on works.
         assert!(release_code_pages().unwrap() > 0);
         assert_eq!(code_ranges("", "/x"), []);
+        // Stage 2 from the initramfs' deleted /init.
+        let deleted = "00400000-00500000 r-xp 00001000 00:01 7 /init (deleted)\n";
+        assert_eq!(
+            code_ranges(deleted, "/init (deleted)"),
+            [(0x400000, 0x500000)]
+        );
     }
 }
