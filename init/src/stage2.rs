@@ -65,6 +65,8 @@ pub struct Context {
     pub distribution: Option<service::Distribution>,
     /// `TZ` for services when the image has no zoneinfo (node config).
     pub tz: Option<String>,
+    /// Node config `console.emergency_shell`.
+    pub emergency_shell: bool,
     pub stage2_end_ms: u64,
     /// Duration of each phase, for `basaltctl boot-time`.
     pub phases_ms: Vec<(String, u64)>,
@@ -141,6 +143,9 @@ fn watchdog_wanted(cmdline_path: &Path) -> bool {
     crate::cmdline::parse(&text).watchdog.unwrap_or(true)
 }
 
+/// The shell `console.emergency_shell` offers (busybox's in Basalt images).
+pub const EMERGENCY_SHELL: &str = "/bin/sh";
+
 fn supervise(ctx: Context) -> Option<ShutdownKind> {
     let config = Config {
         services: ctx.services.clone(),
@@ -192,6 +197,11 @@ fn supervise(ctx: Context) -> Option<ShutdownKind> {
             return None;
         }
     };
+    sup.set_emergency_shell(
+        ctx.emergency_shell
+            .then(|| PathBuf::from(EMERGENCY_SHELL))
+            .filter(|p| p.exists()),
+    );
     // The last known time, for the next boot's clock (Pis have no RTC).
     sup.every(
         Duration::from_secs(15 * 60),
@@ -524,6 +534,7 @@ fn node_config(ctx: &mut Context) -> Result<(), Stage2Error> {
         console::error("node-config", format_args!("releasing code pages: {e}"));
     }
     ctx.tz = results.tz.clone();
+    ctx.emergency_shell = results.emergency_shell;
     let name = match results.hostname {
         Some(h) if valid_hostname(&h) => h,
         _ => {

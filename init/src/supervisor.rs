@@ -168,6 +168,10 @@ pub struct Supervisor {
     last_pet: Instant,
     /// Set by `basaltctl debug stop-watchdog`: the loop runs on but stops petting.
     watchdog_stopped: bool,
+    /// `console.emergency_shell`: the shell to offer on the console when the
+    /// boot fails, and the pid of the one running.
+    emergency_shell: Option<PathBuf>,
+    shell_pid: Option<i32>,
     on_ready: Option<ReadyHook>,
     shutdown: Option<Shutdown>,
     /// Tasks run every period from the loop (`every`): (period, last run, task).
@@ -257,10 +261,61 @@ impl Supervisor {
             watchdog: open_watchdog(config.watchdog.as_deref()),
             last_pet: now,
             watchdog_stopped: false,
+            emergency_shell: None,
+            shell_pid: None,
             on_ready: None,
             shutdown: None,
             periodic: Vec::new(),
         })
+    }
+
+    /// Offer `shell` (e.g. `/bin/sh`) as a root shell on `/dev/console` when
+    /// the boot fails: a service not ready within its timeout, or one that
+    /// exited and will not be restarted (node config `console.emergency_shell`).
+    pub fn set_emergency_shell(&mut self, shell: Option<PathBuf>) {
+        self.emergency_shell = shell;
+    }
+
+    fn offer_emergency_shell(&mut self, why: &str) {
+        let Some(shell) = self.emergency_shell.clone() else {
+            return;
+        };
+        if self.shutdown.is_some() || self.shell_pid.is_some() {
+            return;
+        }
+        let console = match std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/console")
+        {
+            Ok(f) => f,
+            Err(e) => {
+                console::error("emergency-shell", format_args!("/dev/console ({e})"));
+                return;
+            }
+        };
+        let (Ok(out), Ok(err)) = (console.try_clone(), console.try_clone()) else {
+            return;
+        };
+        let mut cmd = Command::new(&shell);
+        cmd.env_clear()
+            .envs(self.base_env.iter().map(|(k, v)| (k, v)))
+            .env("TERM", "linux")
+            .stdin(Stdio::from(console))
+            .stdout(Stdio::from(out))
+            .stderr(Stdio::from(err));
+        sys::console_session(&mut cmd);
+        match cmd.spawn() {
+            Ok(child) => {
+                let pid = child.id() as i32;
+                drop(child);
+                self.shell_pid = Some(pid);
+                say!(
+                    "emergency shell on /dev/console ({why}; console.emergency_shell = true) pid {pid}"
+                );
+            }
+            Err(e) => console::error("emergency-shell", format_args!("{} ({e})", shell.display())),
+        }
     }
 
     pub fn on_all_ready(&mut self, hook: ReadyHook) {
@@ -392,6 +447,9 @@ impl Supervisor {
                 self.on_exit(i, r.status, now);
             } else if let Some(i) = self.units.iter().position(|u| u.check_pid == Some(r.pid)) {
                 self.on_check_exit(i, r.status);
+            } else if self.shell_pid == Some(r.pid) {
+                self.shell_pid = None;
+                say!("emergency shell exited");
             }
         }
     }
@@ -564,6 +622,10 @@ impl Supervisor {
         } else {
             u.state = State::Exited;
             say!("service {} exited {shown}, not restarted", u.def.name);
+            if !success && !was_stopped {
+                let why = format!("service {} failed", u.def.name);
+                self.offer_emergency_shell(&why);
+            }
         }
     }
 
@@ -584,7 +646,9 @@ impl Supervisor {
             if let Some(pid) = u.check_pid.take() {
                 let _ = sys::kill(pid, Signal::SIGKILL);
             }
+            let why = format!("service {} not ready", u.def.name);
             self.begin_stop(i, now);
+            self.offer_emergency_shell(&why);
             return;
         }
         if u.check_pid.is_some() || now < u.next_check {

@@ -119,6 +119,9 @@ pub struct Outcome {
     pub kubernetes: Option<String>,
     /// `TZ` for services when `/etc/localtime` could not be made.
     pub tz: Option<String>,
+    /// `console.emergency_shell`: PID 1 offers a shell on the console when the
+    /// boot fails.
+    pub emergency_shell: bool,
     pub errors: Vec<String>,
     pub warnings: Vec<String>,
 }
@@ -152,7 +155,18 @@ pub const STEPS: &[(&str, Step)] = &[
     ("ssh", ssh::step),
     ("kubernetes", kubernetes::step),
     ("update", update::step),
+    ("console", console_step),
 ];
+
+fn console_step(
+    _root: &Root,
+    cfg: &NodeConfig,
+    _sys: &mut dyn System,
+    out: &mut Outcome,
+) -> Result<(), ApplyError> {
+    out.emergency_shell = cfg.console.emergency_shell;
+    Ok(())
+}
 
 /// Apply `cfg` to `root`: every step, errors reported and collected.
 pub fn apply(root: &Root, cfg: &NodeConfig, sys: &mut dyn System) -> Outcome {
@@ -397,6 +411,8 @@ pub struct Results {
     pub hostname: Option<String>,
     pub tz: Option<String>,
     #[serde(default)]
+    pub emergency_shell: bool,
+    #[serde(default)]
     pub errors: u32,
 }
 
@@ -422,6 +438,9 @@ fn publish(root: &Root, status: Status, out: &Outcome) -> Result<(), ApplyError>
     }
     if let Some(tz) = &out.tz {
         t.insert("tz".into(), tz.as_str().into());
+    }
+    if out.emergency_shell {
+        t.insert("emergency_shell".into(), true.into());
     }
     t.insert("errors".into(), (out.errors.len() as i64).into());
     let p = root.at(RESULT_FILE);

@@ -377,6 +377,32 @@ pub fn fork_probe(probe: impl FnOnce() -> bool) -> Result<i32, Errno> {
     }
 }
 
+/// Make `cmd`'s child a session leader whose controlling terminal is its
+/// stdin (the console), with an empty signal mask: an interactive shell on
+/// `/dev/console` that gets ^C, and job control.
+pub fn console_session(cmd: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: runs in the forked child before exec: setsid, ioctl(TIOCSCTTY),
+    // sigemptyset and sigprocmask are async-signal-safe; nothing is allocated.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // Steal the console from any other session (arg 1): PID 1 owns it.
+            if libc::ioctl(0, libc::TIOCSCTTY, 1) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let mut set = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
+            libc::sigemptyset(set.as_mut_ptr());
+            if libc::pthread_sigmask(libc::SIG_SETMASK, set.as_ptr(), std::ptr::null_mut()) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 /// Make `cmd`'s child start with an empty signal mask. PID 1 blocks the
 /// signals it reads through its signalfd, and std's `Command` passes the
 /// mask on to children (it no longer resets it), so without this a service
