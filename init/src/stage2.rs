@@ -84,6 +84,7 @@ const PHASES: &[(&str, Phase)] = &[
     ("network", network),
     ("services", load_services),
     ("kubernetes", kubernetes),
+    ("update", update),
 ];
 
 /// Run stage 2. Never returns: ends in `reboot(2)`.
@@ -535,6 +536,16 @@ fn kubernetes(ctx: &mut Context) -> Result<(), Stage2Error> {
         ctx.services
             .push(service::kubernetes_service(k.distribution, &k.binary));
         ctx.distribution = Some(k.distribution);
+    }
+    Ok(())
+}
+
+/// A/B update bookkeeping (docs/updates.md): record a trial that fell back,
+/// finish an interrupted commit, add the health gate on a trial boot.
+fn update(ctx: &mut Context) -> Result<(), Stage2Error> {
+    let version = ImageFacts::load(Path::new(IMAGE_FACTS_PATH))?.os_version;
+    if let Err(e) = crate::update::stage2_phase(&ctx.handoff.slot, &version, &mut ctx.services) {
+        console::error("update", e);
     }
     Ok(())
 }

@@ -1,0 +1,306 @@
+//! `basaltctl update`: install a bundle into the inactive slot.
+//!
+//! Order (docs/updates.md): verify the signed head against the trusted keys
+//! and check board, compatibility and version *before* reading a payload
+//! byte; then mark the inactive slot `empty` and remove its loader entries
+//! (from here on its old content is gone, and nothing can boot it); stream
+//! each payload into place while hashing it; check the end of the stream;
+//! only then write the counted trial entry and record `trial`. A failure in
+//! between leaves the slot `empty` with the reason, and the booted slot's
+//! entry untouched.
+
+use std::io::{Read, Write};
+
+use super::device::{Device, sync};
+use super::entry::{self, LoaderEntry, Rank};
+use super::state::{LastUpdate, SlotState, SlotsState};
+use super::{UpdateError, boottar, version};
+use crate::bundle::{self, BundleError, Head, Manifest, PayloadPart, PayloadReader};
+use crate::image::ImageFacts;
+use crate::slot::Slot;
+
+/// Copy buffer for the root payload: the bound on the agent's memory use.
+pub const COPY_BUFFER: usize = 1 << 20;
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct InstallOptions {
+    pub allow_downgrade: bool,
+}
+
+/// What an install did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Installed {
+    pub slot: Slot,
+    pub version: String,
+    pub bytes: u64,
+}
+
+/// What the node is running, for the checks.
+#[derive(Debug, Clone)]
+struct Running {
+    facts: ImageFacts,
+    booted: Slot,
+    state: SlotsState,
+}
+
+fn running(dev: &Device) -> Result<Running, UpdateError> {
+    let facts = ImageFacts::load(&dev.image_facts).map_err(|e| UpdateError::Config {
+        path: dev.image_facts.clone(),
+        message: e.to_string(),
+    })?;
+    let booted = dev.booted_slot()?;
+    let state = SlotsState::load_or_fresh(&dev.state_path, booted, &facts.os_version)?;
+    Ok(Running {
+        facts,
+        booted,
+        state,
+    })
+}
+
+/// Verify the head and check that the manifest may install here. Reads
+/// nothing past the signature.
+pub fn check_head(
+    dev: &Device,
+    r: &mut impl Read,
+    opts: InstallOptions,
+) -> Result<(Head, Manifest), UpdateError> {
+    let run = running(dev)?;
+    let head = Head::read(r)?;
+    let manifest = head.verify(&dev.trusted_keys())?;
+    check_manifest(&run, &manifest, opts)?;
+    Ok((head, manifest))
+}
+
+fn check_manifest(run: &Running, m: &Manifest, opts: InstallOptions) -> Result<(), UpdateError> {
+    let reject = |s: String| Err(UpdateError::Rejected(s));
+    if m.board != run.facts.board {
+        return reject(format!(
+            "bundle is for board {}, this node is {}",
+            m.board, run.facts.board
+        ));
+    }
+    let current = &run.facts.os_version;
+    if !version::compatible(current, &m.compatible_from) {
+        return reject(format!(
+            "bundle {} installs over {:?}, this node runs {current}",
+            m.os_version, m.compatible_from
+        ));
+    }
+    if !opts.allow_downgrade
+        && version::compare(&m.os_version, current) != std::cmp::Ordering::Greater
+    {
+        return reject(format!(
+            "bundle version {} is not newer than the running {current} (--allow-downgrade installs it anyway)",
+            m.os_version
+        ));
+    }
+    for part in [PayloadPart::Boot, PayloadPart::Root] {
+        if !m.payloads.iter().any(|p| p.part == part) {
+            return reject(format!("bundle has no {part:?} payload"));
+        }
+    }
+    if m.payloads.len() != 2 {
+        return reject("bundle payloads are not exactly boot and root".into());
+    }
+    let target = run.booted.other();
+    if run.state.slot(run.booted).state == SlotState::Trial {
+        return reject(format!(
+            "slot {} is on trial: wait for its health gate before another update",
+            run.booted.name()
+        ));
+    }
+    if run.state.primary() == Some(target) {
+        return reject(format!(
+            "the inactive slot {} is primary (after a rollback): reboot into it first",
+            target.name()
+        ));
+    }
+    Ok(())
+}
+
+/// Install the bundle read from `r`. Every error after the checks leaves
+/// the target slot `empty` with the reason (see the module comment).
+pub fn install(
+    dev: &Device,
+    r: &mut impl Read,
+    opts: InstallOptions,
+) -> Result<Installed, UpdateError> {
+    let mut run = running(dev)?;
+    let checked = Head::read(r)
+        .map_err(UpdateError::from)
+        .and_then(|head| Ok(head.verify(&dev.trusted_keys())?))
+        .and_then(|m| check_manifest(&run, &m, opts).map(|()| m));
+    let manifest = match checked {
+        Ok(m) => m,
+        Err(e) => {
+            // Nothing was written but this record.
+            run.state.last_update = LastUpdate {
+                version: String::new(),
+                result: "rejected".into(),
+                reason: e.to_string(),
+                slot: String::new(),
+            };
+            let _ = run.state.save(&dev.state_path);
+            return Err(e);
+        }
+    };
+    let target = run.booted.other();
+    let (root_dev, root_len) = dev.root_device(target)?;
+    if let Some(p) = manifest
+        .payloads
+        .iter()
+        .find(|p| p.part == PayloadPart::Root)
+        && p.size > root_len
+    {
+        return Err(UpdateError::Rejected(format!(
+            "root payload of {} bytes does not fit {} ({root_len} bytes)",
+            p.size,
+            root_dev.display()
+        )));
+    }
+
+    // Point of no return for the inactive slot: record it empty, remove its entries.
+    let v = manifest.os_version.clone();
+    *run.state.slot_mut(target) = super::state::SlotInfo {
+        state: SlotState::Empty,
+        version: String::new(),
+        reason: format!("installing {v}"),
+    };
+    run.state.last_update = LastUpdate {
+        version: v.clone(),
+        result: "installing".into(),
+        reason: String::new(),
+        slot: target.name().into(),
+    };
+    run.state.save(&dev.state_path)?;
+    dev.remove_entries(target, |_| true)?;
+    sync();
+
+    match write_slot(dev, r, &manifest, target, &root_dev) {
+        Ok(bytes) => {
+            let s = run.state.slot_mut(target);
+            s.state = SlotState::Trial;
+            s.version = v.clone();
+            s.reason = String::new();
+            run.state.last_update.result = "installed".into();
+            run.state.save(&dev.state_path)?;
+            sync();
+            Ok(Installed {
+                slot: target,
+                version: v,
+                bytes,
+            })
+        }
+        Err(e) => {
+            let _ = dev.remove_entries(target, |_| true);
+            run.state.slot_mut(target).reason = format!("install of {v} failed: {e}");
+            run.state.last_update.result = "failed".into();
+            run.state.last_update.reason = e.to_string();
+            let _ = run.state.save(&dev.state_path);
+            sync();
+            Err(e)
+        }
+    }
+}
+
+/// Stream the payloads into `target`, check the end, write the trial entry.
+fn write_slot(
+    dev: &Device,
+    r: &mut impl Read,
+    m: &Manifest,
+    target: Slot,
+    root_dev: &std::path::Path,
+) -> Result<u64, UpdateError> {
+    let slot_dir = dev.boot_dir.join(target.name());
+    std::fs::create_dir_all(&slot_dir).map_err(|source| UpdateError::Io {
+        what: "creating the slot's boot directory",
+        path: slot_dir.clone(),
+        source,
+    })?;
+    let mut options = None;
+    let mut bytes = 0;
+    for p in &m.payloads {
+        let mut pr = PayloadReader::new(r, p);
+        match p.part {
+            PayloadPart::Boot => {
+                options = Some(boottar::unpack(&mut pr, &slot_dir).map_err(|e| match e {
+                    boottar::BootTarError::Read(io) => UpdateError::Bundle(truncated(io)),
+                    e => UpdateError::BootPayload(e),
+                })?);
+            }
+            PayloadPart::Root => write_root(&mut pr, root_dev)?,
+        }
+        pr.finish()?;
+        bytes += p.size;
+    }
+    bundle::expect_end(r)?;
+    let options = options.unwrap_or_default();
+    let root = m.payloads.iter().find(|p| p.part == PayloadPart::Root);
+    if let Some(hash) = root.and_then(|p| p.verity_root_hash.as_ref())
+        && !options
+            .split_whitespace()
+            .any(|w| w == format!("{}={hash}", crate::slot::CMDLINE_VERITY))
+    {
+        return Err(UpdateError::Rejected(
+            "the boot payload's options do not name the manifest's verity root hash".into(),
+        ));
+    }
+    if options
+        .split_whitespace()
+        .any(|w| w.starts_with("basalt.slot="))
+    {
+        return Err(UpdateError::Rejected(
+            "the boot payload's options name a slot".into(),
+        ));
+    }
+    sync();
+    let e = LoaderEntry {
+        slot: target,
+        os_version: m.os_version.clone(),
+        options,
+        rank: Rank::Trial,
+    };
+    dev.write_entry(&entry::trial_file_name(target), &e)?;
+    sync();
+    Ok(bytes)
+}
+
+fn truncated(e: std::io::Error) -> BundleError {
+    if e.kind() == std::io::ErrorKind::UnexpectedEof {
+        BundleError::Truncated("payloads")
+    } else {
+        BundleError::Io(e)
+    }
+}
+
+/// Copy the root payload onto the partition, in `COPY_BUFFER` pieces.
+fn write_root(r: &mut impl Read, dev_path: &std::path::Path) -> Result<(), UpdateError> {
+    let io = |what: &'static str| {
+        let path = dev_path.to_path_buf();
+        move |source| UpdateError::Io { what, path, source }
+    };
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(dev_path)
+        .map_err(io("opening the inactive root partition"))?;
+    let mut buf = vec![0u8; COPY_BUFFER];
+    loop {
+        let mut filled = 0;
+        while filled < buf.len() {
+            match r.read(&mut buf[filled..]) {
+                Ok(0) => break,
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(UpdateError::Bundle(truncated(e))),
+            }
+        }
+        if filled == 0 {
+            break;
+        }
+        f.write_all(&buf[..filled])
+            .map_err(io("writing the inactive root partition"))?;
+    }
+    f.sync_all()
+        .map_err(io("syncing the inactive root partition"))?;
+    Ok(())
+}
