@@ -61,6 +61,7 @@ impl Node {
             dev_dir: d.join("dev"),
             root_devices: Some([d.join("root-a"), d.join("root-b")]),
             control_socket: d.join("run/control.sock"),
+            node_configs: vec![d.join("esp/node.toml")],
         };
         let n = Node { dir, dev };
         n.boot(Slot::A, "0.1.0");
@@ -395,6 +396,44 @@ fn trial_that_never_came_up_is_bad_and_a_later_update_starts_clean() {
     assert_eq!(n.entries(), ["basalt-a.conf"]);
     assert_eq!(n.state().b.state, SlotState::Bad);
     assert!(n.state().b.reason.contains("kubernetes"));
+}
+
+#[test]
+fn update_settings_from_the_node_config() {
+    let n = Node::new();
+    assert_eq!(n.dev.config().health_gate.timeout_seconds, 600);
+    assert_eq!(n.dev.config().health_gate.checks, ["kubernetes"]);
+    std::fs::write(
+        n.path("esp/node.toml"),
+        "hostname = \"x\"\n[update.health_gate]\ntimeout_seconds = 90\nchecks = [\"kubernetes\", \"network\"]\n",
+    )
+    .unwrap();
+    let c = n.dev.config();
+    assert_eq!(c.health_gate.timeout_seconds, 90);
+    assert_eq!(c.health_gate.checks, ["kubernetes", "network"]);
+    // What stage 2 publishes wins.
+    std::fs::write(
+        &n.dev.update_config,
+        "public_keys = [\"RWQ\"]\n[health_gate]\ntimeout_seconds = 30\n",
+    )
+    .unwrap();
+    let c = n.dev.config();
+    assert_eq!(
+        (c.health_gate.timeout_seconds, c.public_keys.len()),
+        (30, 1)
+    );
+    // A key given only in the node config is trusted.
+    let (b, _, _) = n.bundle("0.2.0", "x86_64", "signing.key");
+    std::fs::remove_file(n.path("keys/release.pub")).unwrap();
+    assert!(n.install(&b).is_err());
+    let line = std::fs::read_to_string(n.path("signing.pub")).unwrap();
+    let line = line.lines().last().unwrap();
+    std::fs::write(
+        &n.dev.update_config,
+        format!("public_keys = [\"{line}\"]\n"),
+    )
+    .unwrap();
+    n.install(&b).unwrap();
 }
 
 #[test]

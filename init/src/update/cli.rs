@@ -184,15 +184,18 @@ fn run_update(dev: &Device, a: &UpdateArgs) -> Result<i32, UpdateError> {
     if a.wait {
         return wait_flow(dev, &mut src, a, opts);
     }
+    let t0 = std::time::Instant::now();
     let mut r = BufReader::with_capacity(64 * 1024, &mut src.reader);
     let done = install::install(dev, &mut r, opts)?;
     drop(r);
     src.finish()?;
+    let secs = t0.elapsed().as_secs_f64();
     println!(
-        "installed {} into slot {} ({} MiB); trial boot {}",
+        "installed {} into slot {} ({} MiB in {secs:.1} s, {:.1} MiB/s); trial boot {}",
         done.version,
         done.slot.name(),
         done.bytes >> 20,
+        (done.bytes as f64 / 1048576.0) / secs.max(0.001),
         if a.no_reboot {
             "on the next reboot"
         } else {

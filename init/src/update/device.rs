@@ -30,6 +30,9 @@ pub struct Device {
     /// Tests: the root partitions as files, instead of looking them up in sysfs.
     pub root_devices: Option<[PathBuf; 2]>,
     pub control_socket: PathBuf,
+    /// Node config files (image default, then the boot partition's): read
+    /// for `[update]` when stage 2 published no `update_config`.
+    pub node_configs: Vec<PathBuf>,
 }
 
 /// Image key directory in the root filesystem (written by `basalt build`).
@@ -55,6 +58,10 @@ impl Device {
             dev_dir: PathBuf::from("/dev"),
             root_devices: None,
             control_socket: crate::control::socket_path(),
+            node_configs: vec![
+                PathBuf::from("/etc/basalt").join(crate::slot::NODE_CONFIG_FILE),
+                PathBuf::from(crate::slot::BOOT_MOUNT).join(crate::slot::NODE_CONFIG_FILE),
+            ],
         }
     }
 
@@ -115,12 +122,44 @@ impl Device {
         keys
     }
 
-    /// The node config's update settings (defaults when absent or unreadable).
+    /// The node config's update settings: what stage 2 published in
+    /// `update_config`, else the `[update]` tables of the node config files
+    /// (later files win, key by key), else defaults.
     pub fn config(&self) -> UpdateConfig {
-        std::fs::read_to_string(&self.update_config)
+        if let Some(c) = std::fs::read_to_string(&self.update_config)
             .ok()
             .and_then(|t| toml::from_str(&t).ok())
-            .unwrap_or_default()
+        {
+            return c;
+        }
+        let mut c = UpdateConfig::default();
+        for f in &self.node_configs {
+            let Some(u) = std::fs::read_to_string(f)
+                .ok()
+                .and_then(|t| t.parse::<toml::Table>().ok())
+                .and_then(|t| t.get("update").cloned())
+            else {
+                continue;
+            };
+            if let Some(keys) = u.get("public_keys").and_then(|k| k.as_array()) {
+                c.public_keys = keys
+                    .iter()
+                    .filter_map(|k| k.as_str().map(String::from))
+                    .collect();
+            }
+            if let Some(g) = u.get("health_gate") {
+                if let Some(t) = g.get("timeout_seconds").and_then(|t| t.as_integer()) {
+                    c.health_gate.timeout_seconds = t.clamp(10, 86_400) as u64;
+                }
+                if let Some(checks) = g.get("checks").and_then(|k| k.as_array()) {
+                    c.health_gate.checks = checks
+                        .iter()
+                        .filter_map(|k| k.as_str().map(String::from))
+                        .collect();
+                }
+            }
+        }
+        c
     }
 
     fn entry_path(&self, name: &str) -> PathBuf {
