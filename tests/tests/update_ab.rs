@@ -16,7 +16,7 @@ const NODE_TOML: &str = "hostname = \"update-node\"\n[update.health_gate]\ntimeo
 #[test]
 fn update_a_to_b_commits_and_boots_b() -> Result<()> {
     let s = setup("update_ab", NODE_TOML)?;
-    let tar = bundle(&s, "v020", "0.2.0", false)?;
+    let tar = bundle(&s, "v020", "0.2.0", false, None)?;
     let log = |n: &str| s.dir.join(format!("{n}.console.log")).display().to_string();
 
     // Boot 1: slot a installs 0.2.0 into b and reboots.

@@ -19,6 +19,11 @@ use crate::bundle::{self, BundleError, Head, Manifest, PayloadPart, PayloadReade
 use crate::image::ImageFacts;
 use crate::slot::Slot;
 
+/// Added to a trial entry's options unless they set `panic=`: a kernel panic
+/// in the trial (a broken initramfs, a missing root) reboots after 10 s, and
+/// systemd-boot, finding the trial entry out of tries, boots the primary.
+pub const TRIAL_PANIC: &str = "panic=10";
+
 /// Copy buffer for the root payload: the bound on the agent's memory use.
 pub const COPY_BUFFER: usize = 1 << 20;
 
@@ -254,6 +259,12 @@ fn write_slot(
         ));
     }
     sync();
+    // A trial kernel that panics must reboot (to the fallback) by itself.
+    let options = if options.split_whitespace().any(|w| w.starts_with("panic=")) {
+        options
+    } else {
+        format!("{options} {TRIAL_PANIC}")
+    };
     let e = LoaderEntry {
         slot: target,
         os_version: m.os_version.clone(),

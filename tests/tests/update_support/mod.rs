@@ -43,6 +43,14 @@ restart = "never"
 /// its `kubectl get --raw=/readyz` (init's readiness check) always fails.
 const NEVER_READY: &str = "#!/bin/sh\n# Test-only: a Kubernetes stand-in that never becomes ready.\nif [ \"$1\" = kubectl ]; then exit 1; fi\necho \"never-ready: running, never ready\"\nexec sleep 1000000\n";
 
+/// A test-only "init" that cannot run (its interpreter does not exist in the
+/// initramfs): the kernel panics with "No working init found".
+pub fn broken_init(s: &Setup) -> Result<PathBuf> {
+    let p = s.dir.join("broken-init");
+    std::fs::write(&p, "#!/nonexistent/interpreter\n")?;
+    Ok(p)
+}
+
 pub struct Setup {
     pub dir: PathBuf,
     pub img: PathBuf,
@@ -120,7 +128,13 @@ pub fn setup(name: &str, node_toml: &str) -> Result<Setup> {
 
 /// `basalt bundle` of the test definition at `version`, packed as
 /// `<name>.tar` holding `update.bundle` (the driver's second disk).
-pub fn bundle(s: &Setup, name: &str, version: &str, never_ready: bool) -> Result<PathBuf> {
+pub fn bundle(
+    s: &Setup,
+    name: &str,
+    version: &str,
+    never_ready: bool,
+    init: Option<&Path>,
+) -> Result<PathBuf> {
     let def = if never_ready {
         definition(&s.dir, "basalt-update-never-ready", true)?
     } else {
@@ -130,10 +144,13 @@ pub fn bundle(s: &Setup, name: &str, version: &str, never_ready: bool) -> Result
     std::fs::create_dir_all(&stage)?;
     let file = stage.join("update.bundle");
     let t0 = Instant::now();
+    let mut cmd = basalt(&s.dir);
+    if let Some(i) = init {
+        cmd.env("BASALT_INIT", i);
+    }
     build::run_logged(
         &format!("basalt bundle {version}"),
-        basalt(&s.dir)
-            .arg("bundle")
+        cmd.arg("bundle")
             .arg(&def)
             .arg("--key")
             .arg(&s.key)
