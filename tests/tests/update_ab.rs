@@ -30,6 +30,18 @@ fn update_a_to_b_commits_and_boots_b() -> Result<()> {
     let marker = line(&l1, "e2e-update: marker ", &log("boot1"))?.to_string();
     let upd = line(&l1, "e2e-update: update: ", &log("boot1"))?;
     ensure!(upd.contains("installed 0.2.0 into slot b"), "{upd}");
+    // Bounded memory: the bundle is streamed, never held (issue 6: ≤ 32 MiB).
+    let rss: u64 = upd
+        .split("peak RSS ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(u64::MAX);
+    ensure!(
+        rss <= 32 * 1024,
+        "basaltctl update peak RSS {rss} KiB: {upd}"
+    );
+    eprintln!("{upd}");
     line(&l1, "basalt: shutdown reboot", &log("boot1"))?;
 
     // Boot 2: the trial of b; the gate commits.

@@ -191,11 +191,12 @@ fn run_update(dev: &Device, a: &UpdateArgs) -> Result<i32, UpdateError> {
     src.finish()?;
     let secs = t0.elapsed().as_secs_f64();
     println!(
-        "installed {} into slot {} ({} MiB in {secs:.1} s, {:.1} MiB/s); trial boot {}",
+        "installed {} into slot {} ({} MiB in {secs:.1} s, {:.1} MiB/s, peak RSS {} KiB); trial boot {}",
         done.version,
         done.slot.name(),
         done.bytes >> 20,
         (done.bytes as f64 / 1048576.0) / secs.max(0.001),
+        peak_rss_kib(),
         if a.no_reboot {
             "on the next reboot"
         } else {
@@ -264,6 +265,18 @@ fn wait_flow(
     }
     request_reboot(dev)?;
     block_until_shutdown();
+}
+
+/// This process's peak resident set (`VmHWM`), for the install report.
+fn peak_rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        })
+        .unwrap_or(0)
 }
 
 fn block_until_shutdown() -> ! {

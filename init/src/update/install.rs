@@ -62,20 +62,6 @@ fn running(dev: &Device) -> Result<Running, UpdateError> {
     })
 }
 
-/// Verify the head and check that the manifest may install here. Reads
-/// nothing past the signature.
-pub fn check_head(
-    dev: &Device,
-    r: &mut impl Read,
-    opts: InstallOptions,
-) -> Result<(Head, Manifest), UpdateError> {
-    let run = running(dev)?;
-    let head = Head::read(r)?;
-    let manifest = head.verify(&dev.trusted_keys())?;
-    check_manifest(&run, &manifest, opts)?;
-    Ok((head, manifest))
-}
-
 fn check_manifest(run: &Running, m: &Manifest, opts: InstallOptions) -> Result<(), UpdateError> {
     let reject = |s: String| Err(UpdateError::Rejected(s));
     if m.board != run.facts.board {

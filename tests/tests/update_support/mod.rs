@@ -79,11 +79,12 @@ fn basalt(dir: &Path) -> Command {
 /// The test image definition with the driver service and `[update]`
 /// trusting `release.pub`; `never_ready` swaps the Kubernetes binary.
 fn definition(dir: &Path, name: &str, never_ready: bool) -> Result<PathBuf> {
+    let services = std::fs::read_to_string(dir.join("services.list")).unwrap_or_default();
     let text = std::fs::read_to_string(repo_root().join("tests/images/x86_64.toml"))?;
     let mut out = String::new();
     for l in text.lines() {
         if l.starts_with("services") {
-            out.push_str("services = [\"update-driver.toml\"]\n");
+            out.push_str(&format!("services = [{services}]\n"));
         } else if l.starts_with("name =") {
             out.push_str(&format!("name = \"{name}\"\n"));
         } else if never_ready && l.starts_with("source = \"${BASALT_STANDIN}\"") {
@@ -99,12 +100,23 @@ fn definition(dir: &Path, name: &str, never_ready: bool) -> Result<PathBuf> {
     Ok(def)
 }
 
-/// Build the slot a image (0.1.0), with `node_toml` on the ESP.
+/// Build the slot a image (0.1.0) with the update driver service, with
+/// `node_toml` on the ESP.
 pub fn setup(name: &str, node_toml: &str) -> Result<Setup> {
+    setup_with(name, node_toml, &[("update-driver.toml", DRIVER)])
+}
+
+/// Same, with other test-only services (file name, content).
+pub fn setup_with(name: &str, node_toml: &str, services: &[(&str, &str)]) -> Result<Setup> {
     let dir = basalt_tests::work_dir(name)?;
     build::ensure_binaries(&dir)?;
     let assets = Assets::locate("amd64")?;
-    std::fs::write(dir.join("update-driver.toml"), DRIVER)?;
+    let mut list = Vec::new();
+    for (file, text) in services {
+        std::fs::write(dir.join(file), text)?;
+        list.push(format!("\"{file}\""));
+    }
+    std::fs::write(dir.join("services.list"), list.join(", "))?;
     std::fs::write(dir.join("never-ready.sh"), NEVER_READY)?;
     build::run_logged(
         "basalt keygen",
@@ -129,6 +141,29 @@ pub fn setup(name: &str, node_toml: &str) -> Result<Setup> {
 /// `basalt bundle` of the test definition at `version`, packed as
 /// `<name>.tar` holding `update.bundle` (the driver's second disk).
 pub fn bundle(
+    s: &Setup,
+    name: &str,
+    version: &str,
+    never_ready: bool,
+    init: Option<&Path>,
+) -> Result<PathBuf> {
+    let file = bundle_file(s, name, version, never_ready, init)?;
+    let stage = file.parent().map(Path::to_path_buf).unwrap_or_default();
+    let tar = s.dir.join(format!("{name}.tar"));
+    let st = Command::new("tar")
+        .arg("-cf")
+        .arg(&tar)
+        .arg("-C")
+        .arg(&stage)
+        .arg("update.bundle")
+        .status()?;
+    ensure!(st.success(), "tar -cf {} failed", tar.display());
+    std::fs::remove_file(&file)?;
+    Ok(tar)
+}
+
+/// `basalt bundle` into `<dir>/<name>/update.bundle`, checked by `basalt bundle verify`.
+pub fn bundle_file(
     s: &Setup,
     name: &str,
     version: &str,
@@ -174,22 +209,23 @@ pub fn bundle(
             .arg(s.dir.join("release.pub")),
         &s.dir.join(format!("{name}.verify.log")),
     )?;
-    let tar = s.dir.join(format!("{name}.tar"));
-    let st = Command::new("tar")
-        .arg("-cf")
-        .arg(&tar)
-        .arg("-C")
-        .arg(&stage)
-        .arg("update.bundle")
-        .status()?;
-    ensure!(st.success(), "tar -cf {} failed", tar.display());
-    std::fs::remove_file(&file)?;
-    Ok(tar)
+    Ok(file)
 }
 
 /// One boot until QEMU exits; returns the console lines.
 pub fn boot(s: &Setup, name: &str, bundle_tar: Option<&Path>) -> Result<Vec<String>> {
+    boot_with(s, name, bundle_tar, &[])
+}
+
+/// Same, with more QEMU arguments (e.g. a NIC).
+pub fn boot_with(
+    s: &Setup,
+    name: &str,
+    bundle_tar: Option<&Path>,
+    extra: &[&str],
+) -> Result<Vec<String>> {
     let mut cfg = VmConfig::new(name, &s.dir, &s.img);
+    cfg.extra_args.extend(extra.iter().map(|a| a.to_string()));
     cfg.vars = Some(s.vars.clone());
     cfg.lifetime = Duration::from_secs(900);
     if let Some(t) = bundle_tar {
