@@ -437,6 +437,47 @@ fn update_settings_from_the_node_config() {
 }
 
 #[test]
+fn an_install_cut_short_is_recorded_at_the_next_boot() {
+    let n = Node::new();
+    let (b, _, root_at) = n.bundle("0.2.0", "x86_64", "signing.key");
+    // A reader that stops in the middle of the root payload and never
+    // returns, as a power cut would: emulate it by keeping the state the
+    // agent wrote at its point of no return.
+    let _ = n.install(&b[..root_at + 1000]);
+    let mut st = n.state();
+    st.last_update.result = "installing".into();
+    st.last_update.reason.clear();
+    st.b.reason = "installing 0.2.0".into();
+    st.save(&n.dev.state_path).unwrap();
+    assert_eq!(
+        gate::boot_check(&n.dev, Slot::A, "0.1.0").unwrap(),
+        BootCheck::Normal
+    );
+    let st = n.state();
+    assert_eq!(st.last_update.result, "failed");
+    assert_eq!(
+        (st.b.state, st.b.reason.as_str()),
+        (SlotState::Empty, gate::INTERRUPTED)
+    );
+    assert_eq!(n.entries(), ["basalt-a.conf"]);
+
+    // Cut after the state said trial, before the entry was written.
+    n.install(&b).unwrap();
+    std::fs::remove_file(n.path("esp/loader/entries/basalt-b+1.conf")).unwrap();
+    let check = gate::boot_check(&n.dev, Slot::A, "0.1.0").unwrap();
+    assert_eq!(
+        check,
+        BootCheck::TrialFailed {
+            slot: Slot::B,
+            reason: gate::INTERRUPTED.into()
+        }
+    );
+    assert_eq!(n.entries(), ["basalt-a.conf"]);
+    n.install(&b).unwrap();
+    assert_eq!(n.state().b.state, SlotState::Trial);
+}
+
+#[test]
 fn a_commit_cut_after_its_intent_is_finished_at_the_next_boot() {
     let n = Node::new();
     let (b, _, _) = n.bundle("0.2.0", "x86_64", "signing.key");

@@ -40,6 +40,8 @@ pub enum BootCheck {
 /// Reason recorded when a trial boot did not come up to its gate's verdict.
 pub const DID_NOT_COME_UP: &str =
     "trial boot did not come up (no health gate verdict before the next boot)";
+/// Reason recorded for an install cut short (power cut, crash, kill).
+pub const INTERRUPTED: &str = "install interrupted (power cut or crash) before it finished";
 
 /// Stage 2, every boot: compare slots.toml with the booted slot and the
 /// loader entries; record a trial that fell back as bad; finish a commit or
@@ -66,19 +68,39 @@ pub fn boot_check(
             // power cut before the verdict) or vanished.
             let counted = dev.entries_of(t);
             if counted.iter().all(|f| f.exhausted()) {
+                // No entry at all: the install was cut between recording the
+                // trial and writing its entry; the slot never booted.
+                let reason = if counted.is_empty() {
+                    INTERRUPTED
+                } else {
+                    DID_NOT_COME_UP
+                };
                 st.slot_mut(t).state = SlotState::Bad;
-                st.slot_mut(t).reason = DID_NOT_COME_UP.into();
+                st.slot_mut(t).reason = reason.into();
                 st.last_update.result = "rolled-back".into();
-                st.last_update.reason = DID_NOT_COME_UP.into();
+                st.last_update.reason = reason.into();
                 st.save(&dev.state_path)?;
                 dev.remove_entries(t, |_| true)?;
                 sync();
                 result = BootCheck::TrialFailed {
                     slot: t,
-                    reason: DID_NOT_COME_UP.into(),
+                    reason: reason.into(),
                 };
             }
         }
+    }
+    // An install that was running when the node went down: nothing runs
+    // at boot, so "installing" is stale. The slot is already recorded empty.
+    if st.last_update.result == "installing" {
+        st.last_update.result = "failed".into();
+        st.last_update.reason = INTERRUPTED.into();
+        let slot = Slot::parse(&st.last_update.slot);
+        if let Some(s) = slot
+            && st.slot(s).state == SlotState::Empty
+        {
+            st.slot_mut(s).reason = INTERRUPTED.into();
+        }
+        st.save(&dev.state_path)?;
     }
     if st.trial().is_none() {
         reconcile(dev, &st)?;

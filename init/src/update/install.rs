@@ -167,23 +167,31 @@ pub fn install(
     dev.remove_entries(target, |_| true)?;
     sync();
 
-    match write_slot(dev, r, &manifest, target, &root_dev) {
-        Ok(bytes) => {
-            let s = run.state.slot_mut(target);
-            s.state = SlotState::Trial;
-            s.version = v.clone();
-            s.reason = String::new();
-            run.state.last_update.result = "installed".into();
-            run.state.save(&dev.state_path)?;
-            sync();
-            Ok(Installed {
-                slot: target,
-                version: v,
-                bytes,
-            })
-        }
+    // State `trial` before the entry exists: a power cut in between leaves a
+    // recorded trial without an entry, which the next boot records bad
+    // (never an entry that boots a slot the state calls empty).
+    let written = write_slot(dev, r, &manifest, target, &root_dev).and_then(|(bytes, entry)| {
+        let s = run.state.slot_mut(target);
+        s.state = SlotState::Trial;
+        s.version = v.clone();
+        s.reason = String::new();
+        run.state.last_update.result = "installed".into();
+        run.state.save(&dev.state_path)?;
+        sync();
+        dev.write_entry(&entry::trial_file_name(target), &entry)?;
+        sync();
+        Ok(bytes)
+    });
+    match written {
+        Ok(bytes) => Ok(Installed {
+            slot: target,
+            version: v,
+            bytes,
+        }),
         Err(e) => {
             let _ = dev.remove_entries(target, |_| true);
+            run.state.slot_mut(target).state = SlotState::Empty;
+            run.state.slot_mut(target).version = String::new();
             run.state.slot_mut(target).reason = format!("install of {v} failed: {e}");
             run.state.last_update.result = "failed".into();
             run.state.last_update.reason = e.to_string();
@@ -194,14 +202,15 @@ pub fn install(
     }
 }
 
-/// Stream the payloads into `target`, check the end, write the trial entry.
+/// Stream the payloads into `target` and check the end; returns the bytes
+/// written and the trial entry to write.
 fn write_slot(
     dev: &Device,
     r: &mut impl Read,
     m: &Manifest,
     target: Slot,
     root_dev: &std::path::Path,
-) -> Result<u64, UpdateError> {
+) -> Result<(u64, LoaderEntry), UpdateError> {
     let slot_dir = dev.boot_dir.join(target.name());
     std::fs::create_dir_all(&slot_dir).map_err(|source| UpdateError::Io {
         what: "creating the slot's boot directory",
@@ -257,9 +266,7 @@ fn write_slot(
         options,
         rank: Rank::Trial,
     };
-    dev.write_entry(&entry::trial_file_name(target), &e)?;
-    sync();
-    Ok(bytes)
+    Ok((bytes, e))
 }
 
 fn truncated(e: std::io::Error) -> BundleError {
