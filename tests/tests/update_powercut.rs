@@ -167,6 +167,10 @@ fn power_cuts_during_update_and_trial_leave_a_bootable_node() -> Result<()> {
         report.iter().filter(|c| c.phase == "trial").count(),
         failures.len()
     );
-    ensure!(failures.is_empty(), "failed cuts: {failures:#?}");
+    let shown: Vec<String> = failures
+        .iter()
+        .map(|c| format!("cut {} ({} +{} ms): {:?}", c.n, c.phase, c.at_ms, c.outcome))
+        .collect();
+    ensure!(failures.is_empty(), "failed cuts:\n{}", shown.join("\n"));
     Ok(())
 }
