@@ -478,6 +478,21 @@ fn an_install_cut_short_is_recorded_at_the_next_boot() {
 }
 
 #[test]
+fn a_corrupt_state_file_is_set_aside() {
+    let n = Node::new();
+    std::fs::create_dir_all(n.dev.state_path.parent().unwrap()).unwrap();
+    std::fs::write(&n.dev.state_path, "primary = [").unwrap();
+    assert_eq!(
+        gate::boot_check(&n.dev, Slot::A, "0.1.0").unwrap(),
+        BootCheck::Normal
+    );
+    assert_eq!(n.state().primary(), Some(Slot::A));
+    assert!(n.dev.state_path.with_extension("toml.corrupt").exists());
+    let (b, _, _) = n.bundle("0.2.0", "x86_64", "signing.key");
+    n.install(&b).unwrap();
+}
+
+#[test]
 fn a_commit_cut_after_its_intent_is_finished_at_the_next_boot() {
     let n = Node::new();
     let (b, _, _) = n.bundle("0.2.0", "x86_64", "signing.key");

@@ -348,6 +348,17 @@ fn gate_cmd() -> i32 {
             return 1;
         }
     };
+    let trial = SlotsState::load(&dev.state_path)
+        .ok()
+        .flatten()
+        .and_then(|s| s.trial());
+    if trial != Some(booted) {
+        println!(
+            "no trial pending on slot {}: nothing to gate",
+            booted.name()
+        );
+        return 0;
+    }
     let cfg = dev.config();
     let uptime = || crate::report::uptime_ms(std::path::Path::new("/proc")) / 1000;
     let say = |s: &str| crate::say!("{s}");

@@ -51,7 +51,25 @@ pub fn boot_check(
     booted: Slot,
     running_version: &str,
 ) -> Result<BootCheck, UpdateError> {
-    let existing = SlotsState::load(&dev.state_path)?;
+    let existing = match SlotsState::load(&dev.state_path) {
+        Ok(s) => s,
+        // A state file that does not parse is kept aside for a person to
+        // read; the node goes on from what it knows (the booted slot is good).
+        Err(super::state::StateError::Parse { path, message }) => {
+            let aside = path.with_extension("toml.corrupt");
+            let _ = std::fs::rename(&path, &aside);
+            crate::console::error(
+                "update",
+                format_args!(
+                    "{} ({message}): moved to {}",
+                    path.display(),
+                    aside.display()
+                ),
+            );
+            None
+        }
+        Err(e) => return Err(e.into()),
+    };
     let mut st = existing
         .clone()
         .unwrap_or_else(|| SlotsState::fresh(booted, running_version));
