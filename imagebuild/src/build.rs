@@ -259,6 +259,70 @@ impl SlotContent {
     }
 }
 
+impl SlotContent {
+    /// Raspberry Pi boards: write `slot`'s boot FAT (what `basalt build` puts
+    /// in p2 for slot a, with `config.txt`/`cmdline.txt` naming `slot`) as a
+    /// raw image of the board's `boot_mib` at `path`. Update bundles carry one
+    /// per target slot (`boot-fat-a`, `boot-fat-b`).
+    pub fn pi_boot_fat(
+        &self,
+        slot: basalt_init::slot::Slot,
+        path: &Path,
+    ) -> Result<(), BuildError> {
+        let (board, def) = (&self.board, &self.def);
+        let (Some((pi, _)), BootExtra::Pi { boot, .. }) = (board.pi(), &self.boot_extra) else {
+            return Err(rpiboot::RpiBootError::NotPi {
+                board: board.name.clone(),
+            }
+            .into());
+        };
+        let config_txt = rpiboot::config_txt(pi, &def.rpi, &def.os_version, slot);
+        let def_cmdline = format!("{} {}", def.cmdline, self.verity.cmdline());
+        let cmdline_txt = rpiboot::cmdline_txt(&board.cmdline, &def_cmdline, slot);
+        let mut files: Vec<(&str, &[u8])> = vec![
+            (rpiboot::CONFIG_TXT, config_txt.as_bytes()),
+            (rpiboot::CMDLINE_TXT, cmdline_txt.as_bytes()),
+            (&pi.kernel_file, &self.kernel),
+        ];
+        if let Some(k) = &pi.kernel_file_pi4 {
+            files.push((k, &self.kernel));
+        }
+        files.push((&pi.initramfs_file, &self.initramfs));
+        files.extend(boot.iter().map(|(n, d)| (n.as_str(), d.as_slice())));
+        let seed = seed(&[
+            board.name.as_bytes(),
+            def.os_version.as_bytes(),
+            slot.name().as_bytes(),
+            self.verity.root_hash_hex().as_bytes(),
+        ]);
+        let len = board.partitions.boot_mib * MIB;
+        let io = |err| BuildError::Io {
+            what: "writing a boot FAT image",
+            path: path.to_path_buf(),
+            err,
+        };
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)
+            .map_err(io)?;
+        f.set_len(len).map_err(io)?;
+        esp::format_labelled(
+            &f,
+            0,
+            len,
+            rpiboot::boot_label(slot),
+            volume_id(&seed, "boot-volume-id"),
+            self.epoch,
+        )?;
+        esp::add_files(&f, 0, len, &files, self.epoch)?;
+        f.sync_all().map_err(io)?;
+        Ok(())
+    }
+}
+
 /// Build one slot's content (no disk image): definitions, root tree,
 /// initramfs, squashfs and verity tree.
 pub fn slot_content(opts: &BuildOptions) -> Result<SlotContent, BuildError> {

@@ -27,8 +27,6 @@ pub enum BundleWriteError {
     Exists(PathBuf),
     #[error(transparent)]
     Build(#[from] Box<crate::build::BuildError>),
-    #[error("bundles for board {board} ({why}) are not built yet")]
-    Unsupported { board: String, why: &'static str },
 }
 
 fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> BundleWriteError {
@@ -235,6 +233,51 @@ pub fn add_update_keys(
     Ok(())
 }
 
+/// Raspberry Pi boards: `boot-fat-a`, `boot-fat-b` (the slot boot FAT for
+/// either target slot, since `cmdline.txt` names the slot), then `root`.
+fn pi_bundle(
+    slot: &crate::build::SlotContent,
+    key: &Path,
+    out: &Path,
+    root: &Path,
+) -> Result<Manifest, BundleWriteError> {
+    use basalt_init::slot::Slot;
+    let fat_a = out.with_extension("boot-fat-a.partial");
+    let fat_b = out.with_extension("boot-fat-b.partial");
+    let result = (|| {
+        slot.pi_boot_fat(Slot::A, &fat_a).map_err(Box::new)?;
+        slot.pi_boot_fat(Slot::B, &fat_b).map_err(Box::new)?;
+        std::fs::write(root, &slot.rootfs).map_err(io("writing the root payload", root))?;
+        let plain = |part, path: &Path| PayloadSource {
+            part,
+            path: path.to_path_buf(),
+            verity_root_hash: None,
+            verity_hash_offset: None,
+        };
+        write(
+            &slot.def.os_version,
+            &slot.board.name,
+            slot.def.update.compatible_from.clone(),
+            &[
+                plain(PayloadPart::BootFatA, &fat_a),
+                plain(PayloadPart::BootFatB, &fat_b),
+                PayloadSource {
+                    part: PayloadPart::Root,
+                    path: root.to_path_buf(),
+                    verity_root_hash: Some(slot.verity.root_hash_hex()),
+                    verity_hash_offset: Some(slot.verity.hash_offset),
+                },
+            ],
+            key,
+            out,
+        )
+    })();
+    for p in [&fat_a, &fat_b, root] {
+        let _ = std::fs::remove_file(p);
+    }
+    result
+}
+
 /// `basalt bundle <image.toml> --key <k> --out <file>`: build the slot's
 /// content with `basalt build`'s pipeline and write a signed bundle of it:
 /// `boot` (x86_64: a tar of the kernel, initramfs and loader entry options,
@@ -246,14 +289,11 @@ pub fn build_bundle(
 ) -> Result<Manifest, BundleWriteError> {
     use crate::board::PartitionTable;
     let slot = crate::build::slot_content(opts).map_err(Box::new)?;
-    if slot.board.partition_table != PartitionTable::Gpt {
-        return Err(BundleWriteError::Unsupported {
-            board: slot.board.name.clone(),
-            why: "MBR, Raspberry Pi firmware A/B",
-        });
+    let root = out.with_extension("root.partial");
+    if slot.board.partition_table == PartitionTable::Mbr {
+        return pi_bundle(&slot, key, out, &root);
     }
     let boot = out.with_extension("boot.partial");
-    let root = out.with_extension("root.partial");
     let result = (|| {
         let mut tar = Vec::new();
         basalt_init::update::boottar::write(

@@ -76,6 +76,10 @@ pub enum PayloadPart {
     Boot,
     /// The slot's root filesystem image (squashfs + verity tree), written raw.
     Root,
+    /// Raspberry Pi: slot a's boot FAT image (its `cmdline.txt` names slot a), written raw to p2.
+    BootFatA,
+    /// Raspberry Pi: slot b's boot FAT image, written raw to p3.
+    BootFatB,
 }
 
 impl Manifest {

@@ -229,6 +229,13 @@ fn write_slot(
                 })?);
             }
             PayloadPart::Root => write_root(&mut pr, root_dev)?,
+            // Refused by `check_manifest` (exactly boot + root): the
+            // Raspberry Pi install path (tryboot) is not in this agent yet.
+            PayloadPart::BootFatA | PayloadPart::BootFatB => {
+                return Err(UpdateError::Rejected(
+                    "Raspberry Pi boot FAT payloads are not installed by this agent yet".into(),
+                ));
+            }
         }
         pr.finish()?;
         bytes += p.size;
