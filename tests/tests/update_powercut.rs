@@ -134,7 +134,7 @@ fn power_cuts_during_update_and_trial_leave_a_bootable_node() -> Result<()> {
                     "if=virtio,format=raw,readonly=on,file={}",
                     tar.display()
                 ));
-                rng.below(3500)
+                rng.below(6000)
             }
             _ => rng.below(22_000),
         };
