@@ -177,7 +177,7 @@ mod tests {
                 b[i] = (x >> 32) as u8;
             }
             x ^= x << 13;
-            let cut = b.len() - (x % 64) as usize * usize::from(x % 3 == 0);
+            let cut = b.len() - (x % 64) as usize * usize::from(x.is_multiple_of(3));
             let _ = unpack(&mut &b[..cut], t.path());
         }
         let mut names: Vec<String> = std::fs::read_dir(t.path())
