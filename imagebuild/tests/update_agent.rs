@@ -62,6 +62,8 @@ impl Node {
             root_devices: Some([d.join("root-a"), d.join("root-b")]),
             control_socket: d.join("run/control.sock"),
             node_configs: vec![d.join("esp/node.toml")],
+            bootloader_dt: d.join("dt"),
+            numbered: None,
         };
         let n = Node { dir, dev };
         n.boot(Slot::A, "0.1.0");

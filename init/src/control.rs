@@ -43,6 +43,7 @@ pub fn request_line(args: &[String]) -> Result<String, ControlError> {
         ["status"]
         | ["status", "--json"]
         | ["reboot"]
+        | ["reboot", "tryboot"]
         | ["poweroff"]
         | ["boot-time"]
         | ["debug", "stop-watchdog"] => Ok(words.join(" ")),
@@ -121,6 +122,10 @@ pub fn main(args: &[String]) -> i32 {
         _ => {}
     }
     let is_logs = words.first() == Some(&"logs");
+    if words == ["reboot", "tryboot"] {
+        // A pending update trial starts with this reboot: note it first.
+        let _ = crate::update::cli::mark_trial_started(&crate::update::device::Device::system());
+    }
     let result = request_line(args).and_then(|line| call(&socket_path(), &line));
     match result {
         Ok(reply) if is_logs => {

@@ -578,6 +578,7 @@ pub fn shutdown(kind: ShutdownKind) -> ! {
     let how = match kind {
         ShutdownKind::Reboot => RebootHow::Restart,
         ShutdownKind::PowerOff => RebootHow::PowerOff,
+        ShutdownKind::RebootTryboot => RebootHow::Restart2(crate::rpi::TRYBOOT_REBOOT_ARG.into()),
     };
     let e = sys::reboot(&how);
     console::error("reboot", e);

@@ -203,9 +203,40 @@ fn run_update(dev: &Device, a: &UpdateArgs) -> Result<i32, UpdateError> {
         }
     );
     if !a.no_reboot {
-        request_reboot(dev)?;
+        start_trial(dev)?;
+    } else if dev.is_pi() {
+        println!("start the trial with: basaltctl reboot tryboot");
     }
     Ok(0)
+}
+
+/// Reboot into the trial: systemd-boot picks the counted entry by itself;
+/// a Pi needs the firmware's one-shot tryboot flag, and the state notes that
+/// the trial was started (a later boot of the other slot then means it failed).
+pub fn start_trial(dev: &Device) -> Result<(), UpdateError> {
+    if !dev.is_pi() {
+        return request_reboot(dev);
+    }
+    mark_trial_started(dev)?;
+    crate::control::call(&dev.control_socket, "reboot tryboot").map_err(|e| UpdateError::Io {
+        what: "asking init to reboot with tryboot",
+        path: dev.control_socket.clone(),
+        source: std::io::Error::other(e.to_string()),
+    })?;
+    Ok(())
+}
+
+/// Record that the pending trial's reboot was asked for (no-op without a trial).
+pub fn mark_trial_started(dev: &Device) -> Result<(), UpdateError> {
+    let Some(mut st) = SlotsState::load(&dev.state_path)? else {
+        return Ok(());
+    };
+    if st.trial().is_some() {
+        st.last_update.result = super::gate::TRIAL_STARTED.into();
+        st.save(&dev.state_path)?;
+        super::device::sync();
+    }
+    Ok(())
 }
 
 /// `--wait`: the verdict of a trial comes after a reboot, which ends this
@@ -237,7 +268,7 @@ fn wait_flow(
             "{v} is installed in slot {} and waits for its trial boot",
             other.name()
         );
-        request_reboot(dev)?;
+        start_trial(dev)?;
         block_until_shutdown();
     }
     if st.last_update.version == v && st.last_update.result == "rolled-back" {
@@ -265,7 +296,7 @@ fn wait_flow(
     if a.no_reboot {
         return Ok(0);
     }
-    request_reboot(dev)?;
+    start_trial(dev)?;
     block_until_shutdown();
 }
 

@@ -33,6 +33,10 @@ pub struct Device {
     /// Node config files (image default, then the boot partition's): read
     /// for `[update]` when stage 2 published no `update_config`.
     pub node_configs: Vec<PathBuf>,
+    /// Raspberry Pi: the firmware's `/chosen/bootloader` properties.
+    pub bootloader_dt: PathBuf,
+    /// Tests: MBR partitions by number, instead of the booted disk's.
+    pub numbered: Option<std::collections::BTreeMap<u8, PathBuf>>,
 }
 
 /// Image key directory in the root filesystem (written by `basalt build`).
@@ -62,6 +66,8 @@ impl Device {
                 PathBuf::from("/etc/basalt").join(crate::slot::NODE_CONFIG_FILE),
                 PathBuf::from(crate::slot::BOOT_MOUNT).join(crate::slot::NODE_CONFIG_FILE),
             ],
+            bootloader_dt: PathBuf::from(crate::rpi::BOOTLOADER_DT_DIR),
+            numbered: None,
         }
     }
 
@@ -99,6 +105,39 @@ impl Device {
         let p = found
             .get(name)
             .ok_or_else(|| UpdateError::Partition(format!("no partition named {name}")))?;
+        Ok((p.dev_path(&self.dev_dir), p.size_512 * 512))
+    }
+
+    /// Raspberry Pi (MBR) node: its config partition, mounted at `boot_dir`,
+    /// holds `autoboot.txt` (docs/boot-protocol.md). x86_64 nodes have loader entries.
+    pub fn is_pi(&self) -> bool {
+        self.boot_dir.join(crate::rpi::AUTOBOOT_FILE).is_file()
+    }
+
+    /// MBR partition `n` of the disk that holds the booted root, and its size.
+    pub fn numbered_partition(&self, n: u8) -> Result<(PathBuf, u64), UpdateError> {
+        if let Some(map) = &self.numbered {
+            let p = map
+                .get(&n)
+                .cloned()
+                .ok_or_else(|| UpdateError::Partition(format!("no partition {n}")))?;
+            let len = std::fs::metadata(&p).map(|m| m.len()).unwrap_or(0);
+            return Ok((p, len));
+        }
+        let text = std::fs::read_to_string(&self.handoff).unwrap_or_default();
+        let h: crate::stage1::Handoff = toml::from_str(&text).unwrap_or_default();
+        let parts = crate::blockdev::scan(&self.class_block)
+            .map_err(|e| UpdateError::Partition(e.to_string()))?;
+        let root = parts
+            .iter()
+            .find(|p| p.dev_path(&self.dev_dir).display().to_string() == h.root_device)
+            .ok_or_else(|| {
+                UpdateError::Partition(format!("booted root {:?} not found", h.root_device))
+            })?;
+        let p = parts
+            .iter()
+            .find(|p| p.disk == root.disk && p.number == u32::from(n))
+            .ok_or_else(|| UpdateError::Partition(format!("no partition {n} on {}", root.disk)))?;
         Ok((p.dev_path(&self.dev_dir), p.size_512 * 512))
     }
 

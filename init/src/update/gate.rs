@@ -40,6 +40,9 @@ pub enum BootCheck {
 /// Reason recorded when a trial boot did not come up to its gate's verdict.
 pub const DID_NOT_COME_UP: &str =
     "trial boot did not come up (no health gate verdict before the next boot)";
+/// `last_update.result` once the trial reboot was asked for (Raspberry Pi:
+/// the firmware's one-shot tryboot; a later boot of the other slot means the trial failed).
+pub const TRIAL_STARTED: &str = "trial-started";
 /// Reason recorded for an install cut short (power cut, crash, kill).
 pub const INTERRUPTED: &str = "install interrupted (power cut or crash) before it finished";
 
@@ -83,12 +86,19 @@ pub fn boot_check(
         } else {
             // Booted the other slot while a trial was pending: the trial
             // entry ran out of tries (a panic, a hang and the watchdog, a
-            // power cut before the verdict) or vanished.
+            // power cut before the verdict) or vanished. On a Pi the
+            // firmware's tryboot is one-shot: once the trial reboot was
+            // asked for, any boot of the other slot means it failed.
             let counted = dev.entries_of(t);
-            if counted.iter().all(|f| f.exhausted()) {
+            let failed = if dev.is_pi() {
+                st.last_update.result == TRIAL_STARTED
+            } else {
+                counted.iter().all(|f| f.exhausted())
+            };
+            if failed {
                 // No entry at all: the install was cut between recording the
                 // trial and writing its entry; the slot never booted.
-                let reason = if counted.is_empty() {
+                let reason = if counted.is_empty() && !dev.is_pi() {
                     INTERRUPTED
                 } else {
                     DID_NOT_COME_UP
@@ -137,6 +147,18 @@ pub fn reconcile(dev: &Device, st: &SlotsState) -> Result<(), UpdateError> {
     let Some(primary) = st.primary() else {
         return Ok(());
     };
+    if dev.is_pi() {
+        // autoboot.txt names the primary (written new-then-rename, rpi.rs).
+        let on_disk = crate::rpi::read_autoboot(&dev.boot_dir)
+            .ok()
+            .map(|a| a.primary);
+        if on_disk != Some(primary) && st.slot(primary).state == SlotState::Good {
+            crate::rpi::write_autoboot(&dev.boot_dir, crate::rpi::Autoboot { primary })
+                .map_err(|e| UpdateError::Partition(e.to_string()))?;
+            sync();
+        }
+        return Ok(());
+    }
     // Primary first: from its counted entry if the commit stopped before step 2.
     if dev.entries_of(primary).iter().all(|f| f.counter.is_some())
         && let Some(e) = dev.read_entry(primary)
@@ -219,7 +241,7 @@ pub fn rollback(dev: &Device) -> Result<Slot, UpdateError> {
             st.slot(other).reason
         )));
     }
-    if dev.read_entry(other).is_none() {
+    if !dev.is_pi() && dev.read_entry(other).is_none() {
         return Err(UpdateError::Rejected(format!(
             "slot {} has no loader entry",
             other.name()

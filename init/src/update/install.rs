@@ -46,6 +46,11 @@ struct Running {
     facts: ImageFacts,
     booted: Slot,
     state: SlotsState,
+    /// A Raspberry Pi node (autoboot.txt, tryboot) rather than systemd-boot.
+    pi: bool,
+    /// Pi: the primary slot `autoboot.txt` names, and whether the firmware has tryboot.
+    pi_primary: Option<Slot>,
+    pi_tryboot: bool,
 }
 
 fn running(dev: &Device) -> Result<Running, UpdateError> {
@@ -55,10 +60,27 @@ fn running(dev: &Device) -> Result<Running, UpdateError> {
     })?;
     let booted = dev.booted_slot()?;
     let state = SlotsState::load_or_fresh(&dev.state_path, booted, &facts.os_version)?;
+    let pi = dev.is_pi();
+    let (pi_primary, pi_tryboot) = if pi {
+        (
+            crate::rpi::read_autoboot(&dev.boot_dir)
+                .ok()
+                .map(|a| a.primary),
+            crate::rpi::BootloaderInfo::read(&dev.bootloader_dt)
+                .ok()
+                .and_then(|i| i.capabilities)
+                .is_some_and(|c| c.tryboot_a_b()),
+        )
+    } else {
+        (None, false)
+    };
     Ok(Running {
         facts,
         booted,
         state,
+        pi,
+        pi_primary,
+        pi_tryboot,
     })
 }
 
@@ -85,13 +107,40 @@ fn check_manifest(run: &Running, m: &Manifest, opts: InstallOptions) -> Result<(
             m.os_version
         ));
     }
-    for part in [PayloadPart::Boot, PayloadPart::Root] {
-        if !m.payloads.iter().any(|p| p.part == part) {
-            return reject(format!("bundle has no {part:?} payload"));
-        }
+    let want: &[PayloadPart] = if run.pi {
+        &[
+            PayloadPart::BootFatA,
+            PayloadPart::BootFatB,
+            PayloadPart::Root,
+        ]
+    } else {
+        &[PayloadPart::Boot, PayloadPart::Root]
+    };
+    if m.payloads.len() != want.len()
+        || want
+            .iter()
+            .any(|w| !m.payloads.iter().any(|p| p.part == *w))
+    {
+        let parts: Vec<PayloadPart> = m.payloads.iter().map(|p| p.part).collect();
+        return reject(format!(
+            "bundle payloads {parts:?} do not fit this node (it takes {want:?})"
+        ));
     }
-    if m.payloads.len() != 2 {
-        return reject("bundle payloads are not exactly boot and root".into());
+    if run.pi {
+        // REFERENCE.md §1.4–1.6: the trial is the firmware's one-shot tryboot;
+        // an update only goes into the slot autoboot.txt does not name.
+        if run.pi_primary != Some(run.booted) {
+            return reject(format!(
+                "autoboot.txt names {:?} as primary, but slot {} is booted",
+                run.pi_primary.map(Slot::name),
+                run.booted.name()
+            ));
+        }
+        if !run.pi_tryboot {
+            return reject(
+                "this firmware publishes no tryboot_a_b capability; reboot-partition trials are not in the update agent yet".into(),
+            );
+        }
     }
     let target = run.booted.other();
     if run.state.slot(run.booted).state == SlotState::Trial {
@@ -136,7 +185,11 @@ pub fn install(
         }
     };
     let target = run.booted.other();
-    let (root_dev, root_len) = dev.root_device(target)?;
+    let (root_dev, root_len) = if run.pi {
+        dev.numbered_partition(crate::rpi::root_partition(target))?
+    } else {
+        dev.root_device(target)?
+    };
     if let Some(p) = manifest
         .payloads
         .iter()
@@ -170,7 +223,13 @@ pub fn install(
     // State `trial` before the entry exists: a power cut in between leaves a
     // recorded trial without an entry, which the next boot records bad
     // (never an entry that boots a slot the state calls empty).
-    let written = write_slot(dev, r, &manifest, target, &root_dev).and_then(|(bytes, entry)| {
+    let pi = run.pi;
+    let written = if pi {
+        write_slot_pi(dev, r, &manifest, target).map(|b| (b, None))
+    } else {
+        write_slot(dev, r, &manifest, target, &root_dev).map(|(b, e)| (b, Some(e)))
+    }
+    .and_then(|(bytes, entry)| {
         let s = run.state.slot_mut(target);
         s.state = SlotState::Trial;
         s.version = v.clone();
@@ -178,8 +237,10 @@ pub fn install(
         run.state.last_update.result = "installed".into();
         run.state.save(&dev.state_path)?;
         sync();
-        dev.write_entry(&entry::trial_file_name(target), &entry)?;
-        sync();
+        if let Some(entry) = entry {
+            dev.write_entry(&entry::trial_file_name(target), &entry)?;
+            sync();
+        }
         Ok(bytes)
     });
     match written {
@@ -274,6 +335,102 @@ fn write_slot(
         rank: Rank::Trial,
     };
     Ok((bytes, e))
+}
+
+/// Raspberry Pi: the target's boot FAT and root, in `rpi::slot_write_order`'s
+/// spirit: the boot partition's first sector is zeroed first (not a FAT: the
+/// firmware cannot boot it), the FAT body and the root stream in bundle order,
+/// and the first sector — held in memory — is written last, once every hash
+/// matched. A boot FAT the firmware can read thus always sits over a complete
+/// root. The other slot's boot FAT payload is only hashed.
+fn write_slot_pi(
+    dev: &Device,
+    r: &mut impl Read,
+    m: &Manifest,
+    target: Slot,
+) -> Result<u64, UpdateError> {
+    use crate::rpi::{boot_partition, root_partition};
+    use std::io::{Seek, SeekFrom};
+    let (boot_dev, boot_len) = dev.numbered_partition(boot_partition(target))?;
+    let (root_dev, _) = dev.numbered_partition(root_partition(target))?;
+    let mine = match target {
+        Slot::A => PayloadPart::BootFatA,
+        Slot::B => PayloadPart::BootFatB,
+    };
+    if let Some(p) = m.payloads.iter().find(|p| p.part == mine)
+        && (p.size > boot_len || p.size < SECTOR as u64)
+    {
+        return Err(UpdateError::Rejected(format!(
+            "boot FAT payload of {} bytes does not fit {} ({boot_len} bytes)",
+            p.size,
+            boot_dev.display()
+        )));
+    }
+    let io = |what: &'static str| {
+        let path = boot_dev.clone();
+        move |source| UpdateError::Io { what, path, source }
+    };
+    let mut boot = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&boot_dev)
+        .map_err(io("opening the inactive boot partition"))?;
+    boot.write_all(&[0u8; SECTOR])
+        .and_then(|()| boot.sync_all())
+        .map_err(io("invalidating the inactive boot partition"))?;
+    let mut first = [0u8; SECTOR];
+    let mut bytes = 0;
+    for p in &m.payloads {
+        let mut pr = PayloadReader::new(r, p);
+        match p.part {
+            part if part == mine => {
+                pr.read_exact(&mut first)
+                    .map_err(|e| UpdateError::Bundle(truncated(e)))?;
+                boot.seek(SeekFrom::Start(SECTOR as u64))
+                    .map_err(io("seeking in the inactive boot partition"))?;
+                copy_all(&mut pr, &mut boot, &boot_dev)?;
+            }
+            PayloadPart::BootFatA | PayloadPart::BootFatB => {}
+            PayloadPart::Root => write_root(&mut pr, &root_dev)?,
+            PayloadPart::Boot => {
+                return Err(UpdateError::Rejected(
+                    "a systemd-boot payload in a Raspberry Pi bundle".into(),
+                ));
+            }
+        }
+        pr.finish()?;
+        bytes += p.size;
+    }
+    bundle::expect_end(r)?;
+    boot.sync_all()
+        .map_err(io("syncing the inactive boot partition"))?;
+    boot.seek(SeekFrom::Start(0))
+        .and_then(|_| boot.write_all(&first))
+        .and_then(|()| boot.sync_all())
+        .map_err(io("writing the inactive boot partition's first sector"))?;
+    Ok(bytes)
+}
+
+const SECTOR: usize = 512;
+
+fn copy_all(
+    r: &mut impl Read,
+    w: &mut std::fs::File,
+    path: &std::path::Path,
+) -> Result<(), UpdateError> {
+    let mut buf = vec![0u8; COPY_BUFFER];
+    loop {
+        let n = match r.read(&mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(UpdateError::Bundle(truncated(e))),
+        };
+        w.write_all(&buf[..n]).map_err(|source| UpdateError::Io {
+            what: "writing the inactive boot partition",
+            path: path.to_path_buf(),
+            source,
+        })?;
+    }
 }
 
 fn truncated(e: std::io::Error) -> BundleError {
