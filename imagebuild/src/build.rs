@@ -38,6 +38,8 @@ pub struct BuildOptions {
     pub node_config: Option<PathBuf>,
     /// Show a progress bar (the caller checks that stderr is a terminal).
     pub progress: bool,
+    /// Overrides the definition's `os_version` (e.g. a newer version for a bundle).
+    pub os_version: Option<String>,
 }
 
 #[derive(Debug)]
@@ -214,21 +216,125 @@ struct Payload<'a> {
     board: &'a Board,
     def: &'a ImageDefinition,
     epoch: u64,
-    kernel: Vec<u8>,
-    initramfs: Vec<u8>,
+    kernel: &'a [u8],
+    initramfs: &'a [u8],
     /// root-a's content: the squashfs, then its dm-verity hash area.
-    rootfs: Vec<u8>,
+    rootfs: &'a [u8],
     /// `basalt.verity=… basalt.verity_data_blocks=…` for the slot's command line.
     verity_args: String,
     node_config: Option<Vec<u8>>,
 }
 
-/// Build an image. Returns what was written.
-pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
-    let mut p = Progress::new(opts.progress, 9);
+/// One slot's content, built by the common part of the pipeline: what
+/// `basalt build` writes into slot a and `basalt bundle` ships.
+pub struct SlotContent {
+    pub def: ImageDefinition,
+    pub board: Board,
+    pub epoch: u64,
+    /// The image's file name stem (`<name>.img`).
+    pub name: String,
+    pub kernel: Vec<u8>,
+    pub initramfs: Vec<u8>,
+    /// The squashfs zero-padded to the verity hash offset, then the hash area.
+    pub rootfs: Vec<u8>,
+    pub verity: verity::VerityTree,
+    pub modules: Vec<PathBuf>,
+    boot_extra: BootExtra,
+}
 
+impl std::fmt::Debug for SlotContent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SlotContent")
+            .field("name", &self.name)
+            .field("os_version", &self.def.os_version)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SlotContent {
+    /// The slot's kernel command line without `basalt.slot` (loader entry
+    /// options, or `cmdline.txt` before the slot keys).
+    pub fn cmdline(&self) -> String {
+        cmdline(&self.board, &self.def, &self.verity.cmdline())
+    }
+}
+
+impl SlotContent {
+    /// Raspberry Pi boards: write `slot`'s boot FAT (what `basalt build` puts
+    /// in p2 for slot a, with `config.txt`/`cmdline.txt` naming `slot`) as a
+    /// raw image of the board's `boot_mib` at `path`. Update bundles carry one
+    /// per target slot (`boot-fat-a`, `boot-fat-b`).
+    pub fn pi_boot_fat(
+        &self,
+        slot: basalt_init::slot::Slot,
+        path: &Path,
+    ) -> Result<(), BuildError> {
+        let (board, def) = (&self.board, &self.def);
+        let (Some((pi, _)), BootExtra::Pi { boot, .. }) = (board.pi(), &self.boot_extra) else {
+            return Err(rpiboot::RpiBootError::NotPi {
+                board: board.name.clone(),
+            }
+            .into());
+        };
+        let config_txt = rpiboot::config_txt(pi, &def.rpi, &def.os_version, slot);
+        let def_cmdline = format!("{} {}", def.cmdline, self.verity.cmdline());
+        let cmdline_txt = rpiboot::cmdline_txt(&board.cmdline, &def_cmdline, slot);
+        let mut files: Vec<(&str, &[u8])> = vec![
+            (rpiboot::CONFIG_TXT, config_txt.as_bytes()),
+            (rpiboot::CMDLINE_TXT, cmdline_txt.as_bytes()),
+            (&pi.kernel_file, &self.kernel),
+        ];
+        if let Some(k) = &pi.kernel_file_pi4 {
+            files.push((k, &self.kernel));
+        }
+        files.push((&pi.initramfs_file, &self.initramfs));
+        files.extend(boot.iter().map(|(n, d)| (n.as_str(), d.as_slice())));
+        let seed = seed(&[
+            board.name.as_bytes(),
+            def.os_version.as_bytes(),
+            slot.name().as_bytes(),
+            self.verity.root_hash_hex().as_bytes(),
+        ]);
+        let len = board.partitions.boot_mib * MIB;
+        let io = |err| BuildError::Io {
+            what: "writing a boot FAT image",
+            path: path.to_path_buf(),
+            err,
+        };
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)
+            .map_err(io)?;
+        f.set_len(len).map_err(io)?;
+        esp::format_labelled(
+            &f,
+            0,
+            len,
+            rpiboot::boot_label(slot),
+            volume_id(&seed, "boot-volume-id"),
+            self.epoch,
+        )?;
+        esp::add_files(&f, 0, len, &files, self.epoch)?;
+        f.sync_all().map_err(io)?;
+        Ok(())
+    }
+}
+
+/// Build one slot's content (no disk image): definitions, root tree,
+/// initramfs, squashfs and verity tree.
+pub fn slot_content(opts: &BuildOptions) -> Result<SlotContent, BuildError> {
+    let mut p = Progress::new(opts.progress, 4);
+    let s = prepare(opts, &mut p);
+    p.finish();
+    s
+}
+
+fn prepare(opts: &BuildOptions, p: &mut Progress) -> Result<SlotContent, BuildError> {
     p.step("reading definitions");
-    let def = match &opts.definition {
+    let mut def = match &opts.definition {
         Some(path) => ImageDefinition::load(path)?,
         None => ImageDefinition::embedded_default(
             opts.board
@@ -236,6 +342,9 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
                 .unwrap_or(crate::imagedef::DEFAULT_WITHOUT_BOARD),
         )?,
     };
+    if let Some(v) = &opts.os_version {
+        def.os_version = v.clone();
+    }
     let board = Board::load(&def.board, &def.base_dir)?;
     let epoch = opts
         .source_date_epoch
@@ -289,6 +398,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
         }
     };
     root::add_basalt_files(&mut tree, &def, &board, &init, epoch)?;
+    crate::bundle::add_update_keys(&mut tree, &def.update.public_keys, epoch)?;
     tree.clamp_mtime(epoch);
 
     p.step("writing the initramfs");
@@ -296,11 +406,31 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
 
     p.step("writing the root filesystem (squashfs)");
     let squashfs = squashfs::write_cached(&tree, epoch32)?;
-    // dm-verity: the hash tree follows the squashfs in root-a; its root hash
-    // goes on the slot's command line (docs/boot-protocol.md, "dm-verity").
-    let root_verity = verity::for_root("root-a", &squashfs);
-    let verity_args = root_verity.cmdline();
+    // dm-verity: the hash tree follows the squashfs in the root partition; its
+    // root hash goes on the slot's command line (docs/boot-protocol.md,
+    // "dm-verity"). The salt names no slot: the same bytes fit either slot.
+    let root_verity = verity::for_root(&squashfs);
     let rootfs = root_verity.partition_content(&squashfs);
+    Ok(SlotContent {
+        def,
+        board,
+        epoch,
+        name,
+        kernel,
+        initramfs,
+        rootfs,
+        verity: root_verity,
+        modules: mods.order,
+        boot_extra,
+    })
+}
+
+/// Build an image. Returns what was written.
+pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
+    let mut p = Progress::new(opts.progress, 9);
+    let slot = prepare(opts, &mut p)?;
+    let (def, board, epoch, name) = (&slot.def, &slot.board, slot.epoch, &slot.name);
+    let verity_args = slot.verity.cmdline();
 
     let node_config = match &opts.node_config {
         Some(path) => Some(std::fs::read(path).map_err(|err| BuildError::Io {
@@ -328,18 +458,18 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
         err,
     })?;
     let payload = Payload {
-        board: &board,
-        def: &def,
+        board,
+        def,
         epoch,
-        kernel,
-        initramfs,
-        rootfs,
+        kernel: &slot.kernel,
+        initramfs: &slot.initramfs,
+        rootfs: &slot.rootfs,
         verity_args,
         node_config,
     };
-    let (f, size) = match boot_extra {
-        BootExtra::Gpt { bootloader } => write_gpt(&payload, &bootloader, &tmp, &work, &mut p)?,
-        BootExtra::Pi { boot, config } => write_mbr(&payload, &boot, &config, &tmp, &work, &mut p)?,
+    let (f, size) = match &slot.boot_extra {
+        BootExtra::Gpt { bootloader } => write_gpt(&payload, bootloader, &tmp, &work, &mut p)?,
+        BootExtra::Pi { boot, config } => write_mbr(&payload, boot, config, &tmp, &work, &mut p)?,
     };
 
     p.step("finishing");
@@ -361,7 +491,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
         size,
         root_bytes: payload.rootfs.len() as u64,
         initramfs_bytes: payload.initramfs.len() as u64,
-        modules: mods.order,
+        modules: slot.modules.clone(),
         steps: p.finish(),
     })
 }
@@ -439,10 +569,10 @@ fn write_gpt(
         board.name.as_bytes(),
         def.os_version.as_bytes(),
         &epoch.to_le_bytes(),
-        &pl.kernel,
+        pl.kernel,
         bootloader,
-        &pl.initramfs,
-        &pl.rootfs,
+        pl.initramfs,
+        pl.rootfs,
         entry.as_bytes(),
         pl.node_config.as_deref().unwrap_or_default(),
     ]);
@@ -460,8 +590,8 @@ fn write_gpt(
         (&boot_path, bootloader),
         ("loader/loader.conf", loader_conf.as_bytes()),
         ("loader/entries/basalt-a.conf", entry.as_bytes()),
-        ("a/vmlinuz", &pl.kernel),
-        ("a/initramfs", &pl.initramfs),
+        ("a/vmlinuz", pl.kernel),
+        ("a/initramfs", pl.initramfs),
     ];
     if let Some(nc) = &pl.node_config {
         files.push((basalt_init::slot::NODE_CONFIG_FILE, nc));
@@ -472,7 +602,7 @@ fn write_gpt(
     write_data(&mut f, &layout.data(), &seed, epoch, work)?;
 
     p.step("writing root-a");
-    disk::write_part(&mut f, &layout.root_a(), "root_mib", &pl.rootfs)?;
+    disk::write_part(&mut f, &layout.root_a(), "root_mib", pl.rootfs)?;
     Ok((f, layout.total))
 }
 
@@ -503,12 +633,12 @@ fn write_mbr(
     let mut slot_files: Vec<(&str, &[u8])> = vec![
         (rpiboot::CONFIG_TXT, config_txt.as_bytes()),
         (rpiboot::CMDLINE_TXT, cmdline_txt.as_bytes()),
-        (&pi.kernel_file, &pl.kernel),
+        (&pi.kernel_file, pl.kernel),
     ];
     if let Some(k) = &pi.kernel_file_pi4 {
-        slot_files.push((k, &pl.kernel));
+        slot_files.push((k, pl.kernel));
     }
-    slot_files.push((&pi.initramfs_file, &pl.initramfs));
+    slot_files.push((&pi.initramfs_file, pl.initramfs));
     slot_files.extend(boot_files.iter().map(|(n, d)| (n.as_str(), d.as_slice())));
     let mut p1_files: Vec<(&str, &[u8])> =
         vec![(basalt_init::rpi::AUTOBOOT_FILE, autoboot.as_bytes())];
@@ -517,7 +647,7 @@ fn write_mbr(
         p1_files.push((basalt_init::slot::NODE_CONFIG_FILE, nc));
     }
 
-    let mut parts: Vec<&[u8]> = vec![board.name.as_bytes(), def.os_version.as_bytes(), &pl.rootfs];
+    let mut parts: Vec<&[u8]> = vec![board.name.as_bytes(), def.os_version.as_bytes(), pl.rootfs];
     let epoch_bytes = epoch.to_le_bytes();
     parts.push(&epoch_bytes);
     for (n, d) in slot_files.iter().chain(&p1_files) {
@@ -607,6 +737,6 @@ fn write_mbr(
         usize::from(basalt_init::rpi::root_partition(Slot::A)),
         "root-a",
     )?;
-    disk::write_part(&mut f, &r, "root_mib", &pl.rootfs)?;
+    disk::write_part(&mut f, &r, "root_mib", pl.rootfs)?;
     Ok((f, total))
 }

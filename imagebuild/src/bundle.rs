@@ -25,6 +25,8 @@ pub enum BundleWriteError {
     Sign(String),
     #[error("{0} already exists: refusing to overwrite a key")]
     Exists(PathBuf),
+    #[error(transparent)]
+    Build(#[from] Box<crate::build::BuildError>),
 }
 
 fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> BundleWriteError {
@@ -182,6 +184,153 @@ pub fn write(
     drop(w);
     std::fs::rename(&tmp, out).map_err(io("writing bundle", out))?;
     Ok(manifest)
+}
+
+/// Put the image definition's `[update] public_keys` into the root as
+/// `/etc/basalt/update-keys/<name>.pub` (the keys the node trusts for bundles).
+pub fn add_update_keys(
+    tree: &mut basalt_rootfs::tree::Tree,
+    keys: &[PathBuf],
+    epoch: u64,
+) -> Result<(), crate::root::RootError> {
+    use basalt_rootfs::tree::{Entry, FileData};
+    if keys.is_empty() {
+        return Ok(());
+    }
+    let rel = basalt_init::update::device::KEY_DIR.trim_start_matches('/');
+    let mut d = Entry::dir(0o755);
+    d.mtime = epoch;
+    let _ = tree.insert(rel, d);
+    for k in keys {
+        let text = std::fs::read_to_string(k).map_err(|err| crate::root::RootError::Read {
+            what: "an update public key (update.public_keys)",
+            path: k.clone(),
+            err,
+        })?;
+        if bundle::pk_key_id(&text).is_none() {
+            return Err(crate::root::RootError::Read {
+                what: "an update public key (update.public_keys)",
+                path: k.clone(),
+                err: std::io::Error::other("not a minisign public key"),
+            });
+        }
+        let name = k
+            .file_stem()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "key".into());
+        let mut e = Entry::file(
+            FileData::Bytes(std::sync::Arc::new(text.into_bytes())),
+            0o644,
+        );
+        e.mtime = epoch;
+        tree.insert(format!("{rel}/{name}.pub"), e).map_err(|err| {
+            crate::root::RootError::Tree {
+                what: format!("{rel}/{name}.pub"),
+                err,
+            }
+        })?;
+    }
+    Ok(())
+}
+
+/// Raspberry Pi boards: `boot-fat-a`, `boot-fat-b` (the slot boot FAT for
+/// either target slot, since `cmdline.txt` names the slot), then `root`.
+fn pi_bundle(
+    slot: &crate::build::SlotContent,
+    key: &Path,
+    out: &Path,
+    root: &Path,
+) -> Result<Manifest, BundleWriteError> {
+    use basalt_init::slot::Slot;
+    let fat_a = out.with_extension("boot-fat-a.partial");
+    let fat_b = out.with_extension("boot-fat-b.partial");
+    let result = (|| {
+        slot.pi_boot_fat(Slot::A, &fat_a).map_err(Box::new)?;
+        slot.pi_boot_fat(Slot::B, &fat_b).map_err(Box::new)?;
+        std::fs::write(root, &slot.rootfs).map_err(io("writing the root payload", root))?;
+        let plain = |part, path: &Path| PayloadSource {
+            part,
+            path: path.to_path_buf(),
+            verity_root_hash: None,
+            verity_hash_offset: None,
+        };
+        write(
+            &slot.def.os_version,
+            &slot.board.name,
+            slot.def.update.compatible_from.clone(),
+            &[
+                plain(PayloadPart::BootFatA, &fat_a),
+                plain(PayloadPart::BootFatB, &fat_b),
+                PayloadSource {
+                    part: PayloadPart::Root,
+                    path: root.to_path_buf(),
+                    verity_root_hash: Some(slot.verity.root_hash_hex()),
+                    verity_hash_offset: Some(slot.verity.hash_offset),
+                },
+            ],
+            key,
+            out,
+        )
+    })();
+    for p in [&fat_a, &fat_b, root] {
+        let _ = std::fs::remove_file(p);
+    }
+    result
+}
+
+/// `basalt bundle <image.toml> --key <k> --out <file>`: build the slot's
+/// content with `basalt build`'s pipeline and write a signed bundle of it:
+/// `boot` (x86_64: a tar of the kernel, initramfs and loader entry options,
+/// `basalt_init::update::boottar`) then `root` (squashfs + verity tree, raw).
+pub fn build_bundle(
+    opts: &crate::build::BuildOptions,
+    key: &Path,
+    out: &Path,
+) -> Result<Manifest, BundleWriteError> {
+    use crate::board::PartitionTable;
+    let slot = crate::build::slot_content(opts).map_err(Box::new)?;
+    let root = out.with_extension("root.partial");
+    if slot.board.partition_table == PartitionTable::Mbr {
+        return pi_bundle(&slot, key, out, &root);
+    }
+    let boot = out.with_extension("boot.partial");
+    let result = (|| {
+        let mut tar = Vec::new();
+        basalt_init::update::boottar::write(
+            &mut tar,
+            &slot.kernel,
+            &slot.initramfs,
+            &slot.cmdline(),
+            slot.epoch,
+        )
+        .map_err(io("writing the boot payload", &boot))?;
+        std::fs::write(&boot, &tar).map_err(io("writing the boot payload", &boot))?;
+        std::fs::write(&root, &slot.rootfs).map_err(io("writing the root payload", &root))?;
+        write(
+            &slot.def.os_version,
+            &slot.board.name,
+            slot.def.update.compatible_from.clone(),
+            &[
+                PayloadSource {
+                    part: PayloadPart::Boot,
+                    path: boot.clone(),
+                    verity_root_hash: None,
+                    verity_hash_offset: None,
+                },
+                PayloadSource {
+                    part: PayloadPart::Root,
+                    path: root.clone(),
+                    verity_root_hash: Some(slot.verity.root_hash_hex()),
+                    verity_hash_offset: Some(slot.verity.hash_offset),
+                },
+            ],
+            key,
+            out,
+        )
+    })();
+    let _ = std::fs::remove_file(&boot);
+    let _ = std::fs::remove_file(&root);
+    result
 }
 
 #[cfg(test)]

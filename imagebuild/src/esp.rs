@@ -264,9 +264,18 @@ pub fn loader_conf() -> String {
 
 /// `loader/entries/basalt-<slot>.conf`.
 pub fn loader_entry(os_version: &str, slot: &str, cmdline: &str) -> String {
-    format!(
-        "title Basalt {os_version} (slot {slot})\nsort-key basalt\nversion {os_version}\nlinux /{slot}/vmlinuz\ninitrd /{slot}/initramfs\noptions {cmdline} basalt.slot={slot}\n"
-    )
+    // One format, init's: the update agent rewrites these entries.
+    use basalt_init::update::entry::{LoaderEntry, Rank};
+    let Some(slot) = basalt_init::slot::Slot::parse(slot) else {
+        return String::new();
+    };
+    LoaderEntry {
+        slot,
+        os_version: os_version.to_string(),
+        options: cmdline.to_string(),
+        rank: Rank::Primary,
+    }
+    .render()
 }
 
 #[cfg(test)]
@@ -382,7 +391,7 @@ mod tests {
         let e = loader_entry("0.1.0", "a", "console=ttyS0,115200");
         assert_eq!(
             e,
-            "title Basalt 0.1.0 (slot a)\nsort-key basalt\nversion 0.1.0\nlinux /a/vmlinuz\ninitrd /a/initramfs\noptions console=ttyS0,115200 basalt.slot=a\n"
+            "title Basalt 0.1.0 (slot a)\nsort-key basalt-1-primary\nversion 0.1.0\nlinux /a/vmlinuz\ninitrd /a/initramfs\noptions console=ttyS0,115200 basalt.slot=a\n"
         );
     }
 }

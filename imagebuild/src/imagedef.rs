@@ -96,6 +96,27 @@ struct RawDefinition {
     image_size_mib: Option<u64>,
     initramfs_modules: Option<Vec<String>>,
     rpi: Option<RaspberryPi>,
+    update: Option<RawUpdate>,
+}
+
+/// `[update]`: who may sign bundles for this image, and what bundles built
+/// from this definition may be installed over (docs/updates.md).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpdate {
+    #[serde(default)]
+    public_keys: Vec<String>,
+    #[serde(default)]
+    compatible_from: Vec<String>,
+}
+
+/// `[update]` of an image definition.
+#[derive(Debug, Clone, Default)]
+pub struct Update {
+    /// minisign `.pub` files installed as `/etc/basalt/update-keys/<name>.pub`.
+    pub public_keys: Vec<PathBuf>,
+    /// OS versions a bundle of this image installs over (`*`, `0.1.*`, exact); empty: `*`.
+    pub compatible_from: Vec<String>,
 }
 
 /// `[rpi]`: additions to (and overrides of) a Raspberry Pi board's boot partition.
@@ -200,6 +221,8 @@ pub struct ImageDefinition {
     pub initramfs_modules: Option<Vec<String>>,
     /// Raspberry Pi boot partition additions (`[rpi]`).
     pub rpi: RaspberryPi,
+    /// Update signing keys and compatibility (`[update]`).
+    pub update: Update,
 }
 
 #[derive(Debug, Clone)]
@@ -546,6 +569,27 @@ impl ImageDefinition {
             return Err(bad("cmdline", "must be a single line".into()));
         }
 
+        let mut update = Update::default();
+        if let Some(u) = &raw.update {
+            for (i, k) in u.public_keys.iter().enumerate() {
+                update
+                    .public_keys
+                    .push(path(&format!("update.public_keys[{i}]"), k)?);
+            }
+            for v in &u.compatible_from {
+                if v.is_empty()
+                    || !v
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "._-+~*".contains(c))
+                {
+                    return Err(bad(
+                        "update.compatible_from",
+                        format!("{v:?} is not a version or a pattern like \"0.1.*\""),
+                    ));
+                }
+            }
+            update.compatible_from = u.compatible_from.clone();
+        }
         Ok(ImageDefinition {
             file: file.to_string(),
             name: raw.name,
@@ -563,6 +607,7 @@ impl ImageDefinition {
             image_size_mib: raw.image_size_mib,
             initramfs_modules: raw.initramfs_modules,
             rpi,
+            update,
         })
     }
 }

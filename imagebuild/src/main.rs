@@ -105,10 +105,28 @@ enum Cmd {
     },
     /// Make an Ed25519 signing key pair for bundles: <prefix>.key and <prefix>.pub.
     Keygen { prefix: PathBuf },
-    /// Update bundles.
+    /// Build a signed update bundle from an image definition (`basalt bundle verify` checks one).
+    #[command(args_conflicts_with_subcommands = true)]
     Bundle {
         #[command(subcommand)]
-        cmd: BundleCmd,
+        cmd: Option<BundleCmd>,
+        /// Image definition (TOML), as for `basalt build`.
+        definition: Option<PathBuf>,
+        /// Board whose default definition to bundle (only without a definition).
+        #[arg(long, conflicts_with = "definition")]
+        board: Option<String>,
+        /// Secret key made by `basalt keygen` (<prefix>.key).
+        #[arg(long)]
+        key: Option<PathBuf>,
+        /// The bundle file to write.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// The init binary (static, for the board's architecture); else $BASALT_INIT.
+        #[arg(long)]
+        init: Option<PathBuf>,
+        /// Override the definition's os_version (e.g. to make a newer bundle).
+        #[arg(long)]
+        os_version: Option<String>,
     },
     /// Pin an image definition's packages and Kubernetes binary in basalt.lock beside it.
     Lock {
@@ -239,6 +257,7 @@ fn main() -> Result<()> {
                 source_date_epoch: source_date_epoch()?,
                 node_config,
                 progress: std::io::stderr().is_terminal(),
+                os_version: None,
             };
             let report = build(&opts).context("basalt build failed")?;
             if verbose {
@@ -389,7 +408,50 @@ fn main() -> Result<()> {
             Ok(())
         }
         Cmd::Bundle {
-            cmd: BundleCmd::Verify { bundle, pubkey },
+            cmd: None,
+            definition,
+            board,
+            key,
+            out,
+            init,
+            os_version,
+        } => {
+            let (Some(key), Some(out)) = (key, out) else {
+                bail!("basalt bundle needs --key <prefix>.key and --out <file>");
+            };
+            if let Some(v) = &os_version
+                && (v.is_empty()
+                    || !v
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "._-+~".contains(c)))
+            {
+                bail!("--os-version {v:?} must use only letters, digits and . _ - + ~");
+            }
+            let opts = BuildOptions {
+                definition,
+                board,
+                out: out.parent().map(Path::to_path_buf).unwrap_or_default(),
+                init,
+                source_date_epoch: source_date_epoch()?,
+                node_config: None,
+                progress: std::io::stderr().is_terminal(),
+                os_version,
+            };
+            let m = bundle::build_bundle(&opts, &key, &out).context("basalt bundle failed")?;
+            let size: u64 = m.payloads.iter().map(|p| p.size).sum();
+            println!(
+                "{}: board {}, version {}, {} payloads, {} KiB",
+                out.display(),
+                m.board,
+                m.os_version,
+                m.payloads.len(),
+                size / 1024
+            );
+            Ok(())
+        }
+        Cmd::Bundle {
+            cmd: Some(BundleCmd::Verify { bundle, pubkey }),
+            ..
         } => {
             let mut keys = Vec::new();
             for p in &pubkey {

@@ -76,10 +76,15 @@ impl VerityTree {
     }
 }
 
+/// Label mixed into every root's salt. It names no slot: the same root
+/// payload (squashfs + tree) is valid in `root-a` and `root-b`, so one update
+/// bundle installs into either slot (docs/boot-protocol.md, "dm-verity").
+pub const ROOT_SALT_LABEL: &str = "root";
+
 /// Build the tree for a slot's root filesystem with a salt and superblock
-/// UUID derived from `label` and the data (same inputs, same bytes).
-pub fn for_root(label: &str, data: &[u8]) -> VerityTree {
-    let salt = derive_salt(label, data);
+/// UUID derived from the data alone (same inputs, same bytes; slot-independent).
+pub fn for_root(data: &[u8]) -> VerityTree {
+    let salt = derive_salt(ROOT_SALT_LABEL, data);
     let mut h = Sha256::new();
     h.update(b"basalt verity uuid\0");
     h.update(salt);
@@ -205,6 +210,15 @@ mod tests {
         assert_eq!(t.hash_area.len(), (1 + 1 + 2) * BLOCK);
         // The root is the salted hash of the top block, stored right after the superblock.
         assert_eq!(t.root_hash, salted(&t.salt, &t.hash_area[BLOCK..2 * BLOCK]));
+    }
+
+    #[test]
+    fn root_tree_is_slot_independent_and_reproducible() {
+        let data = sample(3 * BLOCK + 5);
+        let t = for_root(&data);
+        assert_eq!(t, for_root(&data));
+        assert_eq!(t.salt, derive_salt("root", &data));
+        assert_ne!(t.salt, derive_salt("root-a", &data));
     }
 
     #[test]

@@ -76,6 +76,10 @@ pub enum PayloadPart {
     Boot,
     /// The slot's root filesystem image (squashfs + verity tree), written raw.
     Root,
+    /// Raspberry Pi: slot a's boot FAT image (its `cmdline.txt` names slot a), written raw to p2.
+    BootFatA,
+    /// Raspberry Pi: slot b's boot FAT image, written raw to p3.
+    BootFatB,
 }
 
 impl Manifest {
@@ -308,6 +312,88 @@ pub fn copy_payload(
         });
     }
     Ok(())
+}
+
+/// One payload read out of the bundle stream, hashed as it is read, never
+/// past its declared size. The consumer (the boot archive unpacker, the root
+/// partition writer) reads what it wants; [`PayloadReader::finish`] reads
+/// what it left and checks the payload's sha256. Nothing a consumer wrote
+/// may be used before `finish` returned `Ok`.
+pub struct PayloadReader<'a, R: Read> {
+    inner: &'a mut R,
+    payload: &'a Payload,
+    left: u64,
+    hasher: sha2::Sha256,
+}
+
+impl<R: Read> std::fmt::Debug for PayloadReader<'_, R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PayloadReader")
+            .field("part", &self.payload.part)
+            .field("left", &self.left)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<'a, R: Read> PayloadReader<'a, R> {
+    pub fn new(inner: &'a mut R, payload: &'a Payload) -> Self {
+        use sha2::Digest;
+        PayloadReader {
+            inner,
+            payload,
+            left: payload.size,
+            hasher: sha2::Sha256::new(),
+        }
+    }
+
+    /// Bytes of the payload not read yet.
+    pub fn remaining(&self) -> u64 {
+        self.left
+    }
+
+    /// Read the rest of the payload and check its hash.
+    pub fn finish(mut self) -> Result<(), BundleError> {
+        use sha2::Digest;
+        let mut buf = vec![0u8; 64 * 1024];
+        while self.left > 0 {
+            let n = self.left.min(buf.len() as u64) as usize;
+            read_exact(&mut self, &mut buf[..n], "payloads")?;
+        }
+        let actual: String = self
+            .hasher
+            .finalize()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        if actual != self.payload.sha256 {
+            return Err(BundleError::PayloadHash {
+                part: self.payload.part,
+                expected: self.payload.sha256.clone(),
+                actual,
+            });
+        }
+        Ok(())
+    }
+}
+
+impl<R: Read> Read for PayloadReader<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        use sha2::Digest;
+        let want = (buf.len() as u64).min(self.left) as usize;
+        if want == 0 {
+            return Ok(0);
+        }
+        let n = self.inner.read(&mut buf[..want])?;
+        if n == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "bundle ends inside a payload",
+            ));
+        }
+        self.hasher.update(&buf[..n]);
+        self.left -= n as u64;
+        Ok(n)
+    }
 }
 
 /// After the last payload the stream must end.

@@ -12,7 +12,7 @@ use crate::slot::CONTROL_SOCKET;
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
     #[error(
-        "usage: basaltctl status [--json] | reboot | poweroff | logs [service] [-f] | boot-time | debug stop-watchdog"
+        "usage: basaltctl status [--json] | reboot | poweroff | logs [service] [-f] | boot-time | debug stop-watchdog\n       basaltctl update [--no-reboot] [--allow-downgrade] [--wait] <https-url|file|-> | rollback"
     )]
     Usage,
     #[error("connecting to init at {path}: {source}")]
@@ -43,6 +43,7 @@ pub fn request_line(args: &[String]) -> Result<String, ControlError> {
         ["status"]
         | ["status", "--json"]
         | ["reboot"]
+        | ["reboot", "tryboot"]
         | ["poweroff"]
         | ["boot-time"]
         | ["debug", "stop-watchdog"] => Ok(words.join(" ")),
@@ -111,12 +112,20 @@ fn follow(service: Option<&str>) -> i32 {
 
 pub fn main(args: &[String]) -> i32 {
     let words: Vec<&str> = args.iter().map(String::as_str).collect();
+    // update, rollback, gate: the update agent, in this process (not PID 1).
+    if let Some(code) = crate::update::cli::dispatch(&words) {
+        return code;
+    }
     match words.as_slice() {
         ["logs", "-f"] => return follow(None),
         ["logs", name, "-f"] | ["logs", "-f", name] => return follow(Some(name)),
         _ => {}
     }
     let is_logs = words.first() == Some(&"logs");
+    if words == ["reboot", "tryboot"] {
+        // A pending update trial starts with this reboot: note it first.
+        let _ = crate::update::cli::mark_trial_started(&crate::update::device::Device::system());
+    }
     let result = request_line(args).and_then(|line| call(&socket_path(), &line));
     match result {
         Ok(reply) if is_logs => {
@@ -127,7 +136,17 @@ pub fn main(args: &[String]) -> i32 {
             0
         }
         Ok(reply) => {
-            print!("{reply}");
+            // `status`: the slots, from the agent's state (PID 1 keeps none).
+            let dev = crate::update::device::Device::system();
+            match (words.as_slice(), crate::update::cli::current_state(&dev)) {
+                (["status", "--json"], Some((booted, st))) => {
+                    print!("{}", crate::update::cli::augment_json(&reply, booted, &st));
+                }
+                (["status"], Some((booted, st))) => {
+                    print!("{reply}{}", crate::update::cli::augment_text(booted, &st));
+                }
+                _ => print!("{reply}"),
+            }
             0
         }
         Err(ControlError::Usage) => {

@@ -84,6 +84,7 @@ const PHASES: &[(&str, Phase)] = &[
     ("network", network),
     ("services", load_services),
     ("kubernetes", kubernetes),
+    ("update", update),
 ];
 
 /// Run stage 2. Never returns: ends in `reboot(2)`.
@@ -608,6 +609,16 @@ fn kubernetes(ctx: &mut Context) -> Result<(), Stage2Error> {
     Ok(())
 }
 
+/// A/B update bookkeeping (docs/updates.md): record a trial that fell back,
+/// finish an interrupted commit, add the health gate on a trial boot.
+fn update(ctx: &mut Context) -> Result<(), Stage2Error> {
+    let version = ImageFacts::load(Path::new(IMAGE_FACTS_PATH))?.os_version;
+    if let Err(e) = crate::update::stage2_phase(&ctx.handoff.slot, &version, &mut ctx.services) {
+        console::error("update", e);
+    }
+    Ok(())
+}
+
 // ---------------------------------------------------------------- shutdown
 
 /// Bring the system down after the supervisor stopped the services:
@@ -640,6 +651,7 @@ pub fn shutdown(kind: ShutdownKind) -> ! {
     let how = match kind {
         ShutdownKind::Reboot => RebootHow::Restart,
         ShutdownKind::PowerOff => RebootHow::PowerOff,
+        ShutdownKind::RebootTryboot => RebootHow::Restart2(crate::rpi::TRYBOOT_REBOOT_ARG.into()),
     };
     let e = sys::reboot(&how);
     console::error("reboot", e);

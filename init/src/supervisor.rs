@@ -32,6 +32,8 @@ use crate::sys::{self, ExitStatus, Signal, Signals};
 pub enum ShutdownKind {
     Reboot,
     PowerOff,
+    /// Raspberry Pi: reboot with the firmware's one-shot `tryboot` flag (an update's trial).
+    RebootTryboot,
 }
 
 impl ShutdownKind {
@@ -39,6 +41,7 @@ impl ShutdownKind {
         match self {
             ShutdownKind::Reboot => "reboot",
             ShutdownKind::PowerOff => "poweroff",
+            ShutdownKind::RebootTryboot => "reboot tryboot",
         }
     }
 }
@@ -833,6 +836,10 @@ impl Supervisor {
                 (format!("{}\n", self.status_json()), None)
             }
             ["reboot"] => ("ok reboot\n".to_string(), Some(ShutdownKind::Reboot)),
+            ["reboot", "tryboot"] => (
+                "ok reboot tryboot\n".to_string(),
+                Some(ShutdownKind::RebootTryboot),
+            ),
             ["poweroff"] => ("ok poweroff\n".to_string(), Some(ShutdownKind::PowerOff)),
             ["logs"] => (crate::logs::reply(None, 0), None),
             ["logs", "--since", n] => (crate::logs::reply(None, n.parse().unwrap_or(0)), None),

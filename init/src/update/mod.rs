@@ -1,0 +1,106 @@
+//! A/B updates on the device (docs/updates.md): install a signed bundle
+//! into the inactive slot, boot it once as a trial, run the health gate,
+//! commit or roll back.
+//!
+//! PID 1 only runs `stage2_phase` (small file work at boot: reading
+//! slots.toml and the loader entries, adding the gate service on a trial
+//! boot). Installing (`basaltctl update`), the gate (`basaltctl gate`) and
+//! `basaltctl rollback` run in ordinary processes: PID 1 carries no TLS,
+//! streams no bundles and waits on nothing.
+
+pub mod boottar;
+pub mod cli;
+pub mod device;
+pub mod entry;
+pub mod gate;
+pub mod install;
+pub mod state;
+pub mod version;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::bundle::BundleError;
+use crate::service::{Backoff, Restart, ServiceDef};
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpdateError {
+    #[error(transparent)]
+    Bundle(#[from] BundleError),
+    #[error("bundle refused: {0}")]
+    Rejected(String),
+    #[error(transparent)]
+    BootPayload(boottar::BootTarError),
+    #[error(transparent)]
+    State(#[from] state::StateError),
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Config { path: PathBuf, message: String },
+    #[error("slot partition: {0}")]
+    Partition(String),
+    #[error("another update is running (lock {0})")]
+    Locked(PathBuf),
+    #[error("fetching {url}: {message}")]
+    Fetch { url: String, message: String },
+}
+
+/// Name of the health gate's service on a trial boot.
+pub const GATE_SERVICE: &str = "update-health-gate";
+
+/// The service that runs the health gate (`basaltctl gate`) on a trial boot.
+pub fn gate_service() -> ServiceDef {
+    ServiceDef {
+        name: GATE_SERVICE.to_string(),
+        exec: vec!["/usr/bin/basaltctl".into(), "gate".into()],
+        env: Default::default(),
+        after: Vec::new(),
+        // A crashed gate runs again; its deadline counts from boot, so it does not move.
+        restart: Restart::OnFailure,
+        stop_timeout: Duration::from_secs(5),
+        ready: None,
+        backoff: Backoff {
+            initial: Duration::from_secs(1),
+            max: Duration::from_secs(10),
+            reset_after: Duration::from_secs(60),
+        },
+    }
+}
+
+/// Stage 2 hook (a phase after the services are loaded): check what the
+/// last boot left, and on a trial boot add the health gate service.
+/// Errors are reported, never fatal.
+pub fn stage2_phase(
+    booted: &str,
+    running_version: &str,
+    services: &mut Vec<ServiceDef>,
+) -> Result<(), UpdateError> {
+    let Some(booted) = crate::slot::Slot::parse(booted) else {
+        return Err(UpdateError::Config {
+            path: PathBuf::from("/run/basalt/stage1.toml"),
+            message: format!("booted slot {booted:?} is neither a nor b"),
+        });
+    };
+    let dev = device::Device::system();
+    match gate::boot_check(&dev, booted, running_version)? {
+        gate::BootCheck::Trial { slot, version } => {
+            crate::say!(
+                "update trial boot of slot {} version {version}: health gate {:?} within {} s of boot",
+                slot.name(),
+                dev.config().health_gate.checks,
+                dev.config().health_gate.timeout_seconds
+            );
+            services.retain(|s| s.name != GATE_SERVICE);
+            services.push(gate_service());
+        }
+        gate::BootCheck::TrialFailed { slot, reason } => {
+            crate::say!("update rolled back slot {}: {reason}", slot.name());
+        }
+        gate::BootCheck::Normal => {}
+    }
+    Ok(())
+}
