@@ -165,7 +165,8 @@ impl Vm {
         })?;
         let mut cmd = Self::command(cfg, assets, &vars, &monitor)?;
         let _ = writeln!(&qemu_err, "{cmd:?}");
-        cmd.stdin(Stdio::null())
+        // stdin is the serial console's input (`Vm::type_line`).
+        cmd.stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(qemu_err));
         // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches no
@@ -205,6 +206,22 @@ impl Vm {
             exit: None,
             qemu_log,
         })
+    }
+
+    /// Type `line` and a newline on the serial console (QEMU's stdin).
+    pub fn type_line(&mut self, line: &str) -> Result<(), QemuError> {
+        use std::io::Write as _;
+        let stdin = self.child.stdin.as_mut().ok_or_else(|| QemuError::Spawn {
+            program: "qemu (console input)".into(),
+            source: std::io::Error::other("stdin is not a pipe"),
+        })?;
+        stdin
+            .write_all(format!("{line}\n").as_bytes())
+            .and_then(|()| stdin.flush())
+            .map_err(|source| QemuError::Spawn {
+                program: "qemu (console input)".into(),
+                source,
+            })
     }
 
     /// Time left before the VM's hard lifetime ends.
