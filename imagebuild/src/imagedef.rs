@@ -953,6 +953,53 @@ hostname = "n1"
         }
     }
 
+    /// The Alpine defaults' package lists resolve to closed sets against real,
+    /// Alpine-signed indexes (the fixtures: v3.16 x86_64, v3.17 aarch64; the
+    /// defaults name v3.20, which cannot be reached from here): the names exist,
+    /// with every dependency, for x86_64 and for the 64-bit Pi boards.
+    #[test]
+    fn alpine_defaults_resolve_against_real_indexes() {
+        use basalt_rootfs::apk::{Index, KeyRing, RepoRef, Trust, resolve};
+        let fixture = |name: &str| {
+            let p = crate::imagedef::source_dir()
+                .join("rootfs/tests/fixtures/alpine")
+                .join(name);
+            let bytes = std::fs::read(&p).unwrap();
+            Index::from_tar_gz(&bytes, &KeyRing::alpine().unwrap(), Trust::Signed, name).unwrap()
+        };
+        // systemd-boot entered Alpine's main repository after v3.16 (v3.19):
+        // the x86_64 check leaves it out; everything else must be there.
+        for (name, index, newer) in [
+            (
+                "x86_64",
+                "v3.16-main-x86_64-APKINDEX.tar.gz",
+                &["systemd-boot"][..],
+            ),
+            ("rpi4", "v3.17-main-aarch64-APKINDEX.tar.gz", &[]),
+            ("rpi3", "v3.17-main-aarch64-APKINDEX.tar.gz", &[]),
+            ("rpi5", "v3.17-main-aarch64-APKINDEX.tar.gz", &[]),
+        ] {
+            let (_, text) = EMBEDDED_DEFAULTS.iter().find(|(b, _)| *b == name).unwrap();
+            let mut d = ImageDefinition::parse(text, name, Path::new("/"), &|_| None).unwrap();
+            if let Some(p) = d.packages.as_mut() {
+                p.world.retain(|w| !newer.contains(&w.as_str()));
+            }
+            let world = crate::packages::world(d.packages.as_ref().unwrap()).unwrap();
+            let i = fixture(index);
+            let r = resolve(
+                &[RepoRef {
+                    tag: None,
+                    index: &i,
+                }],
+                &world,
+            )
+            .unwrap_or_else(|e| panic!("{name} against {index}: {e}"));
+            for w in &d.packages.as_ref().unwrap().world {
+                assert!(r.get(w).is_some(), "{name}: {w} not installed");
+            }
+        }
+    }
+
     #[test]
     fn rpi_table_and_image_size() {
         let text = "board = \"rpi4\"\nos_version = \"1\"\nimage_size_mib = 2048\n[kubernetes]\ndistribution = \"k3s\"\n[rpi]\nconfig = [\"dtoverlay=x\"]\n";
