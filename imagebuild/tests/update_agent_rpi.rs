@@ -659,3 +659,67 @@ fn reboot_partition_rejected_bundles_change_nothing() {
     assert!(matches!(pi.install(&good), Err(UpdateError::Rejected(_))));
     assert_eq!(snapshot(&pi), before);
 }
+
+#[test]
+fn reboot_partition_commit_cut_after_its_intent_ends_on_b() {
+    let pi = Pi::new_reboot_partition();
+    pi.install_and_prepare();
+    let seen = Seen::default();
+    pi.stage1(Slot::B, &seen);
+    // The gate passed; the commit's first write (slots.toml: b good, primary)
+    // reached the disk, then the power was cut before autoboot.txt.
+    let mut st = pi.state();
+    st.b.state = SlotState::Good;
+    st.primary = "b".into();
+    st.last_update.result = "committed".into();
+    st.save(&pi.dev.state_path).unwrap();
+    // Power back: PM_RSTS is empty, the firmware reads autoboot.txt (still a).
+    assert_eq!(pi.firmware_boots(0), 2);
+    pi.stage1(Slot::A, &seen);
+    assert_eq!(pi.marker(), None);
+    assert_eq!(
+        gate::boot_check(&pi.dev, Slot::A, "0.1.0").unwrap(),
+        BootCheck::Normal
+    );
+    // The boot check finished the commit from the intent: the next boot is b.
+    assert_eq!(pi.primary(), Slot::B);
+    assert_eq!(pi.firmware_boots(0), 3);
+    assert!(matches!(
+        pi.stage1(Slot::B, &seen),
+        Stage1Plan::Continue {
+            watchdog_secs: None,
+            report: Stage1Report::None,
+            ..
+        }
+    ));
+    assert_eq!(
+        gate::boot_check(&pi.dev, Slot::B, "0.2.0").unwrap(),
+        BootCheck::Normal
+    );
+    assert_eq!(pi.state().b.state, SlotState::Good);
+    // The other order of the cut: autoboot.txt written, marker not yet removed
+    // (rpi::commit_reboot_partition's two writes): stage 1 drops the stale marker.
+    let pi = Pi::new_reboot_partition();
+    pi.install_and_prepare();
+    pi.stage1(Slot::B, &seen);
+    rpi::write_autoboot(&pi.dev.boot_dir, Autoboot { primary: Slot::B }).unwrap();
+    assert_eq!(pi.firmware_boots(0), 3);
+    assert!(matches!(
+        pi.stage1(Slot::B, &seen),
+        Stage1Plan::Continue {
+            report: Stage1Report::StaleMarker,
+            ..
+        }
+    ));
+    assert_eq!(pi.marker(), None);
+    // slots.toml still says trial: the gate runs again on b and commits.
+    assert!(matches!(
+        gate::boot_check(&pi.dev, Slot::B, "0.2.0").unwrap(),
+        BootCheck::Trial { slot: Slot::B, .. }
+    ));
+    gate::commit(&pi.dev, Slot::B).unwrap();
+    assert_eq!(
+        (pi.state().b.state, pi.primary()),
+        (SlotState::Good, Slot::B)
+    );
+}
