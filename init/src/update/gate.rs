@@ -211,8 +211,17 @@ pub fn commit(dev: &Device, slot: Slot) -> Result<(), UpdateError> {
         // autoboot.txt names the slot, then the trial marker goes (a cut
         // between the two leaves a marker for the primary: stale, stage 1
         // removes it).
-        crate::rpi::commit_reboot_partition(&dev.boot_dir, slot)
-            .map_err(|e| UpdateError::Partition(e.to_string()))?;
+        // A commit cut after autoboot.txt (stage 1 then dropped the stale
+        // marker) runs again with autoboot.txt already naming the slot.
+        let named = crate::rpi::read_autoboot(&dev.boot_dir)
+            .ok()
+            .map(|a| a.primary);
+        if named == Some(slot) {
+            crate::rpi::remove_marker(&dev.boot_dir)
+        } else {
+            crate::rpi::commit_reboot_partition(&dev.boot_dir, slot).map(|_| ())
+        }
+        .map_err(|e| UpdateError::Partition(e.to_string()))?;
         sync();
     }
     reconcile(dev, &st)?;
