@@ -12,7 +12,7 @@ use crate::slot::CONTROL_SOCKET;
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
     #[error(
-        "usage: basaltctl status [--json] | reboot | poweroff | logs [service] [-f] | boot-time | debug stop-watchdog\n       basaltctl update [--no-reboot] [--allow-downgrade] [--wait] <https-url|file|-> | rollback"
+        "usage: basaltctl status [--json] | reboot [tryboot | partition <2|3>] | poweroff | logs [service] [-f] | boot-time | debug stop-watchdog\n       basaltctl update [--no-reboot] [--allow-downgrade] [--wait] <https-url|file|-> | rollback"
     )]
     Usage,
     #[error("connecting to init at {path}: {source}")]
@@ -47,6 +47,7 @@ pub fn request_line(args: &[String]) -> Result<String, ControlError> {
         | ["poweroff"]
         | ["boot-time"]
         | ["debug", "stop-watchdog"] => Ok(words.join(" ")),
+        ["reboot", "partition", n] if matches!(*n, "2" | "3") => Ok(words.join(" ")),
         ["logs"] => Ok("logs".into()),
         ["logs", name] if valid_service_name(name) => Ok(format!("logs {name}")),
         _ => Err(ControlError::Usage),
@@ -126,6 +127,17 @@ pub fn main(args: &[String]) -> i32 {
         // A pending update trial starts with this reboot: note it first.
         let _ = crate::update::cli::mark_trial_started(&crate::update::device::Device::system());
     }
+    if let ["reboot", "partition", n] = words.as_slice()
+        && let Ok(n) = n.parse::<u8>()
+    {
+        // A pending trial on a board without tryboot: its marker first (p1),
+        // when the partition is the trial slot's boot FAT.
+        let dev = crate::update::device::Device::system();
+        if let Err(e) = crate::update::cli::prepare_partition_trial(&dev, n) {
+            eprintln!("basaltctl: {e}");
+            return 1;
+        }
+    }
     let result = request_line(args).and_then(|line| call(&socket_path(), &line));
     match result {
         Ok(reply) if is_logs => {
@@ -178,6 +190,12 @@ mod tests {
         assert_eq!(request_line(&args(&["poweroff"])).unwrap(), "poweroff");
         assert!(request_line(&args(&[])).is_err());
         assert!(request_line(&args(&["reboot", "now"])).is_err());
+        assert_eq!(
+            request_line(&args(&["reboot", "partition", "3"])).unwrap(),
+            "reboot partition 3"
+        );
+        assert!(request_line(&args(&["reboot", "partition", "5"])).is_err());
+        assert!(request_line(&args(&["reboot", "partition"])).is_err());
         assert!(request_line(&args(&["status\nreboot"])).is_err());
         assert_eq!(request_line(&args(&["logs", "k3s"])).unwrap(), "logs k3s");
         assert!(request_line(&args(&["logs", "a\nreboot"])).is_err());

@@ -652,6 +652,7 @@ pub fn shutdown(kind: ShutdownKind) -> ! {
         ShutdownKind::Reboot => RebootHow::Restart,
         ShutdownKind::PowerOff => RebootHow::PowerOff,
         ShutdownKind::RebootTryboot => RebootHow::Restart2(crate::rpi::TRYBOOT_REBOOT_ARG.into()),
+        ShutdownKind::RebootPartition(n) => RebootHow::Restart2(n.to_string()),
     };
     let e = sys::reboot(&how);
     console::error("reboot", e);

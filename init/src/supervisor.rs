@@ -34,6 +34,9 @@ pub enum ShutdownKind {
     PowerOff,
     /// Raspberry Pi: reboot with the firmware's one-shot `tryboot` flag (an update's trial).
     RebootTryboot,
+    /// Raspberry Pi without tryboot: `reboot(2)` with the partition number as its
+    /// argument, so the firmware boots that boot FAT once (an update's trial).
+    RebootPartition(u8),
 }
 
 impl ShutdownKind {
@@ -42,6 +45,7 @@ impl ShutdownKind {
             ShutdownKind::Reboot => "reboot",
             ShutdownKind::PowerOff => "poweroff",
             ShutdownKind::RebootTryboot => "reboot tryboot",
+            ShutdownKind::RebootPartition(_) => "reboot partition",
         }
     }
 }
@@ -840,6 +844,16 @@ impl Supervisor {
                 "ok reboot tryboot\n".to_string(),
                 Some(ShutdownKind::RebootTryboot),
             ),
+            ["reboot", "partition", n] => match n.parse::<u8>() {
+                Ok(p) if crate::rpi::slot_of_boot_partition(p.into()).is_some() => (
+                    format!("ok reboot partition {p}\n"),
+                    Some(ShutdownKind::RebootPartition(p)),
+                ),
+                _ => (
+                    format!("error reboot partition {n:?}: not a slot's boot partition\n"),
+                    None,
+                ),
+            },
             ["poweroff"] => ("ok poweroff\n".to_string(), Some(ShutdownKind::PowerOff)),
             ["logs"] => (crate::logs::reply(None, 0), None),
             ["logs", "--since", n] => (crate::logs::reply(None, n.parse().unwrap_or(0)), None),

@@ -205,24 +205,81 @@ fn run_update(dev: &Device, a: &UpdateArgs) -> Result<i32, UpdateError> {
     if !a.no_reboot {
         start_trial(dev)?;
     } else if dev.is_pi() {
-        println!("start the trial with: basaltctl reboot tryboot");
+        match dev.pi_method() {
+            Some(crate::rpi::BootMethod::RebootPartition) => println!(
+                "start the trial with: basaltctl reboot partition {}",
+                crate::rpi::boot_partition(done.slot)
+            ),
+            _ => println!("start the trial with: basaltctl reboot tryboot"),
+        }
     }
     Ok(0)
 }
 
 /// Reboot into the trial: systemd-boot picks the counted entry by itself;
-/// a Pi needs the firmware's one-shot tryboot flag, and the state notes that
+/// a Pi needs the firmware's one-shot tryboot flag, or on boards without
+/// tryboot the trial marker on p1 and `reboot "<N>"`; the state notes that
 /// the trial was started (a later boot of the other slot then means it failed).
 pub fn start_trial(dev: &Device) -> Result<(), UpdateError> {
     if !dev.is_pi() {
         return request_reboot(dev);
     }
-    mark_trial_started(dev)?;
-    crate::control::call(&dev.control_socket, "reboot tryboot").map_err(|e| UpdateError::Io {
-        what: "asking init to reboot with tryboot",
+    let line = prepare_trial(dev)?;
+    crate::control::call(&dev.control_socket, &line).map_err(|e| UpdateError::Io {
+        what: "asking init to reboot into the trial",
         path: dev.control_socket.clone(),
         source: std::io::Error::other(e.to_string()),
     })?;
+    Ok(())
+}
+
+/// Raspberry Pi: everything before the trial's reboot; returns the control
+/// request that reboots (`reboot tryboot` or `reboot partition <N>`).
+/// `reboot-partition` boards: the state says the trial started, then the
+/// marker `kind=trial slot=<target> attempts=0` is written on p1 (atomically,
+/// `rpi::write_marker`), which stage 1 of the target's boot turns into its
+/// one attempt.
+pub fn prepare_trial(dev: &Device) -> Result<String, UpdateError> {
+    use crate::rpi::{BootMethod, MarkerKind, TrialMarker};
+    match dev.pi_method() {
+        Some(BootMethod::RebootPartition) => {
+            let st = SlotsState::load(&dev.state_path)?.unwrap_or_default();
+            let Some(target) = st.trial() else {
+                return Err(UpdateError::Rejected(
+                    "no slot is on trial: nothing to reboot into".into(),
+                ));
+            };
+            mark_trial_started(dev)?;
+            let marker = TrialMarker {
+                kind: MarkerKind::Trial,
+                slot: target,
+                attempts: 0,
+            };
+            crate::rpi::write_marker(&dev.boot_dir, &marker)
+                .map_err(|e| UpdateError::Partition(e.to_string()))?;
+            super::device::sync();
+            Ok(format!(
+                "reboot partition {}",
+                crate::rpi::boot_partition(target)
+            ))
+        }
+        _ => {
+            mark_trial_started(dev)?;
+            Ok("reboot tryboot".into())
+        }
+    }
+}
+
+/// `basaltctl reboot partition <n>` by hand: when `n` is the boot partition
+/// of the slot on trial, prepare the trial (marker, state) first; any other
+/// partition is a plain one-time boot and changes nothing here.
+pub fn prepare_partition_trial(dev: &Device, n: u8) -> Result<(), UpdateError> {
+    let trial = SlotsState::load(&dev.state_path)?.and_then(|s| s.trial());
+    if trial.map(crate::rpi::boot_partition) == Some(n)
+        && dev.pi_method() == Some(crate::rpi::BootMethod::RebootPartition)
+    {
+        prepare_trial(dev)?;
+    }
     Ok(())
 }
 

@@ -92,6 +92,49 @@ impl Device {
         })
     }
 
+    /// Stage 1's handoff as a table (unknown keys kept), `None` if unreadable.
+    fn handoff_table(&self) -> Option<toml::Table> {
+        std::fs::read_to_string(&self.handoff)
+            .ok()
+            .and_then(|t| t.parse::<toml::Table>().ok())
+    }
+
+    /// `reboot-partition` boards: stage 1 says this boot is a trial's one attempt.
+    pub fn handoff_trial(&self) -> bool {
+        self.handoff_table()
+            .and_then(|t| t.get("trial").and_then(|v| v.as_bool()))
+            .unwrap_or(false)
+    }
+
+    /// Raspberry Pi: how this node's trial boot is started. The firmware's
+    /// capabilities decide when it publishes both tryboot bits
+    /// (`rpi::effective_method`); otherwise the board's method is known from
+    /// stage 1, which ran the `reboot-partition` rules (a `boot_method` key
+    /// in the handoff, or its `trial` step). `None`: neither, no trial possible.
+    pub fn pi_method(&self) -> Option<crate::rpi::BootMethod> {
+        use crate::rpi::BootMethod;
+        let caps = crate::rpi::BootloaderInfo::read(&self.bootloader_dt)
+            .ok()
+            .and_then(|i| i.capabilities);
+        if caps.is_some_and(|c| c.tryboot_a_b()) {
+            return Some(BootMethod::Tryboot);
+        }
+        let h = self.handoff_table()?;
+        let named = h
+            .get("boot_method")
+            .and_then(|v| v.as_str())
+            .and_then(BootMethod::parse);
+        let ran_rules = h
+            .get("steps_ms")
+            .and_then(|s| s.as_table())
+            .is_some_and(|s| s.contains_key("trial"));
+        match named {
+            Some(m) => Some(crate::rpi::effective_method(m, caps)),
+            None if ran_rules => Some(BootMethod::RebootPartition),
+            None => None,
+        }
+    }
+
     /// The root partition of `slot` and its size in bytes.
     pub fn root_device(&self, slot: Slot) -> Result<(PathBuf, u64), UpdateError> {
         if let Some(files) = &self.root_devices {

@@ -12,6 +12,12 @@
 //!
 //! A power cut after 1 boots either slot (both good); the next stage 2 sees
 //! the intent and finishes 2–4 (`reconcile`).
+//!
+//! Raspberry Pi: step 2 is `autoboot.txt` naming the slot; on
+//! `reboot-partition` boards the trial marker on p1 is removed after it
+//! (`rpi::commit_reboot_partition`). A failed gate records the slot bad and
+//! reboots plainly: the firmware boots the primary from `autoboot.txt` and
+//! stage 1 finds the marker of a returned trial and removes it.
 
 use std::time::Duration;
 
@@ -201,6 +207,23 @@ pub fn commit(dev: &Device, slot: Slot) -> Result<(), UpdateError> {
     st.last_update.reason = String::new();
     st.save(&dev.state_path)?;
     sync();
+    if dev.is_pi() && dev.pi_method() == Some(crate::rpi::BootMethod::RebootPartition) {
+        // autoboot.txt names the slot, then the trial marker goes (a cut
+        // between the two leaves a marker for the primary: stale, stage 1
+        // removes it).
+        // A commit cut after autoboot.txt (stage 1 then dropped the stale
+        // marker) runs again with autoboot.txt already naming the slot.
+        let named = crate::rpi::read_autoboot(&dev.boot_dir)
+            .ok()
+            .map(|a| a.primary);
+        if named == Some(slot) {
+            crate::rpi::remove_marker(&dev.boot_dir)
+        } else {
+            crate::rpi::commit_reboot_partition(&dev.boot_dir, slot).map(|_| ())
+        }
+        .map_err(|e| UpdateError::Partition(e.to_string()))?;
+        sync();
+    }
     reconcile(dev, &st)?;
     if let Some(o) = old
         && o != slot

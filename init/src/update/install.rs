@@ -48,9 +48,9 @@ struct Running {
     state: SlotsState,
     /// A Raspberry Pi node (autoboot.txt, tryboot) rather than systemd-boot.
     pi: bool,
-    /// Pi: the primary slot `autoboot.txt` names, and whether the firmware has tryboot.
+    /// Pi: the primary slot `autoboot.txt` names, and how the trial boots.
     pi_primary: Option<Slot>,
-    pi_tryboot: bool,
+    pi_method: Option<crate::rpi::BootMethod>,
 }
 
 fn running(dev: &Device) -> Result<Running, UpdateError> {
@@ -61,18 +61,15 @@ fn running(dev: &Device) -> Result<Running, UpdateError> {
     let booted = dev.booted_slot()?;
     let state = SlotsState::load_or_fresh(&dev.state_path, booted, &facts.os_version)?;
     let pi = dev.is_pi();
-    let (pi_primary, pi_tryboot) = if pi {
+    let (pi_primary, pi_method) = if pi {
         (
             crate::rpi::read_autoboot(&dev.boot_dir)
                 .ok()
                 .map(|a| a.primary),
-            crate::rpi::BootloaderInfo::read(&dev.bootloader_dt)
-                .ok()
-                .and_then(|i| i.capabilities)
-                .is_some_and(|c| c.tryboot_a_b()),
+            dev.pi_method(),
         )
     } else {
-        (None, false)
+        (None, None)
     };
     Ok(Running {
         facts,
@@ -80,7 +77,7 @@ fn running(dev: &Device) -> Result<Running, UpdateError> {
         state,
         pi,
         pi_primary,
-        pi_tryboot,
+        pi_method,
     })
 }
 
@@ -136,9 +133,9 @@ fn check_manifest(run: &Running, m: &Manifest, opts: InstallOptions) -> Result<(
                 run.booted.name()
             ));
         }
-        if !run.pi_tryboot {
+        if run.pi_method.is_none() {
             return reject(
-                "this firmware publishes no tryboot_a_b capability; reboot-partition trials are not in the update agent yet".into(),
+                "this firmware publishes no tryboot_a_b capability and stage 1 ran no reboot-partition trial rules: no way to boot a trial".into(),
             );
         }
     }
@@ -218,6 +215,15 @@ pub fn install(
     };
     run.state.save(&dev.state_path)?;
     dev.remove_entries(target, |_| true)?;
+    if run.pi
+        && let Ok(Some(m)) = crate::rpi::read_marker(&dev.boot_dir)
+        && m.slot == target
+    {
+        // A marker left for the old content of the target (reboot-partition
+        // boards): nothing may boot it as a trial any more.
+        crate::rpi::remove_marker(&dev.boot_dir)
+            .map_err(|e| UpdateError::Partition(e.to_string()))?;
+    }
     sync();
 
     // State `trial` before the entry exists: a power cut in between leaves a
