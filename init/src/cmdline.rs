@@ -1,12 +1,18 @@
 //! The kernel command line as stage 1 reads it (`/proc/cmdline`): which slot
-//! booted. Keys are listed in docs/boot-protocol.md; unknown `basalt.*` keys
+//! booted, and whether this boot is a trial. Keys are listed in docs/boot-protocol.md; unknown `basalt.*` keys
 //! are reported and ignored, other keys belong to the kernel and are skipped.
 
 use crate::slot::{CMDLINE_SLOT, CMDLINE_VERITY, CMDLINE_VERITY_DATA_BLOCKS, Slot};
 
+/// `basalt.trial=1`: this boot is a slot's trial (the update agent's counted
+/// loader entry carries it; the committed entry does not). Stage 1 arms the
+/// watchdog and gives up with a reboot instead of waiting forever.
+pub const CMDLINE_TRIAL: &str = "basalt.trial";
+
 /// `basalt.*` keys this init understands.
 const KNOWN_KEYS: &[&str] = &[
     CMDLINE_SLOT,
+    CMDLINE_TRIAL,
     CMDLINE_VERITY,
     CMDLINE_VERITY_DATA_BLOCKS,
     "basalt.root",
@@ -24,6 +30,8 @@ pub struct BootArgs {
     pub watchdog: Option<bool>,
     /// Data blocks (4096 bytes) covered by the verity tree.
     pub verity_data_blocks: Option<u64>,
+    /// `basalt.trial=1`: a trial boot of the slot (default no).
+    pub trial: bool,
     /// Problems to report as `basalt: error` lines (unknown keys, bad values).
     pub problems: Vec<String>,
 }
@@ -94,6 +102,11 @@ pub fn parse(cmdline: &str) -> BootArgs {
                 "1" => args.watchdog = Some(true),
                 _ => args.problems.push(format!("bad value {key}={v}")),
             },
+            (CMDLINE_TRIAL, Some(v)) => match v {
+                "0" => args.trial = false,
+                "1" => args.trial = true,
+                _ => args.problems.push(format!("bad value {key}={v}")),
+            },
             ("basalt.root", Some(v)) => match v.parse::<u32>() {
                 Ok(n) if (1..=63).contains(&n) => args.root_partition = Some(n),
                 _ => args.problems.push(format!("bad value {key}={v}")),
@@ -126,6 +139,20 @@ mod tests {
             let a = parse(line);
             assert_eq!(a.slot, *slot, "{line}");
             assert_eq!(a.problems.len(), *problems, "{line}: {:?}", a.problems);
+        }
+    }
+
+    #[test]
+    fn trial() {
+        assert!(!parse("basalt.slot=b").trial);
+        let a = parse("console=ttyS0 panic=10 basalt.trial=1 basalt.slot=b");
+        assert!(a.trial && a.problems.is_empty());
+        assert_eq!(a.slot, Some(Slot::B));
+        assert!(!parse("basalt.trial=0").trial);
+        for bad in ["basalt.trial=yes", "basalt.trial"] {
+            let a = parse(bad);
+            assert!(!a.trial, "{bad}");
+            assert_eq!(a.problems.len(), 1, "{bad}: {:?}", a.problems);
         }
     }
 

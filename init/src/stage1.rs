@@ -3,7 +3,9 @@
 //! slot's partitions, mount the root, grow and mount the data partition,
 //! seed `/etc`, mount `/boot` and `/run`, hand off, `switch_root`, exec
 //! stage 2. It never exits: on a fatal error it reports and stays alive
-//! (PID 1 exiting panics the kernel).
+//! (PID 1 exiting panics the kernel) — except on a trial boot
+//! (`basalt.trial=1`), where it gives up within bounded time and reboots so
+//! that systemd-boot falls back to the primary (docs/updates.md).
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt;
@@ -91,6 +93,46 @@ pub enum Stage1Error {
 const WAIT_DEVICES: Duration = Duration::from_secs(10);
 const WAIT_POLL: Duration = Duration::from_millis(20);
 
+/// The watchdog a trial boot (`basalt.trial=1`) arms right after the modules
+/// (softdog on x86_64): a hang anywhere between here and stage 2's
+/// supervision loop, which reopens and pets it, resets the machine. Generous:
+/// stage 1 and stage 2 up to the loop take about 1 s under QEMU TCG.
+pub const TRIAL_WATCHDOG_SECS: u32 = 60;
+
+/// How long a trial boot's stage 1 keeps trying before it gives up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TrialLimits {
+    /// Waiting for the slot's root partition to appear.
+    pub devices: Duration,
+    /// Tries at the verity mapping and at mounting the root.
+    pub attempts: u32,
+    /// Pause between those tries.
+    pub pause: Duration,
+}
+
+pub const TRIAL_LIMITS: TrialLimits = TrialLimits {
+    devices: Duration::from_secs(30),
+    attempts: 3,
+    pause: Duration::from_secs(2),
+};
+
+/// A trial boot's stage 1 gave up: the caller reports it and reboots.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("trial of slot {slot}: {why}")]
+pub struct TrialFailed {
+    pub slot: &'static str,
+    pub why: String,
+}
+
+/// How long stage 1 keeps trying something it cannot go on without.
+#[derive(Debug, Clone, Copy)]
+enum Persist {
+    /// A primary boot: forever (reporting), there is nothing to fall back to.
+    Forever,
+    /// A trial boot: within these limits, then give up.
+    Trial(TrialLimits),
+}
+
 /// Where stage 1 works and what it works through. On a device `root` is `/`
 /// and the seams are the kernel's; tests point `root` at a fixture tree
 /// (`proc/cmdline`, `sys/class/block`, `newroot/etc`, ...) and pass fakes.
@@ -106,6 +148,8 @@ pub struct Env<'a> {
     /// `reboot N` that returns to the primary.
     pub watchdog: &'a dyn crate::rpi::Watchdog,
     pub reboot: &'a dyn crate::rpi::RebootWithArg,
+    /// Trial boots (`basalt.trial=1`): when stage 1 gives up.
+    pub trial_limits: TrialLimits,
 }
 
 /// `/dev/watchdog`, opened with the trial's timeout and closed without the
@@ -168,8 +212,12 @@ pub fn run() -> ! {
         reopen_console: true,
         watchdog: &KernelWatchdog(PathBuf::from("/dev/watchdog")),
         reboot: &KernelReboot,
+        trial_limits: TRIAL_LIMITS,
     };
-    let handoff = prepare_root(&mut env);
+    let handoff = match prepare_root(&mut env) {
+        Ok(h) => h,
+        Err(failed) => give_up_trial(&failed),
+    };
     write_handoff(&env.path("/newroot/run/basalt/stage1.toml"), &handoff);
 
     // 8. Into the real root.
@@ -203,12 +251,37 @@ pub fn run() -> ! {
     if !handoff.verity_name.is_empty() {
         report_verity(env.dm, &handoff.verity_name);
     }
+    // `/proc` moved into the new root, still at /proc after the chroot.
+    let trial = std::fs::read_to_string("/proc/cmdline").is_ok_and(|t| cmdline::parse(&t).trial);
+    if trial {
+        give_up_trial(&TrialFailed {
+            slot: Slot::parse(&handoff.slot).unwrap_or(Slot::A).name(),
+            why: format!("stage 2 could not be started: {ROOT_INIT_PATH} ({err})"),
+        });
+    }
     stay_alive("exec-stage2", format_args!("{ROOT_INIT_PATH} ({err})"))
 }
 
+/// A trial boot cannot reach its root: say so, `sync`, `reboot(2)`. The
+/// trial's counted loader entry has no tries left (systemd-boot counted this
+/// boot before starting it), so the firmware boots the primary, whose stage 2
+/// records the slot bad (docs/updates.md). Stays alive if the reboot fails;
+/// the trial's watchdog then resets the machine.
+fn give_up_trial(failed: &TrialFailed) -> ! {
+    console::error(
+        "trial",
+        format_args!("{failed}: rebooting to fall back to the primary slot"),
+    );
+    sys::sync();
+    let e = sys::reboot(&sys::RebootHow::Restart);
+    stay_alive("reboot", format_args!("reboot(2) ({e})"))
+}
+
 /// Steps 1 to 7 of docs/boot-protocol.md "Stage 1": everything up to the
-/// handoff, leaving the real root assembled at `<root>/newroot`.
-pub fn prepare_root(env: &mut Env<'_>) -> Handoff {
+/// handoff, leaving the real root assembled at `<root>/newroot`. Only a trial
+/// boot (`basalt.trial=1`) returns an error: its root did not appear or
+/// could not be mounted within `env.trial_limits`.
+pub fn prepare_root(env: &mut Env<'_>) -> Result<Handoff, TrialFailed> {
     let mut steps = Steps {
         at: Instant::now(),
         ms: BTreeMap::new(),
@@ -244,20 +317,39 @@ pub fn prepare_root(env: &mut Env<'_>) -> Handoff {
     };
     steps.done("modules");
 
-    // 3. Which slot booted, and its partitions.
+    // 2b. Which slot booted, and whether as a trial: a trial arms the
+    // watchdog now (its driver is loaded), before anything that could hang.
     let args = boot_args(&env.path("/proc/cmdline"));
     let slot = args.slot.unwrap_or(Slot::A);
     handoff.slot = slot.name().to_string();
+    let reboot_partition =
+        settings.as_ref().and_then(|s| s.boot_method.as_deref()) == Some("reboot-partition");
+    // `reboot-partition` boards keep their own trial rules (3b).
+    let persist = if args.trial && !reboot_partition {
+        say!("trial of slot {} (basalt.trial=1)", slot.name());
+        arm_trial_watchdog(env.watchdog, args.watchdog != Some(false));
+        steps.done("trial");
+        Persist::Trial(env.trial_limits)
+    } else {
+        Persist::Forever
+    };
+    let give_up = |why: String| TrialFailed {
+        slot: slot.name(),
+        why,
+    };
+
+    // 3. The slot's partitions.
     // Unreadable settings: GPT, no trial rules (the x86_64 defaults).
     let mbr = settings
         .as_ref()
         .is_some_and(|s| s.partition_table == "mbr");
     let mbr_root = mbr.then(|| mbr_root_partition(&env.path("/proc/cmdline"), slot));
-    let parts = wait_for_partitions(&env.path("/sys/class/block"), slot, mbr_root);
+    let parts = wait_for_partitions(&env.path("/sys/class/block"), slot, mbr_root, persist)
+        .map_err(give_up)?;
     steps.done("wait_devices");
 
     // 3b. Boards without tryboot: the trial rules, before anything that could hang.
-    if settings.as_ref().and_then(|s| s.boot_method.as_deref()) == Some("reboot-partition") {
+    if reboot_partition {
         let watchdog = args.watchdog != Some(false);
         handoff.trial = reboot_partition_trial(env, parts.get(ESP_PARTITION_NAME), slot, watchdog);
         steps.done("trial");
@@ -271,7 +363,9 @@ pub fn prepare_root(env: &mut Env<'_>) -> Handoff {
         let source = match (&args.verity, args.verity_data_blocks) {
             (Some(hash), Some(blocks)) => {
                 let name = verity::mapping_name(slot.root_partition_name());
-                let mapped = verity_or_stay(env.dm, &name, &root.dev_path(&dev), hash, blocks);
+                let mapped =
+                    verity_or_stay(env.dm, &name, &root.dev_path(&dev), hash, blocks, persist)
+                        .map_err(give_up)?;
                 handoff.verity_root_hash = hash.clone();
                 handoff.verity_name = name;
                 steps.done("verity");
@@ -301,13 +395,23 @@ pub fn prepare_root(env: &mut Env<'_>) -> Handoff {
             if let Err(e) = m {
                 report_verity(env.dm, &handoff.verity_name);
                 console::error("mount-root", e);
+                // The first try is spent: a trial gets the rest of its tries.
+                let persist = match persist {
+                    Persist::Trial(l) => Persist::Trial(TrialLimits {
+                        attempts: l.attempts.saturating_sub(1),
+                        ..l
+                    }),
+                    p => p,
+                };
                 mount_or_stay(
                     env.mounts,
                     &source,
                     &newroot,
                     "squashfs",
                     MsFlags::MS_RDONLY,
-                );
+                    persist,
+                )
+                .map_err(give_up)?;
             }
         } else {
             mount_or_stay(
@@ -316,7 +420,9 @@ pub fn prepare_root(env: &mut Env<'_>) -> Handoff {
                 &newroot,
                 "squashfs",
                 MsFlags::MS_RDONLY,
-            );
+                persist,
+            )
+            .map_err(give_up)?;
         }
     }
     steps.done("mount_root");
@@ -396,7 +502,27 @@ pub fn prepare_root(env: &mut Env<'_>) -> Handoff {
     handoff.steps_ms = steps.ms;
     handoff.stage1_end_ms = report::uptime_ms(&env.path("/proc"));
     (handoff.cpu_end_user_us, handoff.cpu_end_system_us) = sys::own_cpu_us();
-    handoff
+    Ok(handoff)
+}
+
+/// A trial boot's watchdog: armed with [`TRIAL_WATCHDOG_SECS`] and closed
+/// without the magic `V`, so it keeps counting until stage 2 reopens and
+/// pets it. `basalt.watchdog=0` leaves it alone (reported: a hang then stays).
+fn arm_trial_watchdog(watchdog: &dyn crate::rpi::Watchdog, wanted: bool) {
+    if !wanted {
+        console::error(
+            "trial",
+            "basalt.watchdog=0: the trial runs without the watchdog; a hang is not recovered",
+        );
+        return;
+    }
+    match watchdog.arm(TRIAL_WATCHDOG_SECS) {
+        Ok(()) => say!("trial watchdog armed: {TRIAL_WATCHDOG_SECS} s until stage 2 takes it over"),
+        Err(e) => console::error(
+            "trial",
+            format_args!("arming /dev/watchdog: {e}; a hang is not recovered"),
+        ),
+    }
 }
 
 fn reopen_console(path: &Path) {
@@ -436,14 +562,17 @@ fn mount_kernel_filesystems(env: &mut Env<'_>) {
 }
 
 /// Set up the verity mapping for the root partition `part`, retrying every few
-/// seconds forever on failure: an unverified root is never mounted instead.
+/// seconds on failure (forever on a primary boot): an unverified root is never
+/// mounted instead. A trial gives up after its tries (the error says why).
 fn verity_or_stay(
     dm: &mut dyn DeviceMapper,
     name: &str,
     part: &Path,
     root_hash: &str,
     data_blocks: u64,
-) -> PathBuf {
+    persist: Persist,
+) -> Result<PathBuf, String> {
+    let mut tries = 0u32;
     loop {
         let made = verity::read_superblock(part, data_blocks).and_then(|sb| {
             let (sectors, params) = verity::table(
@@ -455,10 +584,20 @@ fn verity_or_stay(
             dm.create_verity(name, sectors, &params)
         });
         match made {
-            Ok(node) => return node,
+            Ok(node) => return Ok(node),
             Err(e) => {
-                console::error("verity", e);
-                std::thread::sleep(Duration::from_secs(5));
+                console::error("verity", &e);
+                tries += 1;
+                match persist {
+                    Persist::Forever => std::thread::sleep(Duration::from_secs(5)),
+                    Persist::Trial(l) if tries >= l.attempts => {
+                        return Err(format!(
+                            "no verity mapping {name} for {} after {tries} tries ({e})",
+                            part.display()
+                        ));
+                    }
+                    Persist::Trial(l) => std::thread::sleep(l.pause),
+                }
             }
         }
     }
@@ -527,13 +666,15 @@ pub fn booted_slot(cmdline_path: &Path) -> Slot {
 /// Wait for root, data and ESP (config FAT) partitions, keyed by their GPT
 /// names. MBR boards (docs/boot-protocol.md, "Disk (Raspberry Pi, MBR)") have
 /// no names: the same roles are found by number on one disk. Without the
-/// root there is nothing to boot: keep looking (and saying so) forever; the
-/// others may be missing.
+/// root there is nothing to boot: keep looking (and saying so) forever on a
+/// primary boot, up to `devices` on a trial (then the error says what is
+/// missing); the others may be missing.
 fn wait_for_partitions(
     class_block: &Path,
     slot: Slot,
     mbr_root: Option<u32>,
-) -> BTreeMap<String, Partition> {
+    persist: Persist,
+) -> Result<BTreeMap<String, Partition>, String> {
     let root_name = slot.root_partition_name();
     let names = [root_name, DATA_PARTITION_NAME, ESP_PARTITION_NAME];
     let numbered;
@@ -548,14 +689,27 @@ fn wait_for_partitions(
             blockdev::Lookup::Numbered(&numbered)
         }
     };
+    let start = Instant::now();
     loop {
-        match blockdev::wait_for_lookup(class_block, lookup, WAIT_DEVICES, WAIT_POLL) {
-            Ok(found) => return found,
+        let wait = match persist {
+            Persist::Forever => WAIT_DEVICES,
+            Persist::Trial(l) => WAIT_DEVICES.min(l.devices.saturating_sub(start.elapsed())),
+        };
+        match blockdev::wait_for_lookup(class_block, lookup, wait, WAIT_POLL) {
+            Ok(found) => return Ok(found),
             Err(e) => {
                 console::error("wait-devices", &e);
                 let found = lookup.find(class_block).unwrap_or_default();
                 if found.contains_key(root_name) {
-                    return found;
+                    return Ok(found);
+                }
+                if let Persist::Trial(l) = persist
+                    && start.elapsed() >= l.devices
+                {
+                    return Err(format!(
+                        "partition {root_name} did not appear within {} s",
+                        l.devices.as_secs()
+                    ));
                 }
             }
         }
@@ -682,15 +836,39 @@ pub fn mbr_root_partition(cmdline_path: &Path, slot: Slot) -> u32 {
     }
 }
 
-/// Mount or retry every few seconds, forever: used for the root, without which
-/// stage 1 cannot go on.
-fn mount_or_stay(m: &mut dyn Mounts, dev: &str, target: &Path, fs: &str, flags: MsFlags) {
+/// Mount or retry every few seconds: used for the root, without which stage 1
+/// cannot go on. Forever on a primary boot; a trial gives up after its tries
+/// (none left: no try at all).
+fn mount_or_stay(
+    m: &mut dyn Mounts,
+    dev: &str,
+    target: &Path,
+    fs: &str,
+    flags: MsFlags,
+    persist: Persist,
+) -> Result<(), String> {
+    let mut tries = 0u32;
+    let mut last = String::from("no tries left");
     loop {
+        if let Persist::Trial(l) = persist
+            && tries >= l.attempts
+        {
+            return Err(format!(
+                "the root {dev} could not be mounted at {} ({last})",
+                target.display()
+            ));
+        }
         match mounts::mount_fs(m, dev, target, fs, flags, None) {
-            Ok(()) => return,
+            Ok(()) => return Ok(()),
             Err(e) => {
+                last = e.to_string();
                 console::error("mount-root", e);
-                std::thread::sleep(Duration::from_secs(5));
+                tries += 1;
+                match persist {
+                    Persist::Forever => std::thread::sleep(Duration::from_secs(5)),
+                    Persist::Trial(l) if tries < l.attempts => std::thread::sleep(l.pause),
+                    Persist::Trial(_) => {}
+                }
             }
         }
     }
@@ -1129,6 +1307,7 @@ mod tests {
                 reopen_console: false,
                 watchdog: wd,
                 reboot: rb,
+                trial_limits: TRIAL_LIMITS,
             };
             let trial = reboot_partition_trial(&mut env, Some(&p1), slot, true);
             let calls = mounts.calls.join("\n");
@@ -1208,8 +1387,9 @@ mod tests {
                 reopen_console: false,
                 watchdog: &NoWatchdog,
                 reboot: &NoReboot,
+                trial_limits: TRIAL_LIMITS,
             };
-            prepare_root(&mut env)
+            prepare_root(&mut env).unwrap()
         };
         assert_eq!(loader.0, ["virtio_blk.ko", "squashfs.ko"]);
         let r = root.display().to_string();
@@ -1278,10 +1458,139 @@ mod tests {
             reopen_console: false,
             watchdog: &NoWatchdog,
             reboot: &NoReboot,
-        });
+            trial_limits: TRIAL_LIMITS,
+        })
+        .unwrap();
         assert!(!handoff.data_grown);
         assert_eq!(disk.resized.len(), 1);
         assert_eq!(disk.ext4.len(), 2);
+    }
+
+    /// Mounts that fail for the root (`*/newroot`), as a squashfs on a
+    /// corrupted verity block does (EIO); the others succeed.
+    #[derive(Default)]
+    struct RootMountFails(Vec<String>);
+    impl Mounts for RootMountFails {
+        fn mount(
+            &mut self,
+            source: Option<&str>,
+            target: &Path,
+            _: Option<&str>,
+            _: MsFlags,
+            _: Option<&str>,
+        ) -> Result<(), nix::errno::Errno> {
+            self.0
+                .push(format!("{} {}", source.unwrap_or("-"), target.display()));
+            if target.ends_with("newroot") {
+                Err(nix::errno::Errno::EIO)
+            } else {
+                Ok(())
+            }
+        }
+        fn umount(&mut self, _: &Path, _: nix::mount::MntFlags) -> Result<(), nix::errno::Errno> {
+            Ok(())
+        }
+    }
+
+    const FAST: TrialLimits = TrialLimits {
+        devices: Duration::from_millis(300),
+        attempts: 3,
+        pause: Duration::from_millis(1),
+    };
+
+    /// `prepare_root` on the fixture with `cmdline`, root mounts failing.
+    fn trial_boot(
+        root: &Path,
+        cmdline: &str,
+        watchdog: &dyn crate::rpi::Watchdog,
+    ) -> (Result<Handoff, TrialFailed>, Vec<String>) {
+        std::fs::write(root.join("proc/cmdline"), cmdline).unwrap();
+        let mut mounts = RootMountFails::default();
+        let mut loader = Recorder(vec![]);
+        let mut disk = FileDisk {
+            path: root.join("none"),
+            resized: vec![],
+            ext4: vec![],
+        };
+        let r = prepare_root(&mut Env {
+            root: root.to_path_buf(),
+            mounts: &mut mounts,
+            modules: &mut loader,
+            block: &mut disk,
+            dm: &mut NoDm,
+            reopen_console: false,
+            watchdog,
+            reboot: &NoReboot,
+            trial_limits: FAST,
+        });
+        (r, mounts.0)
+    }
+
+    /// A trial boot (`basalt.trial=1`) arms the watchdog after the modules and
+    /// gives up, instead of retrying forever, when its root does not mount,
+    /// when the verity mapping cannot be made, or when the root partition
+    /// never appears; `basalt.watchdog=0` leaves the watchdog alone.
+    #[test]
+    fn a_trial_gives_up_when_its_root_cannot_be_mounted() {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path().join("initramfs");
+        fixture_root(&root);
+
+        // The root mount fails: tried `attempts` times, nothing after it mounted.
+        let wd = SeenWatchdog::default();
+        let (r, calls) = trial_boot(
+            &root,
+            "console=ttyS0 panic=10 basalt.trial=1 basalt.slot=b\n",
+            &wd,
+        );
+        let failed = r.unwrap_err();
+        assert_eq!(failed.slot, "b");
+        assert!(
+            failed.why.contains("/dev/vda3") && failed.why.contains("could not be mounted"),
+            "{failed}"
+        );
+        assert_eq!(*wd.0.borrow(), [TRIAL_WATCHDOG_SECS]);
+        let root_mounts = calls.iter().filter(|c| c.ends_with("/newroot")).count();
+        assert_eq!(root_mounts, FAST.attempts as usize, "{calls:?}");
+        assert!(calls.last().unwrap().ends_with("/newroot"), "{calls:?}");
+
+        // basalt.watchdog=0: no watchdog (NoWatchdog panics if armed), same verdict.
+        let (r, _) = trial_boot(
+            &root,
+            "basalt.trial=1 basalt.watchdog=0 basalt.slot=b\n",
+            &NoWatchdog,
+        );
+        assert!(r.unwrap_err().why.contains("could not be mounted"));
+
+        // Verity keys but no readable superblock (the fixture has no /dev/vda3).
+        let wd = SeenWatchdog::default();
+        let hash = "ab".repeat(32);
+        let (r, calls) = trial_boot(
+            &root,
+            &format!(
+                "basalt.verity={hash} basalt.verity_data_blocks=8 basalt.trial=1 basalt.slot=b\n"
+            ),
+            &wd,
+        );
+        let failed = r.unwrap_err();
+        assert!(
+            failed.why.contains("no verity mapping basalt-root-b")
+                && failed.why.contains("after 3 tries"),
+            "{failed}"
+        );
+        assert!(!calls.iter().any(|c| c.ends_with("/newroot")), "{calls:?}");
+
+        // root-b never appears: given up after `devices`.
+        std::fs::remove_file(root.join("sys/class/block/vda3")).unwrap();
+        let wd = SeenWatchdog::default();
+        let t0 = Instant::now();
+        let (r, calls) = trial_boot(&root, "basalt.trial=1 basalt.slot=b\n", &wd);
+        let failed = r.unwrap_err();
+        assert!(failed.why.contains("root-b did not appear"), "{failed}");
+        assert!(t0.elapsed() >= FAST.devices, "{:?}", t0.elapsed());
+        assert!(t0.elapsed() < WAIT_DEVICES, "{:?}", t0.elapsed());
+        assert_eq!(*wd.0.borrow(), [TRIAL_WATCHDOG_SECS]);
+        assert!(!calls.iter().any(|c| c.ends_with("/newroot")), "{calls:?}");
     }
 
     #[test]

@@ -7,9 +7,15 @@
 //! `1-primary`, `2-fallback` (the other good slot). `loader.conf` has no
 //! `default` line (QEMU.md: a default pattern defeats boot counting).
 //!
+//! Only a `Trial` entry carries `basalt.trial=1` (stage 1's cue to arm the
+//! watchdog and give up with a reboot): `render` adds it for that rank alone
+//! and `parse` drops it, so the commit, which rewrites the trial's entry as
+//! the uncounted primary, leaves no trial key behind.
+//!
 //! File names: `basalt-<slot>.conf` (uncounted) or `basalt-<slot>+<left>[-<done>].conf`
 //! (counted; systemd-boot renames it at every boot of it).
 
+use crate::cmdline::CMDLINE_TRIAL;
 use crate::slot::Slot;
 
 /// Where loader entries live on the ESP.
@@ -46,7 +52,8 @@ impl Rank {
 pub struct LoaderEntry {
     pub slot: Slot,
     pub os_version: String,
-    /// Kernel command line without `basalt.slot` (added by `render`).
+    /// Kernel command line without `basalt.slot` and `basalt.trial` (added
+    /// by `render`).
     pub options: String,
     pub rank: Rank,
 }
@@ -55,10 +62,14 @@ impl LoaderEntry {
     pub fn render(&self) -> String {
         let s = self.slot.name();
         let v = &self.os_version;
-        let options = [self.options.trim(), &format!("basalt.slot={s}")]
-            .iter()
-            .filter(|o| !o.is_empty())
-            .copied()
+        let trial = format!("{CMDLINE_TRIAL}=1");
+        let slot = format!("basalt.slot={s}");
+        let options = self
+            .options
+            .split_whitespace()
+            .filter(|w| !is_trial_key(w))
+            .chain((self.rank == Rank::Trial).then_some(trial.as_str()))
+            .chain([slot.as_str()])
             .collect::<Vec<_>>()
             .join(" ");
         format!(
@@ -83,6 +94,7 @@ impl LoaderEntry {
                     for w in v.split_whitespace() {
                         match w.strip_prefix("basalt.slot=") {
                             Some(s) => slot = Slot::parse(s),
+                            None if is_trial_key(w) => {}
                             None => options.push(w),
                         }
                     }
@@ -97,6 +109,11 @@ impl LoaderEntry {
             rank: rank?,
         })
     }
+}
+
+/// `basalt.trial` with or without a value: the rank decides it, never the options.
+fn is_trial_key(word: &str) -> bool {
+    word.split_once('=').map_or(word, |(k, _)| k) == CMDLINE_TRIAL
 }
 
 /// File name of a slot's uncounted entry.
@@ -172,10 +189,47 @@ mod tests {
         let text = e.render();
         assert_eq!(
             text,
-            "title Basalt 0.2.0 (slot b)\nsort-key basalt-0-trial\nversion 0.2.0\nlinux /b/vmlinuz\ninitrd /b/initramfs\noptions console=ttyS0,115200 basalt.verity=ab basalt.slot=b\n"
+            "title Basalt 0.2.0 (slot b)\nsort-key basalt-0-trial\nversion 0.2.0\nlinux /b/vmlinuz\ninitrd /b/initramfs\noptions console=ttyS0,115200 basalt.verity=ab basalt.trial=1 basalt.slot=b\n"
         );
         assert_eq!(LoaderEntry::parse(&text), Some(e));
         assert_eq!(LoaderEntry::parse("title x\n"), None);
+    }
+
+    /// The trial key follows the rank: a trial entry has it once (even when
+    /// the options name it), the commit's rewrite as primary has none.
+    #[test]
+    fn only_trial_entries_carry_the_trial_key() {
+        let trial = LoaderEntry {
+            slot: Slot::B,
+            os_version: "0.2.0".into(),
+            options: "console=ttyS0,115200 basalt.trial=1 panic=10".into(),
+            rank: Rank::Trial,
+        };
+        let text = trial.render();
+        let args =
+            crate::cmdline::parse(text.lines().last().unwrap().trim_start_matches("options "));
+        assert!(args.trial && args.problems.is_empty(), "{text}");
+        assert_eq!(text.matches("basalt.trial").count(), 1, "{text}");
+        // What the gate does at commit: the counted entry read back, rewritten as primary.
+        let read = LoaderEntry::parse(&text).unwrap();
+        assert_eq!(read.options, "console=ttyS0,115200 panic=10");
+        for rank in [Rank::Primary, Rank::Fallback] {
+            let committed = LoaderEntry {
+                rank,
+                ..read.clone()
+            }
+            .render();
+            assert!(!committed.contains("basalt.trial"), "{committed}");
+            let options = committed.lines().last().unwrap();
+            assert!(!crate::cmdline::parse(options).trial, "{committed}");
+        }
+        // A hand-made or builder entry naming the key is no trial unless ranked so.
+        let primary = LoaderEntry {
+            rank: Rank::Primary,
+            options: "basalt.trial=1 basalt.trial".into(),
+            ..trial
+        };
+        assert!(!primary.render().contains("basalt.trial"));
     }
 
     #[test]
