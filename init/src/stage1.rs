@@ -49,6 +49,11 @@ pub struct Handoff {
     /// stage 2's health gate commits with `rpi::commit_reboot_partition`.
     #[serde(default)]
     pub trial: bool,
+    /// The board's `boot_method` from `initramfs.toml` (`systemd-boot`,
+    /// `tryboot`, `reboot-partition`; empty when unreadable): stage 2 has no
+    /// other way to know it (the update agent picks its trial method by it).
+    #[serde(default)]
+    pub boot_method: String,
     /// PID 1's CPU time when stage 1 started (µs): the kernel's own work in
     /// the init task before it ran init, for the boot report's split.
     #[serde(default)]
@@ -316,6 +321,10 @@ pub fn prepare_root(env: &mut Env<'_>) -> Result<Handoff, TrialFailed> {
         }
     };
     steps.done("modules");
+    handoff.boot_method = settings
+        .as_ref()
+        .and_then(|s| s.boot_method.clone())
+        .unwrap_or_default();
 
     // 2b. Which slot booted, and whether as a trial: a trial arms the
     // watchdog now (its driver is loaded), before anything that could hang.
@@ -1642,6 +1651,7 @@ mod tests {
             verity_root_hash: "ab".repeat(32),
             verity_name: "basalt-root-a".into(),
             trial: true,
+            boot_method: "reboot-partition".into(),
             cpu_start_user_us: 10,
             cpu_start_system_us: 2000,
             cpu_end_user_us: 30,

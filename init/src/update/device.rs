@@ -123,6 +123,7 @@ impl Device {
         let named = h
             .get("boot_method")
             .and_then(|v| v.as_str())
+            .filter(|m| !m.is_empty())
             .and_then(BootMethod::parse);
         let ran_rules = h
             .get("steps_ms")
