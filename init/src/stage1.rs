@@ -352,7 +352,7 @@ pub fn prepare_root(env: &mut Env<'_>) -> Result<Handoff, TrialFailed> {
     let mbr = settings
         .as_ref()
         .is_some_and(|s| s.partition_table == "mbr");
-    let mbr_root = mbr.then(|| mbr_root_partition(&env.path("/proc/cmdline"), slot));
+    let mbr_root = mbr.then(|| mbr_root_partition(&args, slot));
     let parts = wait_for_partitions(&env.path("/sys/class/block"), slot, mbr_root, persist)
         .map_err(give_up)?;
     steps.done("wait_devices");
@@ -652,26 +652,6 @@ pub fn boot_args(cmdline_path: &Path) -> cmdline::BootArgs {
     args
 }
 
-/// The slot named on the kernel command line; slot a (reported) when absent,
-/// so a hand-edited loader entry still boots.
-pub fn booted_slot(cmdline_path: &Path) -> Slot {
-    let text = match std::fs::read_to_string(cmdline_path) {
-        Ok(t) => t,
-        Err(e) => {
-            console::error("cmdline", format_args!("{} ({e})", cmdline_path.display()));
-            String::new()
-        }
-    };
-    let args = cmdline::parse(&text);
-    for p in &args.problems {
-        console::error("cmdline", p);
-    }
-    args.slot.unwrap_or_else(|| {
-        console::error("cmdline", "no basalt.slot, using slot a");
-        Slot::A
-    })
-}
-
 /// Wait for root, data and ESP (config FAT) partitions, keyed by their GPT
 /// names. MBR boards (docs/boot-protocol.md, "Disk (Raspberry Pi, MBR)") have
 /// no names: the same roles are found by number on one disk. Without the
@@ -826,10 +806,9 @@ fn reboot_partition_trial(
 }
 
 /// MBR boards: the root partition number, from `basalt.root` or the slot.
-pub fn mbr_root_partition(cmdline_path: &Path, slot: Slot) -> u32 {
+pub fn mbr_root_partition(args: &cmdline::BootArgs, slot: Slot) -> u32 {
     let from_slot = u32::from(crate::rpi::root_partition(slot));
-    let text = std::fs::read_to_string(cmdline_path).unwrap_or_default();
-    match cmdline::parse(&text).root_partition {
+    match args.root_partition {
         Some(n) if n != from_slot => {
             console::error(
                 "cmdline",
@@ -1674,10 +1653,14 @@ mod tests {
     fn slot_from_cmdline_file() {
         let t = tempfile::tempdir().unwrap();
         let p = t.path().join("cmdline");
-        std::fs::write(&p, "console=ttyS0 basalt.slot=b\n").unwrap();
-        assert_eq!(booted_slot(&p), Slot::B);
+        std::fs::write(&p, "console=ttyS0 basalt.slot=b basalt.root=6\n").unwrap();
+        let args = boot_args(&p);
+        assert_eq!(args.slot, Some(Slot::B));
+        assert_eq!(mbr_root_partition(&args, Slot::B), 6);
         std::fs::write(&p, "console=ttyS0\n").unwrap();
-        assert_eq!(booted_slot(&p), Slot::A);
+        let args = boot_args(&p);
+        assert_eq!(args.slot, None);
+        assert_eq!(mbr_root_partition(&args, Slot::A), 5);
     }
 
     #[test]
