@@ -9,15 +9,11 @@
 //! Needs the test assets (`BASALT_ASSETS`, default `<repo>/.cache/assets`):
 //! skipped with a printed reason when missing.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
+use common::*;
+use std::path::{Path, PathBuf};
+use std::process::Command;
 
 fn assets() -> Option<PathBuf> {
     let a = std::env::var_os("BASALT_ASSETS")
@@ -51,22 +47,6 @@ fn binary(var: &str, built: &str, fallback: &Path) -> PathBuf {
     }
 }
 
-fn output(cmd: &mut Command) -> Output {
-    cmd.output()
-        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"))
-}
-
-fn run(cmd: &mut Command) -> Output {
-    let out = output(cmd);
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
@@ -85,14 +65,6 @@ fn root_a_offset(img: &Path) -> u64 {
         .and_then(|s| s.trim().parse().ok())
         .unwrap_or_else(|| panic!("bad sfdisk line {line}"));
     start * 512
-}
-
-fn sha256(p: &Path) -> String {
-    text(&run(Command::new("sha256sum").arg(p)).stdout)
-        .split_whitespace()
-        .next()
-        .unwrap_or_default()
-        .to_string()
 }
 
 #[test]

@@ -11,6 +11,9 @@
 //! Kubernetes binary (this test checks structure, not boot). busybox_links runs
 //! the arm busybox under qemu-user (qemu-aarch64-static / qemu-arm-static).
 
+mod common;
+
+use common::*;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -18,13 +21,6 @@ use std::process::{Command, Output};
 use basalt_init::rpi::model::{self, Content, Disk, Firmware, Flags};
 use basalt_init::rpi::{Autoboot, Capabilities};
 use basalt_init::slot::Slot;
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
 
 fn assets(arch: &str) -> Option<PathBuf> {
     let a = std::env::var_os("BASALT_ASSETS")
@@ -45,29 +41,8 @@ fn assets(arch: &str) -> Option<PathBuf> {
     }
 }
 
-fn run(cmd: &mut Command) -> Output {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
 fn text(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn sha256(p: &Path) -> String {
-    text(&run(Command::new("sha256sum").arg(p)))
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_string()
 }
 
 /// Build `tests/images/<board>.toml` into `<tmp>/<board>/<tag>`; the image path.

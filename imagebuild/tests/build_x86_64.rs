@@ -8,16 +8,12 @@
 //! built, else to the assets' static busybox (this test checks structure,
 //! not boot; the QEMU test boots the real thing).
 
+mod common;
+
+use common::*;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Instant;
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
 
 fn assets() -> Option<PathBuf> {
     let a = std::env::var_os("BASALT_ASSETS")
@@ -57,19 +53,6 @@ fn binary(var: &str, built: &str, fallback: &Path) -> PathBuf {
     }
 }
 
-fn run(cmd: &mut Command) -> Output {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
 fn text(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
@@ -88,14 +71,6 @@ fn basalt(env: &Env, args: &[&str], epoch: &str) -> Command {
         .env("BASALT_INIT", &env.init)
         .env("SOURCE_DATE_EPOCH", epoch);
     c
-}
-
-fn sha256(p: &Path) -> String {
-    text(&run(Command::new("sha256sum").arg(p)))
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_string()
 }
 
 const MIB: u64 = 1024 * 1024;

@@ -6,30 +6,13 @@
 //! the same definition, and boot-fat-a's `cmdline.txt` what it writes in p2.
 //! (Installing such a bundle on a Pi — tryboot — is not in the agent yet.)
 
+mod common;
+
+use common::*;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
 use basalt_init::bundle::{Head, PayloadPart, verify_stream};
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
-fn run(cmd: &mut Command) -> Output {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
 
 fn mtype(fat: &Path, offset: u64, name: &str) -> String {
     let spec = format!("{}@@{offset}", fat.display());
