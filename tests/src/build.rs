@@ -62,7 +62,9 @@ static BUILT: Mutex<bool> = Mutex::new(false);
 
 /// Runs `cmd`, logging its output to `log`; an error quotes the log's tail.
 pub fn run_logged(what: &str, cmd: &mut Command, log: &Path) -> Result<(), BuildError> {
-    let out = cmd.output().map_err(|source| BuildError::Spawn {
+    // An anyhow error's backtrace (RUST_BACKTRACE=1 in some CI environments)
+    // would push the error itself out of the tail kept below.
+    let out = cmd.env("RUST_LIB_BACKTRACE", "0").output().map_err(|source| BuildError::Spawn {
         what: what.to_string(),
         source,
     })?;
@@ -77,7 +79,12 @@ pub fn run_logged(what: &str, cmd: &mut Command, log: &Path) -> Result<(), Build
     }
     let text = String::from_utf8_lossy(&text);
     let lines: Vec<&str> = text.lines().collect();
-    let tail = lines[lines.len().saturating_sub(30)..].join("\n");
+    // From basalt's own `Error:` line when there is one, else the last lines.
+    let start = lines
+        .iter()
+        .rposition(|l| l.starts_with("Error:"))
+        .unwrap_or(lines.len().saturating_sub(30));
+    let tail = lines[start..lines.len().min(start + 30)].join("\n");
     Err(BuildError::Failed {
         what: what.to_string(),
         status: out.status,

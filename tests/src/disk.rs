@@ -227,6 +227,22 @@ pub fn set_size(image: &Path, bytes: u64) -> Result<(), DiskError> {
     Ok(())
 }
 
+/// Copies a disk image keeping it sparse (`cp --sparse=always`): a plain
+/// copy writes every zero of a 2 GiB SD card image, and a suite of such
+/// copies fills a CI disk.
+pub fn copy_sparse(from: &Path, to: &Path) -> Result<(), DiskError> {
+    run(
+        "cp",
+        from,
+        Command::new("cp")
+            .arg("--sparse=always")
+            .arg("--")
+            .arg(from)
+            .arg(to),
+    )?;
+    Ok(())
+}
+
 /// Facts from the superblock of the ext4 at `offset` (`dumpe2fs -h`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Ext4Facts {

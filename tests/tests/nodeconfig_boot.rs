@@ -226,8 +226,8 @@ fn node_toml_and_cloud_init_reach_the_same_state_and_a_broken_config_keeps_the_l
     let built = build::build_image(&repo_root().join(DEFINITION), &dir.join("out"))?;
     let a = dir.join("toml.img");
     let b = dir.join("cloud-init.img");
-    std::fs::copy(&built, &a)?;
-    std::fs::copy(&built, &b)?;
+    disk::copy_sparse(&built, &a)?;
+    disk::copy_sparse(&built, &b)?;
     basalt(&[
         "config",
         "inject",

@@ -22,7 +22,7 @@ use anyhow::{Context, Result, ensure};
 use basalt_tests::assets::Assets;
 use basalt_tests::qemu::{Vm, VmConfig};
 use basalt_tests::report;
-use basalt_tests::{build, repo_root, work_dir};
+use basalt_tests::{build, disk, repo_root, work_dir};
 use std::path::Path;
 use std::process::Command;
 use std::sync::Mutex;
@@ -110,8 +110,8 @@ fn join(
     let definition = repo_root().join(format!("tests/tests/images/nodeconfig-join-{dist}.toml"));
     let built = build::build_image(&definition, &dir.join("out"))?;
     let (server_img, agent_img) = (dir.join("server.img"), dir.join("agent.img"));
-    std::fs::copy(&built, &server_img)?;
-    std::fs::copy(&built, &agent_img)?;
+    disk::copy_sparse(&built, &server_img)?;
+    disk::copy_sparse(&built, &agent_img)?;
     for (img, text, file) in [
         (&server_img, server_config, "server.toml"),
         (&agent_img, agent_config, "agent.toml"),

@@ -147,7 +147,7 @@ fn boot_pi(pi: &Pi, dir: &Path, init: &Path, standin: &Path) -> Result<PathBuf> 
     );
 
     let sd = dir.join("sd.img");
-    std::fs::copy(&img, &sd)?;
+    disk::copy_sparse(&img, &sd)?;
     let mut child = Qemu(
         Command::new(pi.qemu)
             .args([

@@ -55,7 +55,7 @@ fn verity_root_boots_and_corruption_is_never_served() -> Result<()> {
 
     // 2. One byte flipped in root-a's squashfs, on a copy.
     let bad = dir.join("corrupted.img");
-    std::fs::copy(&img, &bad)?;
+    disk::copy_sparse(&img, &bad)?;
     let off = disk::partition_offset(&bad, "root-a")?;
     let mut bytes = std::fs::read(&bad)?;
     let sq = off as usize;
