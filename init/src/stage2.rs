@@ -601,7 +601,10 @@ fn kubernetes(ctx: &mut Context) -> Result<(), Stage2Error> {
                 .map_err(|e| console::error("kubernetes", e))
                 .ok()
         });
-        ctx.services.push(
+        // First in the list: among services with no `after` between them,
+        // Kubernetes (the boot's critical path) is spawned before the rest.
+        ctx.services.insert(
+            0,
             from_config.unwrap_or_else(|| service::kubernetes_service(k.distribution, &k.binary)),
         );
         ctx.distribution = Some(k.distribution);

@@ -275,12 +275,13 @@ impl Device {
         write_atomic(&path, e.render().as_bytes()).map_err(UpdateError::State)
     }
 
-    /// Remove `slot`'s entry files matching `which`.
+    /// Remove `slot`'s entry files matching `which`; how many there were.
     pub fn remove_entries(
         &self,
         slot: Slot,
         which: impl Fn(&EntryFile) -> bool,
-    ) -> Result<(), UpdateError> {
+    ) -> Result<usize, UpdateError> {
+        let mut removed = 0;
         for f in self.entries_of(slot).into_iter().filter(|f| which(f)) {
             let p = self.entry_path(&f.name);
             std::fs::remove_file(&p).map_err(|source| UpdateError::Io {
@@ -288,12 +289,14 @@ impl Device {
                 path: p,
                 source,
             })?;
+            removed += 1;
         }
-        Ok(())
+        Ok(removed)
     }
 
-    /// Make `slot`'s uncounted entry carry `rank` (rewritten only when it differs).
-    pub fn set_rank(&self, slot: Slot, rank: Rank) -> Result<(), UpdateError> {
+    /// Make `slot`'s uncounted entry carry `rank` (rewritten only when it
+    /// differs); whether it was rewritten.
+    pub fn set_rank(&self, slot: Slot, rank: Rank) -> Result<bool, UpdateError> {
         let Some(mut e) = self.read_entry(slot) else {
             return Err(UpdateError::Partition(format!(
                 "no loader entry for slot {} to make {}",
@@ -304,10 +307,11 @@ impl Device {
         let name = entry::file_name(slot);
         let current = std::fs::read_to_string(self.entry_path(&name)).ok();
         e.rank = rank;
-        if current.as_deref() != Some(e.render().as_str()) {
-            self.write_entry(&name, &e)?;
+        if current.as_deref() == Some(e.render().as_str()) {
+            return Ok(false);
         }
-        Ok(())
+        self.write_entry(&name, &e)?;
+        Ok(true)
     }
 }
 
