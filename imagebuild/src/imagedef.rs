@@ -59,21 +59,9 @@ pub fn source_dir() -> PathBuf {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Distribution {
-    K3s,
-    K0s,
-}
-
-impl Distribution {
-    pub fn name(self) -> &'static str {
-        match self {
-            Distribution::K3s => "k3s",
-            Distribution::K0s => "k0s",
-        }
-    }
-}
+/// The Kubernetes distribution: the device's own type (it reads the
+/// `kubernetes.distribution` the builder writes into `image.toml`).
+pub use basalt_init::service::Distribution;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

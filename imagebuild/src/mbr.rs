@@ -17,14 +17,12 @@ pub const SECTOR: u64 = 512;
 /// Partitions (and EBRs) start on 1 MiB boundaries.
 pub const ALIGN_SECTORS: u64 = 2048;
 
-/// FAT32 with LBA addressing (what Raspberry Pi OS images use, §1.1).
-pub const TYPE_FAT32_LBA: u8 = 0x0c;
-/// Extended partition, LBA addressing.
-pub const TYPE_EXTENDED_LBA: u8 = 0x0f;
-/// Type of the link entry inside an EBR that points at the next EBR.
-const TYPE_EBR_LINK: u8 = 0x05;
-/// Linux filesystem (squashfs roots, ext4 data).
-pub const TYPE_LINUX: u8 = 0x83;
+// The entry format and partition types: one definition shared with the
+// device, which reads and grows these tables (init/src/mbr.rs).
+#[cfg(test)]
+use basalt_init::mbr::chs;
+use basalt_init::mbr::{SIGNATURE, TYPE_EBR_LINK, put_entry};
+pub use basalt_init::mbr::{TYPE_EXTENDED_LBA, TYPE_FAT32_LBA, TYPE_LINUX};
 
 #[derive(Debug, Error)]
 pub enum MbrError {
@@ -182,8 +180,7 @@ impl MbrLayout {
         for (i, p) in self.primaries.iter().enumerate() {
             put_entry(&mut s, i, p.kind, p.start, p.start, p.sectors);
         }
-        s[510] = 0x55;
-        s[511] = 0xaa;
+        s[510..512].copy_from_slice(&SIGNATURE);
         s
     }
 
@@ -209,8 +206,7 @@ impl MbrLayout {
                     span,
                 );
             }
-            s[510] = 0x55;
-            s[511] = 0xaa;
+            s[510..512].copy_from_slice(&SIGNATURE);
             out.push((ebr, s));
         }
         out
@@ -234,42 +230,6 @@ impl MbrLayout {
         }
         Ok(())
     }
-}
-
-/// One 16-byte entry. `abs_start` gives the CHS fields; `rel_start` is what is stored.
-/// Sizes were checked against u32 in `plan`.
-fn put_entry(
-    s: &mut [u8; 512],
-    index: usize,
-    kind: u8,
-    abs_start: u64,
-    rel_start: u64,
-    sectors: u64,
-) {
-    let e = &mut s[446 + 16 * index..446 + 16 * (index + 1)];
-    e[0] = 0; // not "active": the Pi firmware does not look at the flag
-    e[1..4].copy_from_slice(&chs(abs_start));
-    e[4] = kind;
-    e[5..8].copy_from_slice(&chs(abs_start + sectors - 1));
-    e[8..12].copy_from_slice(&(rel_start as u32).to_le_bytes());
-    e[12..16].copy_from_slice(&(sectors as u32).to_le_bytes());
-}
-
-/// CHS address in the 255-head, 63-sector geometry; past cylinder 1023 the
-/// conventional "use LBA" value `fe ff ff`.
-fn chs(lba: u64) -> [u8; 3] {
-    let (heads, spt) = (255u64, 63u64);
-    let cylinder = lba / (heads * spt);
-    if cylinder > 1023 {
-        return [0xfe, 0xff, 0xff];
-    }
-    let head = (lba / spt) % heads;
-    let sector = lba % spt + 1;
-    [
-        head as u8,
-        (sector as u8) | (((cylinder >> 8) as u8) << 6),
-        cylinder as u8,
-    ]
 }
 
 /// The Raspberry Pi layout of DESIGN.md, sizes in bytes.

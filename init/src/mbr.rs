@@ -13,6 +13,77 @@
 
 use std::io::{Read, Seek, SeekFrom, Write};
 
+// ------------------------------------------------------------ on-disk format
+// One place for the table format, used by the builder (imagebuild/src/mbr.rs,
+// which writes tables) and by the device (this module, which reads and grows them).
+
+/// FAT32 with LBA addressing (what Raspberry Pi OS images use).
+pub const TYPE_FAT32_LBA: u8 = 0x0c;
+/// Extended partition, LBA addressing.
+pub const TYPE_EXTENDED_LBA: u8 = 0x0f;
+/// Type of the link entry inside an EBR that points at the next EBR.
+pub const TYPE_EBR_LINK: u8 = 0x05;
+/// Linux filesystem (squashfs roots, ext4 data).
+pub const TYPE_LINUX: u8 = 0x83;
+/// Bytes 510..512 of an MBR or EBR sector.
+pub const SIGNATURE: [u8; 2] = [0x55, 0xaa];
+/// Offset of the four 16-byte partition entries in an MBR or EBR sector.
+pub const ENTRIES_OFFSET: usize = 446;
+
+/// Whether `t` is an extended (container) partition type.
+pub fn is_extended(t: u8) -> bool {
+    matches!(t, 0x05 | 0x0f | 0x85)
+}
+
+/// Entry `i` of a table sector: (type, start LBA as stored, sectors).
+pub fn entry(sector: &[u8], i: usize) -> (u8, u64, u64) {
+    let e = &sector[ENTRIES_OFFSET + 16 * i..ENTRIES_OFFSET + 16 * (i + 1)];
+    let le = |o: usize| u64::from(u32::from_le_bytes([e[o], e[o + 1], e[o + 2], e[o + 3]]));
+    (e[4], le(8), le(12))
+}
+
+/// Write entry `i`: `abs_start` gives the CHS fields, `rel_start` is what is
+/// stored (relative to the EBR inside an extended partition). The caller has
+/// checked both and `sectors` against u32.
+pub fn put_entry(
+    sector: &mut [u8],
+    i: usize,
+    kind: u8,
+    abs_start: u64,
+    rel_start: u64,
+    sectors: u64,
+) {
+    let e = &mut sector[ENTRIES_OFFSET + 16 * i..ENTRIES_OFFSET + 16 * (i + 1)];
+    e[0] = 0; // not "active": the Pi firmware does not look at the flag
+    e[1..4].copy_from_slice(&chs(abs_start));
+    e[4] = kind;
+    e[5..8].copy_from_slice(&chs(abs_start + sectors.max(1) - 1));
+    e[8..12].copy_from_slice(&(rel_start as u32).to_le_bytes());
+    e[12..16].copy_from_slice(&(sectors as u32).to_le_bytes());
+}
+
+/// CHS address in the 255-head, 63-sector geometry; past cylinder 1023 the
+/// conventional "use LBA" value `fe ff ff`.
+pub fn chs(lba: u64) -> [u8; 3] {
+    let (heads, spt) = (255u64, 63u64);
+    let cylinder = lba / (heads * spt);
+    if cylinder > 1023 {
+        return [0xfe, 0xff, 0xff];
+    }
+    let head = (lba / spt) % heads;
+    let sector = lba % spt + 1;
+    [
+        head as u8,
+        (sector as u8) | (((cylinder >> 8) as u8) << 6),
+        cylinder as u8,
+    ]
+}
+
+fn set_len(sector: &mut [u8], i: usize, len: u64) {
+    let o = ENTRIES_OFFSET + 16 * i + 12;
+    sector[o..o + 4].copy_from_slice(&(len.min(u64::from(u32::MAX)) as u32).to_le_bytes());
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum MbrError {
     #[error("reading or writing the disk: {0}")]
@@ -48,26 +119,11 @@ pub enum GrowOutcome {
 /// Slack under which the partition counts as filling the disk (1 MiB in 512-byte sectors).
 const SLACK_SECTORS: u64 = 2048;
 
-fn is_extended(t: u8) -> bool {
-    matches!(t, 0x05 | 0x0f | 0x85)
-}
-
 fn read_sector<D: Read + Seek>(d: &mut D, lba: u64, ss: u64) -> Result<Vec<u8>, MbrError> {
     let mut buf = vec![0u8; ss as usize];
     d.seek(SeekFrom::Start(lba * ss))?;
     d.read_exact(&mut buf)?;
     Ok(buf)
-}
-
-fn entry(sector: &[u8], i: usize) -> (u8, u64, u64) {
-    let e = &sector[446 + 16 * i..446 + 16 * (i + 1)];
-    let le = |o: usize| u64::from(u32::from_le_bytes([e[o], e[o + 1], e[o + 2], e[o + 3]]));
-    (e[4], le(8), le(12))
-}
-
-fn set_len(sector: &mut [u8], i: usize, len: u64) {
-    let o = 446 + 16 * i + 12;
-    sector[o..o + 4].copy_from_slice(&(len.min(u64::from(u32::MAX)) as u32).to_le_bytes());
 }
 
 /// The logical partitions (numbers 5, 6, ...) with the sector of the EBR that describes each.
@@ -76,7 +132,7 @@ pub fn logical_partitions<D: Read + Seek>(
     ss: u64,
 ) -> Result<Vec<(u64, Extent)>, MbrError> {
     let mbr = read_sector(d, 0, ss)?;
-    if mbr[510..512] != [0x55, 0xAA] {
+    if mbr[510..512] != SIGNATURE {
         return Err(MbrError::NoSignature);
     }
     let (ext_start, ext_len) = (0..4)
@@ -94,7 +150,7 @@ pub fn logical_partitions<D: Read + Seek>(
             return Err(MbrError::BrokenChain(ebr_lba));
         }
         let ebr = read_sector(d, ebr_lba, ss)?;
-        if ebr[510..512] != [0x55, 0xAA] {
+        if ebr[510..512] != SIGNATURE {
             return Err(MbrError::BrokenChain(ebr_lba));
         }
         let (t, rel, len) = entry(&ebr, 0);
