@@ -64,10 +64,13 @@ static BUILT: Mutex<bool> = Mutex::new(false);
 pub fn run_logged(what: &str, cmd: &mut Command, log: &Path) -> Result<(), BuildError> {
     // An anyhow error's backtrace (RUST_BACKTRACE=1 in some CI environments)
     // would push the error itself out of the tail kept below.
-    let out = cmd.env("RUST_LIB_BACKTRACE", "0").output().map_err(|source| BuildError::Spawn {
-        what: what.to_string(),
-        source,
-    })?;
+    let out = cmd
+        .env("RUST_LIB_BACKTRACE", "0")
+        .output()
+        .map_err(|source| BuildError::Spawn {
+            what: what.to_string(),
+            source,
+        })?;
     let mut text = out.stdout.clone();
     text.extend_from_slice(&out.stderr);
     std::fs::write(log, &text).map_err(|source| BuildError::Io {
