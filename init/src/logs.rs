@@ -429,7 +429,8 @@ impl Log {
             None => self.persistent.insert(Persistent::open(dir, max)?),
         };
         let mut r = Ok(());
-        for e in self.ring.query(None, self.persisted) {
+        let since = self.persisted;
+        for e in self.ring.entries.iter().filter(|e| e.seq > since) {
             r = p.line(e.ms, &e.source, &e.text);
             if r.is_err() {
                 break;

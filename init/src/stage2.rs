@@ -91,6 +91,9 @@ const PHASES: &[(&str, Phase)] = &[
 pub fn run() -> ! {
     let started_ms = sys::boottime_ms();
     console::install_panic_hook();
+    // The ring first, so that `stage2 start` (a boot's first line in a
+    // persistent log) is in it.
+    crate::logs::init_from_image(Path::new(slot::IMAGE_FACTS_PATH));
     say!("stage2 start");
     // Block PID 1's signals now so one sent during the phases stays pending
     // for the supervisor's signalfd instead of being dropped (PID 1 has no
@@ -98,7 +101,6 @@ pub fn run() -> ! {
     if let Err(e) = sys::Signals::open(crate::supervisor::SIGNALS) {
         console::error("signals", e);
     }
-    crate::logs::init_from_image(Path::new(slot::IMAGE_FACTS_PATH));
     let mut ctx = Context::default();
     for (name, phase) in PHASES {
         let t0 = sys::boottime_ms();

@@ -1,6 +1,7 @@
 //! PID 1's side of the node config: start the init binary again as
 //! `basalt-node-config` (a fresh process, so the parser's memory is never
-//! PID 1's), wait for it with a timeout, and read what it left in
+//! PID 1's), relay its output (console lines, config errors) to the console
+//! and the log ring, wait for it with a timeout, and read what it left in
 //! `/run/basalt/node-config.toml`. Nothing here parses the node config.
 
 use std::os::unix::process::CommandExt;
@@ -34,32 +35,91 @@ pub enum Pid1Error {
 /// Run the child (`program`, normally `/proc/self/exe`) and read its results.
 /// `Err` only when there are no results at all; a child that exited non-zero
 /// after writing results (it used the last good config) is `Ok` with the
-/// status in the results.
+/// status in the results. Its output goes to the console and the log ring
+/// ([`relay`]).
 pub fn run(program: &Path, results: &Path, timeout: Duration) -> Result<Results, Pid1Error> {
+    run_with(program, results, timeout, &mut relay)
+}
+
+/// One line of the child's output: its `basalt: <msg>` lines are init's own
+/// (the same binary), anything else is recorded under the child's name.
+pub fn relay(line: &str) {
+    match line.strip_prefix("basalt: ") {
+        Some(body) => crate::say!("{body}"),
+        None => {
+            if crate::logs::record(CHILD_NAME, line) {
+                crate::console::raw_line(line);
+            }
+        }
+    }
+}
+
+/// [`run`], handing each line the child writes (stdout and stderr) to
+/// `out`. Without a pipe the child writes to PID 1's console directly.
+pub fn run_with(
+    program: &Path,
+    results: &Path,
+    timeout: Duration,
+    out: &mut dyn FnMut(&str),
+) -> Result<Results, Pid1Error> {
     let _ = std::fs::remove_file(results);
     let mut cmd = Command::new(program);
     cmd.arg0(CHILD_NAME)
         .stdin(Stdio::null())
         .env_clear()
         .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
+    let mut pipe = crate::sys::log_pipe().ok();
+    if let Some((_, w)) = &pipe
+        && let (Ok(a), Ok(b)) = (w.try_clone(), w.try_clone())
+    {
+        cmd.stdout(Stdio::from(a)).stderr(Stdio::from(b));
+    }
     crate::sys::unblock_signals_in_child(&mut cmd);
-    let mut child = cmd.spawn().map_err(|source| Pid1Error::Spawn {
+    let spawned = cmd.spawn();
+    // Only the child may hold the write end, or the pipe never ends.
+    drop(cmd);
+    let reader = pipe.take().map(|(r, _)| r);
+    let mut child = spawned.map_err(|source| Pid1Error::Spawn {
         program: program.display().to_string(),
         source,
     })?;
+    let mut pending = Vec::new();
+    let mut drain = |pending: &mut Vec<u8>| {
+        let Some(r) = &reader else { return };
+        let mut buf = [0u8; 4096];
+        // Bounded, like the supervisor's: the loop must keep checking the child.
+        for _ in 0..64 {
+            match crate::sys::read_nonblocking(r, &mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    for line in crate::logs::split_lines(pending, &buf[..n]) {
+                        out(&line);
+                    }
+                }
+            }
+        }
+    };
     let end = Instant::now() + timeout;
     let status = loop {
+        drain(&mut pending);
         match child.try_wait() {
             Ok(Some(st)) => break st,
             Ok(None) if Instant::now() >= end => {
                 let _ = child.kill();
                 let _ = child.wait();
+                drain(&mut pending);
                 return Err(Pid1Error::Timeout(timeout));
             }
             Ok(None) => std::thread::sleep(Duration::from_millis(20)),
             Err(e) => return Err(Pid1Error::Wait(e)),
         }
     };
+    // What it wrote just before exiting (a grandchild it left holding the
+    // pipe cannot keep us here: reads never block).
+    drain(&mut pending);
+    if !pending.is_empty() {
+        out(&String::from_utf8_lossy(&pending));
+    }
     let read = std::fs::read_to_string(results)
         .map_err(|e| e.to_string())
         .and_then(|t| toml::from_str::<Results>(&t).map_err(|e| e.message().to_string()));
@@ -94,6 +154,28 @@ mod tests {
         let r = run(&script, &results, Duration::from_secs(10)).unwrap();
         assert_eq!(r.status, "applied");
         assert_eq!(r.hostname.as_deref(), Some("edge-1"));
+
+        // Its output, stdout and stderr, line by line (a last line without
+        // newline included), also when there is more than a pipe holds.
+        std::fs::write(
+            &script,
+            format!(
+                "#!/bin/sh\necho 'basalt: error config x:1:1: bad'\necho oops >&2\ni=0; while [ $i -lt 3000 ]; do echo \"filler $i ................................\"; i=$((i+1)); done\nprintf 'status = \"failed\"\\nerrors = 1\\n' > {}\nprintf tail\n",
+                results.display()
+            ),
+        )
+        .unwrap();
+        let mut lines = Vec::new();
+        let r = run_with(&script, &results, Duration::from_secs(10), &mut |l| {
+            lines.push(l.to_string())
+        })
+        .unwrap();
+        assert_eq!(r.status, "failed");
+        assert_eq!(lines[0], "basalt: error config x:1:1: bad");
+        assert_eq!(lines[1], "oops");
+        assert_eq!(lines.len(), 3003, "every line, none split");
+        assert_eq!(lines[3001], format!("filler 2999 {}", ".".repeat(32)));
+        assert_eq!(lines[3002], "tail");
 
         std::fs::write(&script, "#!/bin/sh\nexit 3\n").unwrap();
         assert!(matches!(

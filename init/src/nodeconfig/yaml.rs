@@ -87,7 +87,7 @@ fn error_pos(text: &str, loc: &serde_saphyr::Location) -> Pos {
     let lone_cr = text
         .as_bytes()
         .windows(2)
-        .any(|w| w[0] == b'\r' && w[1] != b'\n')
+        .any(|w| matches!(w, [b'\r', next] if *next != b'\n'))
         || text.ends_with('\r');
     if !lone_cr {
         return pos;
