@@ -35,7 +35,7 @@ const ENTRY_OVERHEAD: usize = 96;
 pub const PERSISTENT_PATH: &str = "/var/log/basalt.log";
 /// The directory of [`PERSISTENT_PATH`].
 pub const PERSISTENT_DIR: &str = "/var/log";
-/// Persistent lines are written once this many bytes are buffered...
+/// Persistent lines are written before the buffer would pass this size...
 const BATCH_BYTES: usize = 4096;
 /// ...or once the oldest buffered line is this old (checked on the next line
 /// and by the supervisor's periodic [`flush`]).
@@ -278,7 +278,8 @@ impl Persistent {
             file,
             size,
             max: max_bytes,
-            buf: Vec::new(),
+            // Written out before it would grow: its heap stays this size.
+            buf: Vec::with_capacity(BATCH_BYTES),
             oldest_ms: None,
         })
     }
@@ -302,12 +303,11 @@ impl Persistent {
         if pending > 0 && pending + line.len() as u64 > self.max {
             self.write_out()?;
             self.rotate()?;
+        } else if self.buf.len() + line.len() > BATCH_BYTES {
+            self.write_out()?;
         }
         self.buf.extend_from_slice(line.as_bytes());
         self.oldest_ms.get_or_insert(ms);
-        if self.buf.len() >= BATCH_BYTES {
-            self.write_out()?;
-        }
         Ok(())
     }
 
@@ -755,6 +755,8 @@ mod tests {
         for i in 0..1000u64 {
             log.record(10_000 + i, "svc", &format!("{i:04} {line}"));
         }
+        let buf = &log.persistent.as_ref().unwrap().buf;
+        assert!(buf.capacity() <= BATCH_BYTES, "the batch buffer never grows");
         log.close();
         let cur = read(&dir.join("basalt.log"));
         let old = read(&dir.join("basalt.log.1"));
