@@ -756,7 +756,10 @@ mod tests {
             log.record(10_000 + i, "svc", &format!("{i:04} {line}"));
         }
         let buf = &log.persistent.as_ref().unwrap().buf;
-        assert!(buf.capacity() <= BATCH_BYTES, "the batch buffer never grows");
+        assert!(
+            buf.capacity() <= BATCH_BYTES,
+            "the batch buffer never grows"
+        );
         log.close();
         let cur = read(&dir.join("basalt.log"));
         let old = read(&dir.join("basalt.log.1"));

@@ -484,10 +484,12 @@ pub fn valid_hostname(h: &str) -> bool {
 /// The node config, parsed and applied by a child process (`apply`): the
 /// parser's memory must never be PID 1's. PID 1 only reads the results.
 fn node_config(ctx: &mut Context) -> Result<(), Stage2Error> {
+    let mut output = crate::apply::pid1::Output::default();
     let results = match crate::apply::pid1::run(
         Path::new("/proc/self/exe"),
         Path::new(crate::apply::RESULT_FILE),
         crate::apply::pid1::TIMEOUT,
+        &mut output,
     ) {
         Ok(r) => r,
         Err(e) => {
@@ -505,6 +507,9 @@ fn node_config(ctx: &mut Context) -> Result<(), Stage2Error> {
     if let Err(e) = sys::release_code_pages() {
         console::error("node-config", format_args!("releasing code pages: {e}"));
     }
+    // The child's lines (config errors) to the console and the log ring,
+    // now that this maps nothing extra into PID 1.
+    crate::apply::pid1::relay(&output);
     // The node config's `logs` over the image's: ring size, console mirror,
     // and /var/log/basalt.log only when opted in (docs/logs.md).
     crate::logs::apply_node_config(
