@@ -4,6 +4,7 @@
 //! and the log ring, wait for it with a timeout, and read what it left in
 //! `/run/basalt/node-config.toml`. Nothing here parses the node config.
 
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -36,10 +37,11 @@ pub enum Pid1Error {
 /// errors writes about 10 KiB).
 pub const MAX_OUTPUT: usize = 64 * 1024;
 
-/// What the child wrote (stdout and stderr), kept for [`relay`] until PID 1
-/// has turned fault-around off and dropped its code pages: formatting and
-/// logging it while the child runs would map neighbouring pages of the
-/// binary into PID 1 for good (~28 KiB of RSS, measured).
+/// What the child wrote (stdout and stderr, into a file next to the results
+/// on `/run`), kept for [`relay`] until PID 1 has turned fault-around off and
+/// dropped its code pages: handling it while the child runs would map
+/// neighbouring pages of the binary into PID 1 for good. A file, not a pipe:
+/// PID 1's wait loop stays a sleep, and the child never blocks on it.
 #[derive(Debug, Default)]
 pub struct Output {
     bytes: Vec<u8>,
@@ -47,10 +49,19 @@ pub struct Output {
 }
 
 impl Output {
-    fn push(&mut self, b: &[u8]) {
-        let room = MAX_OUTPUT.saturating_sub(self.bytes.len()).min(b.len());
-        self.bytes.extend_from_slice(&b[..room]);
-        self.dropped += b.len() - room;
+    /// The first [`MAX_OUTPUT`] bytes of `path`, which is then removed.
+    fn take(path: &Path) -> Output {
+        use std::io::Read;
+        let mut out = Output::default();
+        if let Ok(f) = std::fs::File::open(path) {
+            let len = f.metadata().map_or(0, |m| m.len());
+            let _ = f.take(MAX_OUTPUT as u64).read_to_end(&mut out.bytes);
+            out.dropped = usize::try_from(len)
+                .unwrap_or(usize::MAX)
+                .saturating_sub(out.bytes.len());
+        }
+        let _ = std::fs::remove_file(path);
+        out
     }
 
     /// The lines, a last one without newline included.
@@ -93,7 +104,7 @@ pub fn relay(output: &Output) {
 /// `Err` only when there are no results at all; a child that exited non-zero
 /// after writing results (it used the last good config) is `Ok` with the
 /// status in the results. What it writes is kept in `output` (for [`relay`]);
-/// without a pipe it writes to PID 1's console directly.
+/// when the file for it cannot be made, it writes to PID 1's console directly.
 pub fn run(
     program: &Path,
     results: &Path,
@@ -106,50 +117,57 @@ pub fn run(
         .stdin(Stdio::null())
         .env_clear()
         .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
-    let mut pipe = crate::sys::log_pipe().ok();
-    if let Some((_, w)) = &pipe
-        && let (Ok(a), Ok(b)) = (w.try_clone(), w.try_clone())
-    {
-        cmd.stdout(Stdio::from(a)).stderr(Stdio::from(b));
-    }
+    let out_path = results.with_extension("out");
+    let out_file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&out_path);
+    let captured = match out_file.and_then(|f| Ok((f.try_clone()?, f))) {
+        Ok((a, b)) => {
+            // One open file for both: lines stay in the order written.
+            cmd.stdout(Stdio::from(a)).stderr(Stdio::from(b));
+            true
+        }
+        Err(_) => false,
+    };
     crate::sys::unblock_signals_in_child(&mut cmd);
     let spawned = cmd.spawn();
-    // Only the child may hold the write end, or the pipe never ends.
     drop(cmd);
-    let reader = pipe.take().map(|(r, _)| r);
-    let mut child = spawned.map_err(|source| Pid1Error::Spawn {
-        program: program.display().to_string(),
-        source,
-    })?;
-    let drain = |output: &mut Output| {
-        let Some(r) = &reader else { return };
-        let mut buf = [0u8; 4096];
-        // Bounded: the loop must keep checking the child.
-        for _ in 0..64 {
-            match crate::sys::read_nonblocking(r, &mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => output.push(&buf[..n]),
-            }
+    let collect = |output: &mut Output| {
+        if captured {
+            *output = Output::take(&out_path);
+        }
+    };
+    let mut child = match spawned {
+        Ok(c) => c,
+        Err(source) => {
+            collect(output);
+            return Err(Pid1Error::Spawn {
+                program: program.display().to_string(),
+                source,
+            });
         }
     };
     let end = Instant::now() + timeout;
     let status = loop {
-        drain(output);
         match child.try_wait() {
             Ok(Some(st)) => break st,
             Ok(None) if Instant::now() >= end => {
                 let _ = child.kill();
                 let _ = child.wait();
-                drain(output);
+                collect(output);
                 return Err(Pid1Error::Timeout(timeout));
             }
             Ok(None) => std::thread::sleep(Duration::from_millis(20)),
-            Err(e) => return Err(Pid1Error::Wait(e)),
+            Err(e) => {
+                collect(output);
+                return Err(Pid1Error::Wait(e));
+            }
         }
     };
-    // What it wrote just before exiting (a grandchild it left holding the
-    // pipe cannot keep us here: reads never block).
-    drain(output);
+    collect(output);
     let read = std::fs::read_to_string(results)
         .map_err(|e| e.to_string())
         .and_then(|t| toml::from_str::<Results>(&t).map_err(|e| e.message().to_string()));
@@ -209,8 +227,8 @@ mod tests {
             ["basalt: error config x:1:1: bad", "oops", "tail"]
         );
         assert_eq!(out.dropped, 0);
-        // More than a pipe holds (64 KiB) and than is kept: the child is
-        // never blocked, the first MAX_OUTPUT bytes are kept.
+        // More than is kept: the first MAX_OUTPUT bytes, the rest counted;
+        // the file is gone afterwards.
         std::fs::write(
             &script,
             format!(
@@ -226,11 +244,7 @@ mod tests {
         assert_eq!(lines[1], format!("filler 1 {}", ".".repeat(32)));
         assert_eq!(out.bytes.len(), MAX_OUTPUT);
         assert!(out.dropped > 60_000, "{}", out.dropped);
-        // Beyond MAX_OUTPUT: kept up to it, the rest counted.
-        let mut o = Output::default();
-        o.push(&vec![b'x'; MAX_OUTPUT - 1]);
-        o.push(b"abc");
-        assert_eq!((o.bytes.len(), o.dropped), (MAX_OUTPUT, 2));
+        assert!(!results.with_extension("out").exists());
 
         std::fs::write(&script, "#!/bin/sh\nexit 3\n").unwrap();
         assert!(matches!(
