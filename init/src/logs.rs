@@ -285,9 +285,12 @@ impl Persistent {
     }
 
     fn open_file(path: &Path) -> std::io::Result<std::fs::File> {
+        use std::os::unix::fs::OpenOptionsExt;
+        // Services' output may hold what only root should read.
         std::fs::OpenOptions::new()
             .create(true)
             .append(true)
+            .mode(0o600)
             .open(path)
     }
 
@@ -766,6 +769,13 @@ mod tests {
         assert!(cur.len() <= 16 * 1024 && old.len() <= 16 * 1024);
         assert!(old.len() > 15 * 1024, "rotated when full: {}", old.len());
         assert!(cur.ends_with(&format!("0999 {line}\n")));
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &str| std::fs::metadata(dir.join(p)).unwrap().permissions().mode() & 0o777;
+        assert_eq!(
+            mode("basalt.log"),
+            0o600,
+            "a new file after rotation is root's only"
+        );
         assert!(
             cur.lines()
                 .chain(old.lines())
