@@ -91,6 +91,9 @@ const PHASES: &[(&str, Phase)] = &[
 pub fn run() -> ! {
     let started_ms = sys::boottime_ms();
     console::install_panic_hook();
+    // The ring first, so that `stage2 start` (a boot's first line in a
+    // persistent log) is in it.
+    crate::logs::init_from_image(Path::new(slot::IMAGE_FACTS_PATH));
     say!("stage2 start");
     // Block PID 1's signals now so one sent during the phases stays pending
     // for the supervisor's signalfd instead of being dropped (PID 1 has no
@@ -98,7 +101,6 @@ pub fn run() -> ! {
     if let Err(e) = sys::Signals::open(crate::supervisor::SIGNALS) {
         console::error("signals", e);
     }
-    crate::logs::init(log_settings(Path::new(slot::IMAGE_FACTS_PATH)));
     let mut ctx = Context::default();
     for (name, phase) in PHASES {
         let t0 = sys::boottime_ms();
@@ -107,11 +109,6 @@ pub fn run() -> ! {
         }
         ctx.phases_ms
             .push((name.to_string(), sys::boottime_ms().saturating_sub(t0)));
-        if *name == "kernel-mounts"
-            && let Some(p) = crate::logs::open_persistent(Path::new("/var/log"))
-        {
-            say!("logs persistent at {}", p.display());
-        }
     }
     // From stage 1's end (switch_root, exec) to stage 2's first instruction.
     ctx.phases_ms.insert(
@@ -212,6 +209,8 @@ fn supervise(ctx: Context) -> Option<ShutdownKind> {
             }
         }),
     );
+    // Batched persistent log lines reach the file even when the node is quiet.
+    sup.every(crate::logs::BATCH_AGE, Box::new(crate::logs::flush));
     sup.on_all_ready(Box::new(move |s: &Supervisor| {
         let line = ready_report(&ctx, s, Path::new("/proc"));
         say!("ready {line}");
@@ -291,34 +290,6 @@ fn read_handoff(ctx: &mut Context) -> Result<(), Stage2Error> {
 fn is_mount_point(path: &Path) -> bool {
     let text = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
     mounts::parse_mount_points(&text).iter().any(|p| p == path)
-}
-
-/// `[logs]` of /etc/basalt/image.toml (docs/logs.md): `ring_kib`, `console`
-/// (`all` | `init` | `none`), `persistent`. Defaults when absent or bad (reported).
-pub fn log_settings(image_toml: &Path) -> crate::logs::Settings {
-    let mut s = crate::logs::Settings::default();
-    let Ok(text) = std::fs::read_to_string(image_toml) else {
-        return s;
-    };
-    let Ok(v) = text.parse::<toml::Table>() else {
-        return s;
-    };
-    let Some(logs) = v.get("logs").and_then(|l| l.as_table()) else {
-        return s;
-    };
-    if let Some(k) = logs.get("ring_kib").and_then(|k| k.as_integer()) {
-        s.ring_kib = k.clamp(4, 16 * 1024) as usize;
-    }
-    if let Some(c) = logs.get("console").and_then(|c| c.as_str()) {
-        match crate::logs::ConsoleLevel::parse(c) {
-            Some(l) => s.console = l,
-            None => console::error("logs", format_args!("console = {c:?} (all, init or none)")),
-        }
-    }
-    if let Some(p) = logs.get("persistent").and_then(|p| p.as_bool()) {
-        s.persistent = p;
-    }
-    s
 }
 
 fn kernel_mounts(_ctx: &mut Context) -> Result<(), Stage2Error> {
@@ -513,10 +484,12 @@ pub fn valid_hostname(h: &str) -> bool {
 /// The node config, parsed and applied by a child process (`apply`): the
 /// parser's memory must never be PID 1's. PID 1 only reads the results.
 fn node_config(ctx: &mut Context) -> Result<(), Stage2Error> {
+    let mut output = crate::apply::pid1::Output::default();
     let results = match crate::apply::pid1::run(
         Path::new("/proc/self/exe"),
         Path::new(crate::apply::RESULT_FILE),
         crate::apply::pid1::TIMEOUT,
+        &mut output,
     ) {
         Ok(r) => r,
         Err(e) => {
@@ -534,6 +507,15 @@ fn node_config(ctx: &mut Context) -> Result<(), Stage2Error> {
     if let Err(e) = sys::release_code_pages() {
         console::error("node-config", format_args!("releasing code pages: {e}"));
     }
+    // The child's lines (config errors) to the console and the log ring,
+    // now that this maps nothing extra into PID 1.
+    crate::apply::pid1::relay(&output);
+    // The node config's `logs` over the image's: ring size, console mirror,
+    // and /var/log/basalt.log only when opted in (docs/logs.md).
+    crate::logs::apply_node_config(
+        results.logs.as_ref(),
+        Path::new(crate::logs::PERSISTENT_DIR),
+    );
     ctx.tz = results.tz.clone();
     ctx.emergency_shell = results.emergency_shell;
     let name = match results.hostname {
@@ -646,6 +628,8 @@ pub fn shutdown(kind: ShutdownKind) -> ! {
             "k8s-cleanup skipped iptables rules: no iptables on the image, they end with the kernel"
         );
         kill_everything();
+        // Its open file would keep /var busy.
+        crate::logs::close_persistent();
         sys::sync();
         unmount_all(&mut KernelMounts);
         sys::sync();

@@ -329,7 +329,7 @@ impl Supervisor {
         self.on_ready = Some(hook);
     }
 
-    /// Run `task` from the loop about every `period` (at most MAX_SLEEP late),
+    /// Run `task` from the loop about every `period` (the loop wakes for it),
     /// e.g. saving the clock.
     pub fn every(&mut self, period: Duration, task: PeriodicTask) {
         self.periodic.push((period, Instant::now(), task));
@@ -505,6 +505,9 @@ impl Supervisor {
 
     fn next_wake(&self, now: Instant) -> Duration {
         let mut next = now + MAX_SLEEP;
+        for (period, last, _) in &self.periodic {
+            next = next.min(*last + *period);
+        }
         if let Some(w) = &self.watchdog
             && !self.watchdog_stopped
         {

@@ -149,6 +149,48 @@ fn example_values_are_the_written_ones() {
     );
     assert_eq!(c.update.health_gate.timeout_seconds, 900);
     assert!(c.console.emergency_shell);
+    assert_eq!(
+        c.logs,
+        nodeconfig::Logs {
+            ring_kib: Some(64),
+            console: Some(nodeconfig::ConsoleLevel::Init),
+            persistent: Some(true),
+            persistent_max_kib: Some(2048),
+        }
+    );
+}
+
+/// `[logs]` alone, in both syntaxes: the same keys, the unset ones `None`
+/// (they stay the image's), and the bounds of each range accepted.
+#[test]
+fn logs_in_both_syntaxes() {
+    let toml = "[logs]\nring_kib = 4\nconsole = \"none\"\npersistent_max_kib = 1048576\n";
+    let user_data = "#cloud-config\nbasalt:\n  logs:\n    ring_kib: 4\n    console: none\n    persistent_max_kib: 1048576\n";
+    let a = show(load_toml(Path::new("node.toml"), toml));
+    let b = show(nodeconfig::parse_cloud_init(
+        Path::new(""),
+        &nodeconfig::CloudInitSources {
+            user_data: Some(user_data),
+            ..Default::default()
+        },
+    ));
+    assert_eq!(a, b);
+    assert_eq!(
+        a.logs,
+        nodeconfig::Logs {
+            ring_kib: Some(4),
+            console: Some(nodeconfig::ConsoleLevel::None),
+            persistent: None,
+            persistent_max_kib: Some(1024 * 1024),
+        }
+    );
+    let top = show(load_toml(
+        Path::new("node.toml"),
+        "[logs]\nring_kib = 16384\npersistent = false\n",
+    ));
+    assert_eq!(top.logs.ring_kib, Some(16384));
+    assert_eq!(top.logs.persistent, Some(false));
+    assert_eq!(top.logs.console, None);
 }
 
 #[test]

@@ -65,8 +65,23 @@ fn supervisor_role() {
     sup.on_all_ready(Box::new(|s: &Supervisor| {
         basalt_init::say!("ready {}", s.status_json());
     }));
+    // What stage 2 does after `basalt-node-config`: the results' [logs] over
+    // the image's settings, persistent logging in `$BASALT_TEST_LOG_DIR`.
+    let log_dir = std::env::var_os("BASALT_TEST_LOG_DIR").map(PathBuf::from);
+    if let (Some(results), Some(dir)) = (std::env::var_os("BASALT_TEST_RESULTS"), &log_dir) {
+        let text = std::fs::read_to_string(&results).unwrap_or_default();
+        match toml::from_str::<basalt_init::apply::Results>(&text) {
+            Ok(r) => basalt_init::logs::apply_node_config(r.logs.as_ref(), dir),
+            Err(e) => basalt_init::console::error("results", e),
+        }
+        sup.every(
+            basalt_init::logs::BATCH_AGE,
+            Box::new(basalt_init::logs::flush),
+        );
+    }
     let kind = sup.run();
     basalt_init::say!("test supervisor returned {}", kind.name());
+    basalt_init::logs::close_persistent();
     std::process::exit(0);
 }
 
@@ -123,7 +138,21 @@ impl Run {
     /// Start a supervisor over the given service files (name, toml; `@DIR@`
     /// is replaced by the run's temp dir).
     fn start(services: &[(&str, String)]) -> Run {
+        Run::start_with(services, &[], &[])
+    }
+
+    /// [`Run::start`] with files written first (name, text; `@DIR@` replaced)
+    /// and environment variables for the supervisor role (`@DIR@` replaced).
+    fn start_with(
+        services: &[(&str, String)],
+        files: &[(&str, &str)],
+        env: &[(&str, &str)],
+    ) -> Run {
         let dir = tempfile::tempdir().unwrap();
+        let at = |t: &str| t.replace("@DIR@", &dir.path().display().to_string());
+        for (name, text) in files {
+            std::fs::write(dir.path().join(name), at(text)).unwrap();
+        }
         let sdir = dir.path().join("services");
         std::fs::create_dir_all(&sdir).unwrap();
         for (name, text) in services {
@@ -154,6 +183,7 @@ impl Run {
         cmd.arg(&sdir)
             .arg(&socket)
             .env("BASALT_TEST_ROLE", "supervisor")
+            .envs(env.iter().map(|(k, v)| (k, at(v))))
             .stdout(Stdio::piped())
             .stdin(Stdio::null());
         let mut child = cmd.spawn().unwrap();
@@ -251,6 +281,17 @@ impl Run {
     }
 
     fn finish(mut self, timeout: Duration) -> Result<(), String> {
+        self.wait_exit(timeout)
+    }
+
+    /// [`Run::finish`], keeping the run's directory to look at afterwards.
+    fn finish_keeping_dir(mut self, timeout: Duration) -> Result<tempfile::TempDir, String> {
+        self.wait_exit(timeout)?;
+        let empty = tempfile::tempdir().map_err(|e| e.to_string())?;
+        Ok(std::mem::replace(&mut self.dir, empty))
+    }
+
+    fn wait_exit(&mut self, timeout: Duration) -> Result<(), String> {
         let end = Instant::now() + timeout;
         loop {
             if let Some(status) = self.child.try_wait().map_err(|e| e.to_string())? {
@@ -694,6 +735,83 @@ fn logs_are_kept_per_service() -> Result<(), String> {
     run.finish(Duration::from_secs(10))
 }
 
+/// The node config's `[logs]` (as `basalt-node-config` leaves it in its
+/// results) put in effect by the supervising process: console mirror down to
+/// init's lines, `basalt.log` starting with the lines logged before it was
+/// opened, rotated to `basalt.log.1` at `persistent_max_kib`, everything
+/// written by shutdown.
+fn persistent_logs_follow_the_node_config() -> Result<(), String> {
+    let run = Run::start_with(
+        &[(
+            "chatty",
+            r#"exec = ["/bin/sh", "-c", "i=0; while [ $i -lt 300 ]; do echo \"chatty line $i ................................\"; i=$((i+1)); done; echo chatty-done; exec sleep 1000"]"#
+                .into(),
+        )],
+        &[(
+            "node-config.toml",
+            "status = \"applied\"\nerrors = 0\n[logs]\nconsole = \"init\"\npersistent = true\npersistent_max_kib = 16\n",
+        )],
+        &[
+            ("BASALT_TEST_RESULTS", "@DIR@/node-config.toml"),
+            ("BASALT_TEST_LOG_DIR", "@DIR@/var/log"),
+        ],
+    );
+    run.wait("logs persistent at", Duration::from_secs(10))?;
+    let end = Instant::now() + Duration::from_secs(10);
+    while !run.control("logs chatty")?.contains("chatty-done") {
+        if Instant::now() > end {
+            return Err(format!("chatty-done not in the ring:\n{}", run.dump()));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    run.control("poweroff")?;
+    let console_lines = run.lines_with("chatty line");
+    let dir = run.finish_keeping_dir(Duration::from_secs(10))?;
+    let log = dir.path().join("var/log/basalt.log");
+    let old = dir.path().join("var/log/basalt.log.1");
+    if !console_lines.is_empty() {
+        return Err(format!(
+            "console = \"init\" but service lines reached the console: {:?}",
+            &console_lines[..1]
+        ));
+    }
+    let cur = std::fs::read_to_string(&log).map_err(|e| format!("{}: {e}", log.display()))?;
+    let old = std::fs::read_to_string(&old).map_err(|e| format!("{}: {e}", old.display()))?;
+    for (name, text) in [("basalt.log", &cur), ("basalt.log.1", &old)] {
+        if text.len() > 16 * 1024 || !text.ends_with('\n') {
+            return Err(format!("{name}: {} bytes, or a cut line", text.len()));
+        }
+    }
+    // Before the file was opened: in it all the same (from the ring).
+    if !old.contains(" init: service chatty started pid") {
+        return Err(format!("early lines missing from basalt.log.1:\n{old}"));
+    }
+    for want in [
+        " chatty: chatty-done",
+        " init: test supervisor returned poweroff",
+    ] {
+        if !cur.contains(want) {
+            return Err(format!("{want:?} not in basalt.log:\n{cur}"));
+        }
+    }
+    let nums: Vec<u32> = old
+        .lines()
+        .chain(cur.lines())
+        .filter_map(|l| {
+            l.split("chatty line ")
+                .nth(1)?
+                .split(' ')
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect();
+    if nums != (0..300).collect::<Vec<_>>() {
+        return Err(format!("service lines not all there, in order: {nums:?}"));
+    }
+    Ok(())
+}
+
 /// Shutdown stops services in reverse dependency order; one ignoring SIGTERM
 /// is SIGKILLed after its stop timeout.
 fn shutdown_in_reverse_order() -> Result<(), String> {
@@ -761,6 +879,10 @@ fn driver() {
         ("orphans_are_reaped", orphans_are_reaped),
         ("orphan_storm", orphan_storm),
         ("logs_are_kept_per_service", logs_are_kept_per_service),
+        (
+            "persistent_logs_follow_the_node_config",
+            persistent_logs_follow_the_node_config,
+        ),
         (
             "crash_loop_recovers_when_fixed",
             crash_loop_recovers_when_fixed,

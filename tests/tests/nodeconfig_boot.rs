@@ -18,7 +18,11 @@
 //!    debugfs from the disk file);
 //! 6. a broken `node.toml` on the first disk's second boot: a clear
 //!    `basalt: error config /boot/node.toml:<line>:<col>: ...` on the
-//!    console, and the node comes up with its first boot's state.
+//!    console, and the node comes up with its first boot's state;
+//! 7. `[logs] persistent = true` (docs/logs.md): `/var/log/basalt.log` on the
+//!    data partition (debugfs) holds the boot from `stage2 start` (lines
+//!    logged before it was opened) to the shutdown, service output included,
+//!    and the second boot (last good config) appends to it.
 
 use anyhow::{Context, Result, ensure};
 use basalt_tests::assets::Assets;
@@ -343,6 +347,20 @@ fn node_toml_and_cloud_init_reach_the_same_state_and_a_broken_config_keeps_the_l
         "saved clock {saved} is not the time of the first boot's shutdown (now {now})"
     );
 
+    // [logs] persistent = true: the whole boot, early lines included, on /var.
+    let log = basalt_log(&a)?;
+    ensure!(
+        log.matches(" init: stage2 start\n").count() == 1
+            && log.contains(" init: logs persistent at /var/log/basalt.log\n")
+            && log.contains(" init: ready {")
+            && log.contains(" nodeconfig-probe: nc: end")
+            && log.contains(" init: shutdown poweroff\n"),
+        "/var/log/basalt.log after the first boot:\n{log}"
+    );
+    let stage2 = log.find(" init: stage2 start").unwrap_or(usize::MAX);
+    let opened = log.find(" init: logs persistent at").unwrap_or(0);
+    ensure!(stage2 < opened, "early lines are not first:\n{log}");
+
     // Second boot of the first disk with a broken node.toml: the last good config.
     // `basalt config inject` refuses it, so it goes on with mtools, as an
     // edit by hand on a laptop would.
@@ -393,5 +411,18 @@ fn node_toml_and_cloud_init_reach_the_same_state_and_a_broken_config_keeps_the_l
         "status {:?}",
         second.state.get("status")
     );
+    // The last good config keeps persistent logging: the file grew by a boot.
+    let log = basalt_log(&a)?;
+    ensure!(
+        log.matches(" init: stage2 start\n").count() == 2 && log.contains("unknown key `hostnme`"),
+        "/var/log/basalt.log after the second boot:\n{log}"
+    );
     Ok(())
+}
+
+/// `/var/log/basalt.log` from the data partition of the disk file.
+fn basalt_log(img: &Path) -> Result<String> {
+    let bytes = disk::read_from_ext4(img, "data", "/log/basalt.log")?;
+    ensure!(!bytes.is_empty(), "/var/log/basalt.log is empty or missing");
+    Ok(String::from_utf8_lossy(&bytes).into_owned())
 }

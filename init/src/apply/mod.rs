@@ -8,7 +8,8 @@
 //! directly (hostname, users, files, sysctls, modules, addresses, clock,
 //! Kubernetes config) and leaves what PID 1 must act on in small files under
 //! `/run/basalt/` ([`RESULT_FILE`], [`SERVICES_DIR`], [`KUBERNETES_FILE`],
-//! [`UPDATE_FILE`]), then exits.
+//! [`UPDATE_FILE`]), then exits. The `logs` settings are PID 1's own (its
+//! ring and `/var/log/basalt.log`): they travel in [`RESULT_FILE`]'s `[logs]`.
 //!
 //! Everything here works on a [`Root`] (the real `/` on the device, a temp
 //! directory in tests) and reaches the kernel only through [`System`].
@@ -33,7 +34,7 @@ use std::path::{Path, PathBuf};
 use crate::nodeconfig::{self, Diagnostic, NodeConfig};
 pub use system::{KernelSystem, System};
 
-/// What the child leaves for PID 1: hostname, status, timezone.
+/// What the child leaves for PID 1: hostname, status, timezone, `[logs]`.
 pub const RESULT_FILE: &str = "/run/basalt/node-config.toml";
 /// Generated service files; PID 1 loads them after `/etc/basalt/services`.
 pub const SERVICES_DIR: &str = "/run/basalt/services";
@@ -122,6 +123,8 @@ pub struct Outcome {
     /// `console.emergency_shell`: PID 1 offers a shell on the console when the
     /// boot fails.
     pub emergency_shell: bool,
+    /// The node config's `logs`, for PID 1 to put in effect.
+    pub logs: nodeconfig::Logs,
     pub errors: Vec<String>,
     pub warnings: Vec<String>,
 }
@@ -156,6 +159,7 @@ pub const STEPS: &[(&str, Step)] = &[
     ("kubernetes", kubernetes::step),
     ("update", update::step),
     ("console", console_step),
+    ("logs", logs_step),
 ];
 
 fn console_step(
@@ -165,6 +169,18 @@ fn console_step(
     out: &mut Outcome,
 ) -> Result<(), ApplyError> {
     out.emergency_shell = cfg.console.emergency_shell;
+    Ok(())
+}
+
+/// PID 1 resizes its ring and opens `/var/log/basalt.log` itself, from
+/// the results ([`Results::logs`]).
+fn logs_step(
+    _root: &Root,
+    cfg: &NodeConfig,
+    _sys: &mut dyn System,
+    out: &mut Outcome,
+) -> Result<(), ApplyError> {
+    out.logs = cfg.logs;
     Ok(())
 }
 
@@ -425,6 +441,9 @@ pub struct Results {
     pub emergency_shell: bool,
     #[serde(default)]
     pub errors: u32,
+    /// The node config's `logs` keys that are set (docs/logs.md).
+    #[serde(default)]
+    pub logs: Option<nodeconfig::Logs>,
 }
 
 fn publish(root: &Root, status: Status, out: &Outcome) -> Result<(), ApplyError> {
@@ -454,6 +473,23 @@ fn publish(root: &Root, status: Status, out: &Outcome) -> Result<(), ApplyError>
         t.insert("emergency_shell".into(), true.into());
     }
     t.insert("errors".into(), (out.errors.len() as i64).into());
+    if out.logs != nodeconfig::Logs::default() {
+        let l = out.logs;
+        let mut logs = toml::Table::new();
+        if let Some(k) = l.ring_kib {
+            logs.insert("ring_kib".into(), i64::from(k).into());
+        }
+        if let Some(c) = l.console {
+            logs.insert("console".into(), c.as_str().into());
+        }
+        if let Some(p) = l.persistent {
+            logs.insert("persistent".into(), p.into());
+        }
+        if let Some(k) = l.persistent_max_kib {
+            logs.insert("persistent_max_kib".into(), i64::from(k).into());
+        }
+        t.insert("logs".into(), logs.into());
+    }
     let p = root.at(RESULT_FILE);
     std::fs::write(&p, t.to_string()).map_err(io_err("writing", &p))?;
     Ok(())
@@ -550,6 +586,7 @@ channel = "stable"
         );
         assert!(!root.at(KUBERNETES_FILE).exists());
         assert!(root.at(UPDATE_FILE).exists());
+        assert_eq!(r.logs, None, "no [logs] anywhere: PID 1 keeps the image's");
 
         // A good config: applied and kept as the last good one.
         std::fs::write(root.at("/boot/node.toml"), GOOD).unwrap();
@@ -632,6 +669,40 @@ channel = "stable"
         assert_eq!(results(&root).hostname.as_deref(), Some("edge-ci"));
         assert!(root.at(LAST_GOOD_DIR).join("meta-data").exists());
         assert!(!root.at(LAST_GOOD_DIR).join("node.toml").exists());
+    }
+
+    #[test]
+    fn logs_reach_pid1_through_the_results_file() {
+        let (_t, root) = device();
+        std::fs::write(
+            root.at(IMAGE_CONFIG),
+            "[logs]\nring_kib = 64\nconsole = \"init\"\n",
+        )
+        .unwrap();
+        std::fs::write(
+            root.at("/boot/node.toml"),
+            "[logs]\npersistent = true\npersistent_max_kib = 256\nconsole = \"none\"\n",
+        )
+        .unwrap();
+        assert_eq!(run(&root, &mut Recorder::default()), Status::Applied);
+        let logs = results(&root).logs.expect("[logs] in the results");
+        assert_eq!(
+            logs,
+            nodeconfig::Logs {
+                ring_kib: Some(64),
+                console: Some(crate::logs::ConsoleLevel::None),
+                persistent: Some(true),
+                persistent_max_kib: Some(256),
+            },
+            "the card's keys over the image definition's default, key by key"
+        );
+        // What PID 1 then puts in effect over /etc/basalt/image.toml's [logs].
+        let (image, _) = crate::logs::Settings::from_image_toml("[logs]\nring_kib = 16\n");
+        let s = image.overlay(&logs);
+        assert_eq!(
+            (s.ring_kib, s.console, s.persistent, s.persistent_max_kib),
+            (64, crate::logs::ConsoleLevel::None, true, 256)
+        );
     }
 
     #[test]

@@ -28,7 +28,7 @@ pub struct Sources<'a> {
 }
 
 /// Keys of the native schema allowed under `basalt:`.
-const BASALT_KEYS: &[&str] = &["ssh", "kernel", "kubernetes", "update", "console"];
+const BASALT_KEYS: &[&str] = &["ssh", "kernel", "kubernetes", "update", "console", "logs"];
 
 /// Native keys that cloud-init spells its own way, and that way.
 const NATIVE_ELSEWHERE: &[(&str, &str)] = &[
@@ -389,6 +389,7 @@ fn basalt(ctx: &mut Ctx, v: &Value, cfg: &mut NodeConfig) {
     cfg.kubernetes = b.kubernetes;
     cfg.update = b.update;
     cfg.console = b.console;
+    cfg.logs = b.logs;
 }
 
 fn network_config(ctx: &mut Ctx, root: &Value, cfg: &mut NodeConfig) {

@@ -12,8 +12,8 @@ use std::path::{Path, PathBuf};
 use super::Diagnostic;
 use super::check::{self, MAX_ITEMS, MAX_STRING};
 use super::schema::{
-    Console, Distribution, File, HealthGate, Interface, Kernel, Kubernetes, Network, NodeConfig,
-    Role, Route, Secret, Ssh, Time, Token, Update, User, Wifi, WifiAuth,
+    Console, ConsoleLevel, Distribution, File, HealthGate, Interface, Kernel, Kubernetes, Logs,
+    Network, NodeConfig, Role, Route, Secret, Ssh, Time, Token, Update, User, Wifi, WifiAuth,
 };
 use super::tree::{Entry, Kind, Pos, Value};
 
@@ -275,6 +275,7 @@ pub const ROOT_KEYS: &[&str] = &[
     "kubernetes",
     "update",
     "console",
+    "logs",
 ];
 
 /// Decode a whole native config (TOML root, or the `basalt:` mapping).
@@ -315,6 +316,9 @@ pub fn node_config(ctx: &mut Ctx, v: &Value, path: &str, allowed: &[&str]) -> No
     }
     if let Some(e) = t.get("console") {
         cfg.console = console(ctx, &e.value, &t.name("console"));
+    }
+    if let Some(e) = t.get("logs") {
+        cfg.logs = logs(ctx, &e.value, &t.name("logs"));
     }
     cfg
 }
@@ -1171,4 +1175,52 @@ fn console(ctx: &mut Ctx, v: &Value, name: &str) -> Console {
         c.emergency_shell = boolean(ctx, &e.value, &t.name("emergency_shell")).unwrap_or(false);
     }
     c
+}
+
+fn logs(ctx: &mut Ctx, v: &Value, name: &str) -> Logs {
+    let mut l = Logs::default();
+    let Some(t) = table(
+        ctx,
+        v,
+        name,
+        &["ring_kib", "console", "persistent", "persistent_max_kib"],
+    ) else {
+        return l;
+    };
+    let kib = |ctx: &mut Ctx, key: &str, r: std::ops::RangeInclusive<u32>| {
+        let e = t.get(key)?;
+        integer(
+            ctx,
+            &e.value,
+            &t.name(key),
+            i128::from(*r.start()),
+            i128::from(*r.end()),
+        )
+        .and_then(|n| u32::try_from(n).ok())
+    };
+    l.ring_kib = kib(ctx, "ring_kib", crate::logs::RING_KIB);
+    l.persistent_max_kib = kib(ctx, "persistent_max_kib", crate::logs::PERSISTENT_MAX_KIB);
+    if let Some(e) = t.get("console") {
+        let n = t.name("console");
+        l.console = string(ctx, &e.value, &n, MAX_STRING).and_then(|s| {
+            let level = ConsoleLevel::parse(&s);
+            if level.is_none() {
+                let hint = check::suggest(&s, &ConsoleLevel::NAMES)
+                    .map(|k| format!("; did you mean `{k}`?"))
+                    .unwrap_or_default();
+                ctx.err(
+                    e.value.pos,
+                    format!(
+                        "`{n}`: `{}` is not one of `all`, `init`, `none`{hint}",
+                        check::shorten(&s)
+                    ),
+                );
+            }
+            level
+        });
+    }
+    if let Some(e) = t.get("persistent") {
+        l.persistent = boolean(ctx, &e.value, &t.name("persistent"));
+    }
+    l
 }

@@ -1,5 +1,5 @@
 //! Node config: the per-device settings (hostname, users and SSH keys,
-//! network, clock, kernel, files, Kubernetes role, updates, console) that a
+//! network, clock, kernel, files, Kubernetes role, updates, console, logs) that a
 //! person drops on the FAT partition, in one of two syntaxes:
 //! `node.toml`, or cloud-init NoCloud files (`meta-data`, `user-data`,
 //! `network-config`). Both decode into the one [`NodeConfig`].

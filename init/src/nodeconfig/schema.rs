@@ -6,6 +6,8 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
+pub use crate::logs::ConsoleLevel;
+
 /// Every per-device setting. `NodeConfig::default()` is an empty config.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct NodeConfig {
@@ -21,6 +23,7 @@ pub struct NodeConfig {
     pub kubernetes: Option<Kubernetes>,
     pub update: Update,
     pub console: Console,
+    pub logs: Logs,
 }
 
 /// A secret string: compared normally, never printed by `Debug`.
@@ -243,13 +246,43 @@ pub struct Console {
     pub emergency_shell: bool,
 }
 
+/// `[logs]`: each key overrides the image's `[logs]` in
+/// `/etc/basalt/image.toml` when set (docs/logs.md). Also the form in which
+/// the `basalt-node-config` child hands them to PID 1 (`[logs]` of
+/// `/run/basalt/node-config.toml`), hence `Deserialize`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(default)]
+pub struct Logs {
+    /// RAM ring size in KiB (`crate::logs::RING_KIB`).
+    pub ring_kib: Option<u32>,
+    /// What is mirrored to the console.
+    pub console: Option<ConsoleLevel>,
+    /// Also append to `/var/log/basalt.log`.
+    pub persistent: Option<bool>,
+    /// Bound of `/var/log/basalt.log` in KiB before it is rotated
+    /// (`crate::logs::PERSISTENT_MAX_KIB`).
+    pub persistent_max_kib: Option<u32>,
+}
+
+impl Logs {
+    /// `later`'s keys over these, key by key.
+    pub fn overlay(self, later: Logs) -> Logs {
+        Logs {
+            ring_kib: later.ring_kib.or(self.ring_kib),
+            console: later.console.or(self.console),
+            persistent: later.persistent.or(self.persistent),
+            persistent_max_kib: later.persistent_max_kib.or(self.persistent_max_kib),
+        }
+    }
+}
+
 impl NodeConfig {
     /// `later` laid over `self`: how the config on the FAT partition
     /// (later) combines with the image definition's default (self).
     ///
     /// Entries keyed by a name merge by that name, the later entry winning:
     /// users (by name), network interfaces (by config name), files (by
-    /// path), sysctls (by name); kernel modules are the union. Every other
+    /// path), sysctls (by name), `logs` keys (by key); kernel modules are the union. Every other
     /// section is taken from `later` when it differs from the default there,
     /// else kept from `self` — so a section is overridden by writing it,
     /// and setting a section back to exactly its defaults does not undo the
@@ -289,6 +322,7 @@ impl NodeConfig {
         }
         self.update = pick(self.update, later.update);
         self.console = pick(self.console, later.console);
+        self.logs = self.logs.overlay(later.logs);
         self
     }
 }
@@ -319,6 +353,8 @@ mod tests {
             .sysctl
             .insert("vm.swappiness".into(), "10".into());
         base.console.emergency_shell = true;
+        base.logs.persistent = Some(true);
+        base.logs.ring_kib = Some(64);
 
         let mut later = NodeConfig {
             users: vec![user("ops", "k2")],
@@ -330,6 +366,7 @@ mod tests {
             .sysctl
             .insert("vm.swappiness".into(), "60".into());
         later.time.timezone = Some("UTC".into());
+        later.logs.ring_kib = Some(128);
 
         let c = base.overlay(later);
         assert_eq!(c.hostname.as_deref(), Some("image"), "unset in later: kept");
@@ -345,5 +382,10 @@ mod tests {
         assert_eq!(c.kernel.sysctl["vm.swappiness"], "60");
         assert_eq!(c.time.timezone.as_deref(), Some("UTC"));
         assert!(c.console.emergency_shell);
+        assert_eq!(
+            (c.logs.persistent, c.logs.ring_kib),
+            (Some(true), Some(128)),
+            "logs merge key by key"
+        );
     }
 }

@@ -57,7 +57,7 @@ pub fn parse(text: &str) -> Result<Value, (Pos, String)> {
                 )
             }),
         Err(err) => {
-            let pos = err.location().map_or(Pos::START, |l| pos_of(&l));
+            let pos = err.location().map_or(Pos::START, |l| error_pos(text, &l));
             Err((pos, message_of(&err)))
         }
     }
@@ -76,6 +76,43 @@ fn explicit_key(text: &str) -> Pos {
         offset += line.len();
     }
     Pos::START
+}
+
+/// An error's position. YAML also breaks lines at a lone `\r`, which
+/// editors and the rest of the node config count as part of a line: in such
+/// a text the position is taken again from the byte offset (else clamped to
+/// the last line), so it points where an editor shows it.
+fn error_pos(text: &str, loc: &serde_saphyr::Location) -> Pos {
+    let pos = pos_of(loc);
+    let lone_cr = text
+        .as_bytes()
+        .windows(2)
+        .any(|w| matches!(w, [b'\r', next] if *next != b'\n'))
+        || text.ends_with('\r');
+    if !lone_cr {
+        return pos;
+    }
+    let lines = text.split('\n').count();
+    let span = loc.span();
+    let byte = span
+        .byte_offset()
+        .and_then(|o| usize::try_from(o).ok())
+        .or_else(|| {
+            let chars = usize::try_from(span.offset()).ok()?;
+            Some(
+                text.char_indices()
+                    .nth(chars)
+                    .map_or(text.len(), |(i, _)| i),
+            )
+        });
+    match byte {
+        Some(o) => Pos::of_offset(text, o),
+        None if usize::try_from(pos.line).is_ok_and(|l| l > lines) => Pos {
+            line: u32::try_from(lines).unwrap_or(u32::MAX),
+            column: 1,
+        },
+        None => pos,
+    }
 }
 
 fn pos_of(loc: &serde_saphyr::Location) -> Pos {
