@@ -212,6 +212,12 @@ fn supervise(ctx: Context) -> Option<ShutdownKind> {
     // Batched persistent log lines reach the file even when the node is quiet.
     sup.every(crate::logs::BATCH_AGE, Box::new(crate::logs::flush));
     sup.on_all_ready(Box::new(move |s: &Supervisor| {
+        // The boot's code (phases, service start-up, the node config
+        // results) is not run again: drop it from PID 1's page tables, so
+        // what stays mapped is what the supervision loop uses.
+        if let Err(e) = sys::release_code_pages() {
+            console::error("ready", format_args!("releasing code pages: {e}"));
+        }
         let line = ready_report(&ctx, s, Path::new("/proc"));
         say!("ready {line}");
     }));
