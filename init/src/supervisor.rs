@@ -110,9 +110,11 @@ struct Unit {
     failures: u32,
     restarts: u32,
     ready: bool,
-    /// Uptime ms of the first start and first readiness (boot report).
+    /// Uptime ms of the first start (when it was issued, before fork and
+    /// exec) and first readiness (boot report).
     first_exec: Option<u64>,
-    /// PID 1's own CPU time (user µs, system µs) when this service first started.
+    /// PID 1's own CPU time (user µs, system µs) when this service's first
+    /// start was issued.
     first_exec_cpu_us: Option<(u64, u64)>,
     first_ready: Option<u64>,
     next_check: Instant,
@@ -553,6 +555,10 @@ impl Supervisor {
             // Own process group: stopping a service signals everything it started.
             .process_group(0);
         sys::unblock_signals_in_child(&mut cmd);
+        // The instant the start is issued (before fork and exec), as a
+        // script's `exec` line would be timed: the boot report's
+        // "Kubernetes exec".
+        let (issued_ms, issued_cpu) = (sys::boottime_ms(), sys::own_cpu_us());
         match cmd.spawn() {
             Ok(child) => {
                 let pid = child.id() as i32;
@@ -563,8 +569,8 @@ impl Supervisor {
                 u.started_at = now;
                 u.ready = false;
                 u.next_check = now;
-                u.first_exec.get_or_insert_with(sys::boottime_ms);
-                u.first_exec_cpu_us.get_or_insert_with(sys::own_cpu_us);
+                u.first_exec.get_or_insert(issued_ms);
+                u.first_exec_cpu_us.get_or_insert(issued_cpu);
                 say!("service {} started pid {pid}", u.def.name);
                 if u.def.ready.is_none() {
                     self.mark_ready(i);
