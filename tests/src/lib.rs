@@ -37,3 +37,17 @@ pub fn work_dir(name: &str) -> std::io::Result<PathBuf> {
     std::fs::create_dir_all(&dir)?;
     Ok(dir)
 }
+
+/// Test-only service (file content for a service TOML): eth0 on QEMU's user
+/// networking without DHCP (10.0.2.15/24, gateway 10.0.2.2), loading the
+/// virtio_net modules from the root. Prints `e2e-net: eth0 <operstate>`.
+pub const QEMU_USER_NET_SERVICE: &str = r#"# Test-only (basalt_tests::QEMU_USER_NET_SERVICE): eth0 on QEMU user networking.
+exec = ["/bin/sh", "-c", '''
+m=/lib/modules/$(uname -r)/kernel
+insmod $m/net/core/failover.ko; insmod $m/drivers/net/net_failover.ko; insmod $m/drivers/net/virtio_net.ko
+i=0; while [ ! -e /sys/class/net/eth0 ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i+1)); done
+ip link set eth0 up && ip addr add 10.0.2.15/24 dev eth0 && ip route add default via 10.0.2.2
+echo "e2e-net: eth0 $(cat /sys/class/net/eth0/operstate)"
+''']
+restart = "never"
+"#;

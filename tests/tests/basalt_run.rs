@@ -39,18 +39,6 @@ fn http_get(port: u16, path: &str) -> Result<String> {
     Ok(reply)
 }
 
-/// Test-only: the network QEMU's user mode expects, without DHCP.
-const NET_SERVICE: &str = r#"# Test-only (tests/tests/basalt_run.rs): eth0 on QEMU user networking.
-exec = ["/bin/sh", "-c", '''
-m=/lib/modules/$(uname -r)/kernel
-insmod $m/net/core/failover.ko; insmod $m/drivers/net/net_failover.ko; insmod $m/drivers/net/virtio_net.ko
-i=0; while [ ! -e /sys/class/net/eth0 ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i+1)); done
-ip link set eth0 up && ip addr add 10.0.2.15/24 dev eth0 && ip route add default via 10.0.2.2
-echo "e2e-net: eth0 $(cat /sys/class/net/eth0/operstate)"
-''']
-restart = "never"
-"#;
-
 #[test]
 fn basalt_run_boots_the_test_image_and_forwards_the_api_port() -> Result<()> {
     let dir = work_dir("basalt_run")?;
@@ -66,7 +54,10 @@ fn basalt_run_boots_the_test_image_and_forwards_the_api_port() -> Result<()> {
             "name = \"basalt-x86_64-test\"",
             "name = \"basalt-run-test\"",
         );
-    std::fs::write(dir.join("e2e-net.toml"), NET_SERVICE)?;
+    std::fs::write(
+        dir.join("e2e-net.toml"),
+        basalt_tests::QEMU_USER_NET_SERVICE,
+    )?;
     let def = dir.join("x86_64-run.toml");
     std::fs::write(&def, def_text)?;
     build::ensure_binaries(&dir)?;

@@ -16,18 +16,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use update_support::{boot_with, bundle_file, line, setup_with, slot, status};
 
-/// Test-only: eth0 on QEMU user networking (as tests/tests/basalt_run.rs).
-const NET: &str = r#"# Test-only (tests/tests/update_wait.rs): eth0 on QEMU user networking.
-exec = ["/bin/sh", "-c", '''
-m=/lib/modules/$(uname -r)/kernel
-insmod $m/net/core/failover.ko; insmod $m/drivers/net/net_failover.ko; insmod $m/drivers/net/virtio_net.ko
-i=0; while [ ! -e /sys/class/net/eth0 ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i+1)); done
-ip link set eth0 up && ip addr add 10.0.2.15/24 dev eth0 && ip route add default via 10.0.2.2
-echo "e2e-net: eth0 $(cat /sys/class/net/eth0/operstate)"
-''']
-restart = "never"
-"#;
-
 /// Test-only: what a system-upgrade-controller Job runs, then status and poweroff.
 const WAIT_DRIVER: &str = r#"# Test-only (tests/tests/update_wait.rs): the fleet Plan's command.
 exec = ["/bin/sh", "-c", '''
@@ -82,7 +70,10 @@ fn update_wait_over_http_installs_then_reports_the_commit() -> Result<()> {
     let s = setup_with(
         "update_wait",
         NODE_TOML,
-        &[("e2e-net.toml", NET), ("wait-driver.toml", WAIT_DRIVER)],
+        &[
+            ("e2e-net.toml", basalt_tests::QEMU_USER_NET_SERVICE),
+            ("wait-driver.toml", WAIT_DRIVER),
+        ],
     )?;
     let file = bundle_file(&s, "v020", "0.2.0", false, None)?;
     let (port, hits) = serve(std::fs::read(&file)?)?;
