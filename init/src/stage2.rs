@@ -67,6 +67,8 @@ pub struct Context {
     pub tz: Option<String>,
     /// Node config `console.emergency_shell`.
     pub emergency_shell: bool,
+    /// `/etc/basalt/image.toml`, read once by the first phase that needs it.
+    pub facts: Option<ImageFacts>,
     pub stage2_end_ms: u64,
     /// Duration of each phase, for `basaltctl boot-time`.
     pub phases_ms: Vec<(String, u64)>,
@@ -577,9 +579,17 @@ fn load_services(ctx: &mut Context) -> Result<(), Stage2Error> {
     Ok(())
 }
 
+/// The image's facts, read on first use and kept in the context.
+fn image_facts(ctx: &mut Context) -> Result<&ImageFacts, Stage2Error> {
+    let facts = match ctx.facts.take() {
+        Some(f) => f,
+        None => ImageFacts::load(Path::new(IMAGE_FACTS_PATH))?,
+    };
+    Ok(ctx.facts.insert(facts))
+}
+
 fn kubernetes(ctx: &mut Context) -> Result<(), Stage2Error> {
-    let facts = ImageFacts::load(Path::new(IMAGE_FACTS_PATH))?;
-    if let Some(k) = facts.kubernetes {
+    if let Some(k) = image_facts(ctx)?.kubernetes.clone() {
         ctx.services
             .retain(|s| s.name != service::KUBERNETES_SERVICE);
         // The node config's role, when it has a [kubernetes] section (apply).
@@ -603,7 +613,7 @@ fn kubernetes(ctx: &mut Context) -> Result<(), Stage2Error> {
 /// A/B update bookkeeping (docs/updates.md): record a trial that fell back,
 /// finish an interrupted commit, add the health gate on a trial boot.
 fn update(ctx: &mut Context) -> Result<(), Stage2Error> {
-    let version = ImageFacts::load(Path::new(IMAGE_FACTS_PATH))?.os_version;
+    let version = image_facts(ctx)?.os_version.clone();
     if let Err(e) = crate::update::stage2_phase(&ctx.handoff.slot, &version, &mut ctx.services) {
         console::error("update", e);
     }
