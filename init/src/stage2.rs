@@ -293,13 +293,6 @@ fn read_handoff(ctx: &mut Context) -> Result<(), Stage2Error> {
     Ok(())
 }
 
-/// Whether `path` is a mount point, from the kernel's mount table (a bind
-/// mount of a directory onto itself has the same device as its parent).
-fn is_mount_point(path: &Path) -> bool {
-    let text = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
-    mounts::parse_mount_points(&text).iter().any(|p| p == path)
-}
-
 fn kernel_mounts(_ctx: &mut Context) -> Result<(), Stage2Error> {
     let m: &mut dyn Mounts = &mut KernelMounts;
     let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
@@ -322,6 +315,19 @@ fn kernel_mounts(_ctx: &mut Context) -> Result<(), Stage2Error> {
             Some("mode=0755"),
         ),
     ];
+    // The kernel's mount table, read once (a bind mount of a directory onto
+    // itself has the same device as its parent, so stat cannot tell).
+    let read_table = || std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    let mut table = read_table();
+    if table.is_empty() {
+        // No /proc yet (booted without our initramfs): mount it to read the table.
+        if let Err(e) = mounts::mount_fs(m, "proc", Path::new("/proc"), "proc", nosuid, None) {
+            console::error("mount", e);
+        }
+        table = read_table();
+    }
+    let mounted = mounts::parse_mount_points(&table);
+    let is_mount_point = |p: &Path| mounted.iter().any(|m| m == p);
     for (src, target, fs, flags, data) in base {
         if !is_mount_point(Path::new(target))
             && let Err(e) = mounts::mount_fs(m, src, Path::new(target), fs, flags, data)
