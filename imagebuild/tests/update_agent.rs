@@ -46,9 +46,8 @@ impl Node {
         )
         .unwrap();
         std::fs::create_dir_all(d.join("keys")).unwrap();
-        let (key, pubkey) = bundle::keygen(&d.join("signing")).unwrap();
+        let (_, pubkey) = bundle::keygen(&d.join("signing")).unwrap();
         std::fs::copy(&pubkey, d.join("keys/release.pub")).unwrap();
-        let _ = key;
         let dev = Device {
             boot_dir: d.join("esp"),
             state_path: d.join("var/lib/basalt/slots.toml"),
