@@ -20,6 +20,11 @@
 #                  /run/stage2.sh doing stage 2's steps (cgroup2 with the
 #                  controllers enabled, devpts, /dev/shm, /tmp, machine-id,
 #                  hostname, lo up) and exec'ing the stand-in as Basalt does.
+#   floor          /init is benches/floor-init: the least an init can do on this
+#                  path (the same kernel calls in the same order, nothing else: no
+#                  settings parsed, no verity, no node config, no update
+#                  bookkeeping, no re-exec, no fsync). Its time is the kernel's
+#                  share: the floor under any init making these steps.
 # Measured: Basalt from its ready line, timings_ms.kubernetes_exec -
 # timings_ms.stage1_start; busybox from /proc/uptime printed by /init's first
 # line ("bench: start") and by stage2.sh right before it exec's the stand-in
@@ -60,6 +65,10 @@ $B ip link set lo up
 read up _ < /proc/uptime; echo "bench: k8s-exec $up"
 exec /usr/bin/k3s server --data-dir /var/lib/rancher/k3s
 SCRIPT
+(cd "$ROOT" && cargo build --release -q -p floor-init --target x86_64-unknown-linux-musl)
+floor="$OUT/floor.img"
+floor_image "$IMG" "$floor" "$ROOT/target/x86_64-unknown-linux-musl/release/floor-init" \
+  "/usr/bin/k3s server --data-dir /var/lib/rancher/k3s"
 base="$OUT/baseline.img"
 BENCH_STAGE2=$stage2 busybox_image "$IMG" "$base" "/run/busybox sh /run/stage2.sh"
 rm -f "$stage2"
@@ -71,7 +80,7 @@ j = json.load(sys.stdin); t = j["timings_ms"]; c = j.get("init_cpu_ms") or {}
 print(t["kubernetes_exec"] - t["stage1_start"], c.get("user", -1), c.get("system", -1))'
 }
 
-declare -a bv bu bs nv nu ns sv
+declare -a bv bu bs nv nu ns sv fv
 for i in $(seq 1 "$N"); do
   cp --sparse=always "$IMG" "$OUT/run.img"
   boot_until "$OUT/run.img" "$OUT/basalt-$i.log" "basalt: ready" || { echo "basalt boot $i failed (log $OUT/basalt-$i.log)"; exit 1; }
@@ -88,12 +97,24 @@ for i in $(seq 1 "$N"); do
   st=$(grep -a "bench: start" "$OUT/busybox-$i.log" | awk '{print $3}'); ex=$(grep -a "bench: k8s-exec" "$OUT/busybox-$i.log" | awk '{print $3}')
   v=$(python3 -c "print(round(($ex-$st)*1000))"); sv+=("$v")
   echo "busybox          boot $i: /init start -> kubernetes exec $v ms"
+
+  cp --sparse=always "$floor" "$OUT/run.img"
+  boot_until "$OUT/run.img" "$OUT/floor-$i.log" "floor: k8s-exec" || { echo "floor boot $i failed (log $OUT/floor-$i.log)"; exit 1; }
+  st=$(grep -a "floor: start" "$OUT/floor-$i.log" | tr -d '\r' | awk '{print $3}')
+  ex=$(grep -a "floor: k8s-exec" "$OUT/floor-$i.log" | tr -d '\r' | awk '{print $3}')
+  grep -a "^floor: " "$OUT/floor-$i.log" | grep -v "start\|k8s-exec" && { echo "floor boot $i reported errors (log $OUT/floor-$i.log)"; exit 1; }
+  v=$((ex - st)); fv+=("$v")
+  echo "floor            boot $i: /init start -> kubernetes exec $v ms"
 done
 med() { printf '%s\n' "$@" | median; }
 mb=$(med "${bv[@]}"); mn=$(med "${nv[@]}"); ms=$(med "${sv[@]}")
 echo "median basalt          ${mb} ms (init user CPU $(med "${bu[@]}") ms, system $(med "${bs[@]}") ms; N=$N)"
 echo "median basalt-noverity ${mn} ms (init user CPU $(med "${nu[@]}") ms, system $(med "${ns[@]}") ms; N=$N)"
 echo "median busybox         ${ms} ms (N=$N)"
+mf=$(med "${fv[@]}")
+echo "median floor           ${mf} ms (N=$N)"
 python3 -c "print('ratio basalt-noverity/busybox = %.2f  (same steps; target <= 0.5)' % ($mn/$ms))"
 python3 -c "print('ratio basalt/busybox          = %.2f  (basalt also sets up dm-verity)' % ($mb/$ms))"
+python3 -c "print('ratio floor/busybox           = %.2f  (the kernel\'s share: no init making these calls does better)' % ($mf/$ms))"
+python3 -c "print('basalt-noverity - floor       = %d ms (everything Basalt does beyond the kernel calls the path needs)' % ($mn-$mf))"
 echo "init's own overhead (user CPU, tick-sampled: ~4 ms resolution) median: $(med "${bu[@]}") ms (target <= 10 ms)"

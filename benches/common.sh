@@ -85,3 +85,25 @@ SCRIPT
   rm -rf "$work"
 
 }
+
+# floor_image <src.img> <dst.img> <floor-init binary> <exec argv>
+# A copy of <src.img> whose initramfs /init is benches/floor-init (the least an
+# init can do on the boot path), with /floor.conf naming the image's modules
+# in load order and the command to exec.
+floor_image() {
+  local src=$1 base=$2 bin=$3 exec_argv=$4
+  cp --sparse=always "$src" "$base"
+  esp=$(off "$base" esp)
+  work=$(mktemp -d "$OUT/initrd.XXXX")
+  mcopy -o -i "$base@@$esp" ::a/initramfs "$work/initramfs.orig"
+  mkdir "$work/root"
+  (cd "$work/root" && cpio -id --quiet < ../initramfs.orig)
+  mods=$(sed -n 's/^modules *= *\[\(.*\)\]/\1/p' "$work/root/etc/basalt/initramfs.toml" | tr -d '",')
+  kver=$(sed -n 's/^kernel_version *= *"\(.*\)"/\1/p' "$work/root/etc/basalt/initramfs.toml")
+  { for m in $mods; do echo "module /lib/modules/$kver/$m"; done; echo "exec $exec_argv"; } > "$work/root/floor.conf"
+  rm -f "$work/root/init"
+  cp "$bin" "$work/root/init"
+  (cd "$work/root" && find . | sort | cpio -o -H newc --quiet > ../initramfs.new)
+  mcopy -o -i "$base@@$esp" "$work/initramfs.new" ::a/initramfs
+  rm -rf "$work"
+}
