@@ -126,6 +126,11 @@ pub struct PiBoot {
 pub struct Initramfs {
     /// Module names (as `modprobe` takes them; `-` and `_` are the same).
     pub modules: Vec<String>,
+    /// Modules the path to Kubernetes does not need (a watchdog driver,
+    /// efivarfs): in the initramfs too, but PID 1 loads them right after it
+    /// started Kubernetes (stage 1 at once on a trial boot). Docs/board.md.
+    #[serde(default)]
+    pub late_modules: Vec<String>,
 }
 
 /// Partition sizes in MiB. GPT boards give `esp_mib`; MBR boards `config_mib` and

@@ -366,13 +366,14 @@ fn prepare(opts: &BuildOptions, p: &mut Progress) -> Result<SlotContent, BuildEr
         })
     })?;
     let boot = root::boot_files(&tree, &board)?;
-    let mods = modules::resolve(
+    let mods = modules::with_late(
         &tree,
         &board.root.modules_dir,
         &boot.kernel_path,
         def.initramfs_modules
             .as_ref()
             .unwrap_or(&board.initramfs.modules),
+        &board.initramfs.late_modules,
     )?;
     let kernel = read_data("reading the kernel", &boot.kernel)?;
     // Board-specific boot files are read before the builder empties /boot.
@@ -420,7 +421,7 @@ fn prepare(opts: &BuildOptions, p: &mut Progress) -> Result<SlotContent, BuildEr
         initramfs,
         rootfs,
         verity: root_verity,
-        modules: mods.order,
+        modules: mods.order.into_iter().chain(mods.late).collect(),
         boot_extra,
     })
 }

@@ -22,6 +22,8 @@ pub struct InitramfsSettings<'a> {
     pub kernel_version: &'a str,
     /// Relative to `lib/modules/<kernel_version>/`, in load order.
     pub modules: Vec<String>,
+    /// Same form: loaded after Kubernetes starts (stage 1 at once on a trial).
+    pub late_modules: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -66,6 +68,11 @@ pub fn build(
             .iter()
             .map(|p| crate::modules::initramfs_path(p).display().to_string())
             .collect(),
+        late_modules: modules
+            .late
+            .iter()
+            .map(|p| crate::modules::initramfs_path(p).display().to_string())
+            .collect(),
     };
     let settings_text = format!(
         "# Stage 1 settings, written by basalt (docs/boot-protocol.md).\n{}",
@@ -93,7 +100,7 @@ pub fn build(
         }
     };
     add_parents(Path::new("etc/basalt/initramfs.toml"));
-    for m in &modules.order {
+    for m in modules.order.iter().chain(&modules.late) {
         add_parents(&mod_base.join(crate::modules::initramfs_path(m)));
     }
 
@@ -111,7 +118,7 @@ pub fn build(
         "etc/basalt/initramfs.toml".into(),
         Item::Bytes(settings_text.as_bytes(), 0o644),
     );
-    for m in &modules.order {
+    for m in modules.order.iter().chain(&modules.late) {
         items.insert(
             mod_base.join(crate::modules::initramfs_path(m)),
             Item::Module(m),

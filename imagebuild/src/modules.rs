@@ -161,6 +161,9 @@ pub struct Resolved {
     pub kernel_version: String,
     /// Paths relative to `<modules_dir>/<kernel_version>/`, in load order.
     pub order: Vec<PathBuf>,
+    /// The board's late modules and those of their dependencies not in
+    /// `order`, same form, in load order after `order` ([`with_late`]).
+    pub late: Vec<PathBuf>,
 }
 
 /// Pick the kernel version directory: the only one, or the one named in the
@@ -471,7 +474,30 @@ pub fn resolve(
     Ok(Resolved {
         kernel_version: kver,
         order,
+        late: Vec::new(),
     })
+}
+
+/// `early` resolved, with `late` resolved after it: `late`'s modules and
+/// their dependencies that `early` does not already load.
+pub fn with_late(
+    tree: &Tree,
+    modules_dir: &str,
+    kernel: &Path,
+    early: &[String],
+    late: &[String],
+) -> Result<Resolved, ModulesError> {
+    let mut r = resolve(tree, modules_dir, kernel, early)?;
+    if !late.is_empty() {
+        let all: Vec<String> = early.iter().chain(late).cloned().collect();
+        let full = resolve(tree, modules_dir, kernel, &all)?;
+        r.late = full
+            .order
+            .into_iter()
+            .filter(|p| !r.order.contains(p))
+            .collect();
+    }
+    Ok(r)
 }
 
 #[cfg(test)]
@@ -693,11 +719,12 @@ mod tests {
         };
         let tree = basalt_rootfs::overlay::load(&spec).unwrap();
         let board = crate::board::Board::embedded("x86_64").unwrap();
-        let r = resolve(
+        let r = with_late(
             &tree,
             "lib/modules",
             Path::new("boot/vmlinuz-6"),
             &board.initramfs.modules,
+            &board.initramfs.late_modules,
         )
         .unwrap();
         let names: Vec<String> = r.order.iter().map(|p| module_name(p)).collect();
@@ -706,10 +733,52 @@ mod tests {
         assert!(pos("virtio") < pos("virtio_pci"));
         assert!(pos("virtio_pci_modern_dev") < pos("virtio_pci"));
         assert!(pos("fat") < pos("vfat"));
-        // dm-verity needs dm-bufio and dm-mod first; softdog pulls in watchdog.
+        // dm-verity needs dm-bufio and dm-mod first.
         assert!(pos("dm_mod") < pos("dm_verity") && pos("dm_bufio") < pos("dm_verity"));
-        assert!(pos("watchdog") < pos("softdog"));
-        assert_eq!(names.len(), 18, "{names:?}");
+        assert_eq!(names.len(), 15, "{names:?}");
+        // The late ones: softdog pulls in watchdog, which the early set lacks.
+        let late: Vec<String> = r.late.iter().map(|p| module_name(p)).collect();
+        assert_eq!(late, ["watchdog", "softdog", "efivarfs"], "{late:?}");
+    }
+
+    #[test]
+    fn late_modules_get_only_the_dependencies_not_loaded_early() {
+        let mut t = Tree::new();
+        let base = format!("lib/modules/{KVER}");
+        for m in ["kernel/a.ko", "kernel/b.ko", "kernel/c.ko", "kernel/d.ko"] {
+            t.insert(
+                format!("{base}/{m}"),
+                Entry::file(FileData::Bytes(Default::default()), 0o644),
+            )
+            .unwrap();
+        }
+        // d needs c and a; c needs a; b needs a.
+        let dep = b"kernel/a.ko:\nkernel/b.ko: kernel/a.ko\nkernel/c.ko: kernel/a.ko\nkernel/d.ko: kernel/c.ko kernel/a.ko\n";
+        t.insert(
+            format!("{base}/modules.dep"),
+            Entry::file(FileData::Bytes(std::sync::Arc::new(dep.to_vec())), 0o644),
+        )
+        .unwrap();
+        let kernel = Path::new("boot/vmlinuz-x");
+        let r = with_late(&t, "lib/modules", kernel, &["b".into()], &["d".into()]).unwrap();
+        assert_eq!(
+            r.order,
+            [PathBuf::from("kernel/a.ko"), "kernel/b.ko".into()]
+        );
+        assert_eq!(r.late, [PathBuf::from("kernel/c.ko"), "kernel/d.ko".into()]);
+        // No late modules: nothing more.
+        let r = with_late(&t, "lib/modules", kernel, &["b".into()], &[]).unwrap();
+        assert!(r.late.is_empty());
+        // A late module the early set already has: not loaded twice.
+        let r = with_late(
+            &t,
+            "lib/modules",
+            kernel,
+            &["d".into()],
+            &["b".into(), "c".into()],
+        )
+        .unwrap();
+        assert_eq!(r.late, [PathBuf::from("kernel/b.ko")]);
     }
 
     /// Alpine ships `.ko.gz`; other distributions `.ko.xz` or `.ko.zst`. The

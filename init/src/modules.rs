@@ -38,6 +38,12 @@ pub struct InitramfsSettings {
     /// Relative to `lib/modules/<kernel_version>/`, in load order.
     #[serde(default)]
     pub modules: Vec<String>,
+    /// Modules the path to Kubernetes does not need (the board's
+    /// `late_modules`: a watchdog driver, efivarfs), same form, loaded after
+    /// `modules`: by PID 1 right after it starts Kubernetes, or by stage 1 at
+    /// once on a trial boot (whose watchdog it arms).
+    #[serde(default)]
+    pub late_modules: Vec<String>,
 }
 
 fn default_partition_table() -> String {
@@ -65,6 +71,12 @@ impl InitramfsSettings {
         let dir = root.join("lib/modules").join(&self.kernel_version);
         self.modules.iter().map(|m| dir.join(m)).collect()
     }
+
+    /// Absolute paths of the late modules, in load order, under `root`.
+    pub fn late_module_paths(&self, root: &Path) -> Vec<PathBuf> {
+        let dir = root.join("lib/modules").join(&self.kernel_version);
+        self.late_modules.iter().map(|m| dir.join(m)).collect()
+    }
 }
 
 /// Loads one module file into the kernel.
@@ -80,6 +92,12 @@ pub enum LoadError {
     Kernel(PathBuf, Errno),
 }
 
+/// A module file the kernel must decompress (`MODULE_INIT_COMPRESSED_FILE`).
+fn is_compressed(path: &Path) -> bool {
+    path.extension()
+        .is_some_and(|e| e == "gz" || e == "xz" || e == "zst")
+}
+
 /// `finit_module(2)` on the running kernel.
 #[derive(Debug, Default)]
 pub struct KernelModules;
@@ -87,11 +105,60 @@ pub struct KernelModules;
 impl ModuleLoader for KernelModules {
     fn load(&mut self, path: &Path) -> Result<(), LoadError> {
         let f = std::fs::File::open(path).map_err(|e| LoadError::Open(path.to_path_buf(), e))?;
-        let compressed = path
-            .extension()
-            .is_some_and(|e| e == "gz" || e == "xz" || e == "zst");
-        crate::sys::finit_module(&f, compressed)
+        crate::sys::finit_module(&f, is_compressed(path))
             .map_err(|e| LoadError::Kernel(path.to_path_buf(), e))
+    }
+}
+
+/// Late modules opened by stage 1 before `switch_root` deletes the
+/// initramfs: an open file keeps its contents, so PID 1 loads them from the
+/// descriptors after it started Kubernetes, and closes them.
+#[derive(Debug, Default)]
+pub struct OpenedModules(Vec<(PathBuf, std::fs::File)>);
+
+impl OpenedModules {
+    /// Open each of `paths`; one that cannot be opened is reported and left out.
+    pub fn open(paths: &[PathBuf]) -> OpenedModules {
+        let mut opened = Vec::new();
+        for p in paths {
+            match std::fs::File::open(p) {
+                Ok(f) => opened.push((p.clone(), f)),
+                Err(e) => crate::console::error("module", LoadError::Open(p.clone(), e)),
+            }
+        }
+        OpenedModules(opened)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Module names (file names without `.ko…`), in load order.
+    pub fn names(&self) -> Vec<String> {
+        self.0
+            .iter()
+            .filter_map(|(p, _)| p.file_name())
+            .map(|n| {
+                let n = n.to_string_lossy();
+                n.split(".ko").next().unwrap_or(&n).to_string()
+            })
+            .collect()
+    }
+
+    /// `finit_module(2)` each, in order; the files are closed afterwards.
+    pub fn load(self) -> LoadReport {
+        let mut report = LoadReport::default();
+        for (p, f) in self.0 {
+            match crate::sys::finit_module(&f, is_compressed(&p)) {
+                Ok(()) => report.loaded += 1,
+                Err(Errno::EEXIST) => report.already += 1,
+                Err(e) => {
+                    crate::console::error("module", LoadError::Kernel(p.clone(), e));
+                    report.failed.push(p.display().to_string());
+                }
+            }
+        }
+        report
     }
 }
 

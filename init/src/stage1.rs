@@ -9,7 +9,6 @@
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -23,9 +22,7 @@ use crate::modules::{self, InitramfsSettings, KernelModules, ModuleLoader};
 use crate::mounts::{self, KernelMounts, Mounts};
 use crate::report;
 use crate::say;
-use crate::slot::{
-    DATA_PARTITION_NAME, ESP_PARTITION_NAME, INITRAMFS_MARKER, ROOT_INIT_PATH, Slot,
-};
+use crate::slot::{DATA_PARTITION_NAME, ESP_PARTITION_NAME, INITRAMFS_MARKER, Slot};
 use crate::sys::{self, MsFlags};
 use crate::verity::{self, DeviceMapper, KernelDeviceMapper};
 
@@ -66,6 +63,10 @@ pub struct Handoff {
     #[serde(default)]
     pub cpu_end_system_us: u64,
     pub steps_ms: BTreeMap<String, u64>,
+    /// The late modules stage 1 left for PID 1 (in memory only: stage 1
+    /// opens them before switch_root and hands the files over).
+    #[serde(skip)]
+    pub late_modules: Vec<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -233,38 +234,15 @@ pub fn run() -> ! {
         }
     }
     // Stage 2 is this same program (the builder puts one init binary in both
-    // the initramfs and the root). Exec'ing the initramfs copy, already in
-    // RAM and held open across switch_root, spares reading 1 MB through
-    // squashfs and dm-verity, and every later page fault on init's code goes
-    // to RAM instead: measured under QEMU TCG, docs/boot-protocol.md.
-    let image = std::fs::File::open(env.path("/init"));
+    // the initramfs and the root): it continues here, in this process, with
+    // the handoff in hand. No exec: exec'ing the binary again cost the exec
+    // itself, relocating and faulting the binary in again, and (ASLR puts it
+    // elsewhere) translating all of its shared code again under emulation;
+    // measured under QEMU TCG in docs/performance.md. The initramfs copy
+    // (deleted by switch_root) stays mapped: `/proc/1/exe` reads `/init (deleted)`.
+    let late = crate::modules::OpenedModules::open(&handoff.late_modules);
     switch_root(env.mounts, Path::new("/newroot"));
-    match image {
-        Ok(f) => {
-            let e = sys::fexec(&f, ROOT_INIT_PATH);
-            console::error(
-                "exec-stage2",
-                format_args!("from the initramfs copy ({e}); trying {ROOT_INIT_PATH}"),
-            );
-        }
-        Err(e) => console::error(
-            "exec-stage2",
-            format_args!("opening /init ({e}); trying {ROOT_INIT_PATH}"),
-        ),
-    }
-    let err = std::process::Command::new(ROOT_INIT_PATH).exec();
-    if !handoff.verity_name.is_empty() {
-        report_verity(env.dm, &handoff.verity_name);
-    }
-    // `/proc` moved into the new root, still at /proc after the chroot.
-    let trial = std::fs::read_to_string("/proc/cmdline").is_ok_and(|t| cmdline::parse(&t).trial);
-    if trial {
-        give_up_trial(&TrialFailed {
-            slot: Slot::parse(&handoff.slot).unwrap_or(Slot::A).name(),
-            why: format!("stage 2 could not be started: {ROOT_INIT_PATH} ({err})"),
-        });
-    }
-    stay_alive("exec-stage2", format_args!("{ROOT_INIT_PATH} ({err})"))
+    crate::stage2::run(Some(handoff), late)
 }
 
 /// A trial boot cannot reach its root: say so, `sync`, `reboot(2)`. The
@@ -333,6 +311,30 @@ pub fn prepare_root(env: &mut Env<'_>) -> Result<Handoff, TrialFailed> {
     handoff.slot = slot.name().to_string();
     let reboot_partition =
         settings.as_ref().and_then(|s| s.boot_method.as_deref()) == Some("reboot-partition");
+    // 2c. The late modules (the board's `late_modules`: a watchdog driver,
+    // efivarfs) are not needed on the path to Kubernetes: PID 1 loads them
+    // right after it started Kubernetes (opened below, before switch_root).
+    // A trial needs its watchdog now, and `reboot-partition` boards learn
+    // only later whether this boot is a trial: then they load here.
+    let late = settings
+        .as_ref()
+        .map(|s| s.late_module_paths(&env.root))
+        .unwrap_or_default();
+    if args.trial || reboot_partition {
+        let report = modules::load_in_order(env.modules, &late);
+        if !report.failed.is_empty() {
+            console::error(
+                "modules",
+                format_args!(
+                    "{} of {} late modules failed",
+                    report.failed.len(),
+                    late.len()
+                ),
+            );
+        }
+    } else {
+        handoff.late_modules = late;
+    }
     // `reboot-partition` boards keep their own trial rules (3b).
     let persist = if args.trial && !reboot_partition {
         say!("trial of slot {} (basalt.trial=1)", slot.name());
@@ -1195,7 +1197,7 @@ mod tests {
         };
         w(
             "etc/basalt/initramfs.toml",
-            "board = \"x86_64\"\nkernel_version = \"6.1.0\"\nmodules = [\"kernel/a/virtio_blk.ko\", \"kernel/fs/squashfs.ko\"]\n",
+            "board = \"x86_64\"\nkernel_version = \"6.1.0\"\nmodules = [\"kernel/a/virtio_blk.ko\", \"kernel/fs/squashfs.ko\"]\nlate_modules = [\"kernel/w/softdog.ko\"]\n",
         );
         w("proc/cmdline", "console=ttyS0,115200 basalt.slot=b\n");
         w("newroot/etc/basalt/image.toml", "os_version = \"0.1.0\"\n");
@@ -1379,7 +1381,12 @@ mod tests {
             };
             prepare_root(&mut env).unwrap()
         };
+        // The late module is left for PID 1: not loaded, handed over.
         assert_eq!(loader.0, ["virtio_blk.ko", "squashfs.ko"]);
+        assert_eq!(
+            handoff.late_modules,
+            [root.join("lib/modules/6.1.0/kernel/w/softdog.ko")]
+        );
         let r = root.display().to_string();
         let kinds: Vec<String> = mounts
             .calls
@@ -1491,7 +1498,7 @@ mod tests {
         root: &Path,
         cmdline: &str,
         watchdog: &dyn crate::rpi::Watchdog,
-    ) -> (Result<Handoff, TrialFailed>, Vec<String>) {
+    ) -> (Result<Handoff, TrialFailed>, Vec<String>, Vec<String>) {
         std::fs::write(root.join("proc/cmdline"), cmdline).unwrap();
         let mut mounts = RootMountFails::default();
         let mut loader = Recorder(vec![]);
@@ -1511,7 +1518,7 @@ mod tests {
             reboot: &NoReboot,
             trial_limits: FAST,
         });
-        (r, mounts.0)
+        (r, mounts.0, loader.0)
     }
 
     /// A trial boot (`basalt.trial=1`) arms the watchdog after the modules and
@@ -1526,7 +1533,7 @@ mod tests {
 
         // The root mount fails: tried `attempts` times, nothing after it mounted.
         let wd = SeenWatchdog::default();
-        let (r, calls) = trial_boot(
+        let (r, calls, loaded) = trial_boot(
             &root,
             "console=ttyS0 panic=10 basalt.trial=1 basalt.slot=b\n",
             &wd,
@@ -1538,12 +1545,14 @@ mod tests {
             "{failed}"
         );
         assert_eq!(*wd.0.borrow(), [TRIAL_WATCHDOG_SECS]);
+        // A trial loads the late modules (its watchdog driver) at once.
+        assert_eq!(loaded, ["virtio_blk.ko", "squashfs.ko", "softdog.ko"]);
         let root_mounts = calls.iter().filter(|c| c.ends_with("/newroot")).count();
         assert_eq!(root_mounts, FAST.attempts as usize, "{calls:?}");
         assert!(calls.last().unwrap().ends_with("/newroot"), "{calls:?}");
 
         // basalt.watchdog=0: no watchdog (NoWatchdog panics if armed), same verdict.
-        let (r, _) = trial_boot(
+        let (r, _, _) = trial_boot(
             &root,
             "basalt.trial=1 basalt.watchdog=0 basalt.slot=b\n",
             &NoWatchdog,
@@ -1553,7 +1562,7 @@ mod tests {
         // Verity keys but no readable superblock (the fixture has no /dev/vda3).
         let wd = SeenWatchdog::default();
         let hash = "ab".repeat(32);
-        let (r, calls) = trial_boot(
+        let (r, calls, _) = trial_boot(
             &root,
             &format!(
                 "basalt.verity={hash} basalt.verity_data_blocks=8 basalt.trial=1 basalt.slot=b\n"
@@ -1572,7 +1581,7 @@ mod tests {
         std::fs::remove_file(root.join("sys/class/block/vda3")).unwrap();
         let wd = SeenWatchdog::default();
         let t0 = Instant::now();
-        let (r, calls) = trial_boot(&root, "basalt.trial=1 basalt.slot=b\n", &wd);
+        let (r, calls, _) = trial_boot(&root, "basalt.trial=1 basalt.slot=b\n", &wd);
         let failed = r.unwrap_err();
         assert!(failed.why.contains("root-b did not appear"), "{failed}");
         assert!(t0.elapsed() >= FAST.devices, "{:?}", t0.elapsed());
@@ -1636,6 +1645,7 @@ mod tests {
             cpu_end_user_us: 30,
             cpu_end_system_us: 4000,
             steps_ms: [("modules".to_string(), 120)].into_iter().collect(),
+            late_modules: Vec::new(),
         };
         let text = toml::to_string(&h).unwrap();
         assert!(text.contains("slot = \"a\""), "{text}");

@@ -138,6 +138,9 @@ struct Shutdown {
 /// Called once, when every service has been ready.
 pub type ReadyHook = Box<dyn FnOnce(&Supervisor)>;
 
+/// See [`Supervisor::after_first_start`].
+pub type StartHook = Box<dyn FnOnce(&mut Supervisor)>;
+
 /// The signals PID 1 acts on: children exiting, reboot, poweroff.
 pub const SIGNALS: &[Signal] = &[
     Signal::SIGCHLD,
@@ -182,6 +185,12 @@ pub struct Supervisor {
     emergency_shell: Option<PathBuf>,
     shell_pid: Option<i32>,
     on_ready: Option<ReadyHook>,
+    /// Run once right after the loop's first round started the services
+    /// (`after_first_start`), before the watchdog is opened.
+    after_start: Option<StartHook>,
+    /// The watchdog device to open after the first start (`Config::watchdog`).
+    watchdog_path: Option<PathBuf>,
+    started: bool,
     shutdown: Option<Shutdown>,
     /// Tasks run every period from the loop (`every`): (period, last run, task).
     periodic: Vec<(Duration, Instant, PeriodicTask)>,
@@ -267,7 +276,10 @@ impl Supervisor {
             all_ready_ms: None,
             verity_checked: None,
             verity_corrupted: false,
-            watchdog: open_watchdog(config.watchdog.as_deref()),
+            watchdog: None,
+            watchdog_path: config.watchdog,
+            started: false,
+            after_start: None,
             last_pet: now,
             watchdog_stopped: false,
             emergency_shell: None,
@@ -331,6 +343,18 @@ impl Supervisor {
         self.on_ready = Some(hook);
     }
 
+    /// Run `hook` once, right after the loop's first round has started the
+    /// services (Kubernetes first), and before the watchdog device is opened:
+    /// work the path to Kubernetes does not need (stage 2's late modules).
+    pub fn after_first_start(&mut self, hook: StartHook) {
+        self.after_start = Some(hook);
+    }
+
+    /// Firmware and loader durations (EFI variables), once they can be read.
+    pub fn set_firmware_times(&mut self, us: Option<(u64, u64)>) {
+        self.info.boot.firmware_loader_us = us;
+    }
+
     /// Run `task` from the loop about every `period` (the loop wakes for it),
     /// e.g. saving the clock.
     pub fn every(&mut self, period: Duration, task: PeriodicTask) {
@@ -374,6 +398,14 @@ impl Supervisor {
     pub fn run(&mut self) -> ShutdownKind {
         loop {
             guarded("supervisor timers", || self.tick(Instant::now()));
+            if !self.started {
+                self.started = true;
+                if let Some(hook) = self.after_start.take() {
+                    guarded("after start", || hook(self));
+                }
+                self.watchdog = open_watchdog(self.watchdog_path.as_deref());
+                self.last_pet = Instant::now();
+            }
             guarded("verity status", || self.check_verity(Instant::now(), false));
             guarded("watchdog", || self.pet_watchdog(Instant::now()));
             guarded("periodic", || self.run_periodic(Instant::now()));

@@ -65,6 +65,10 @@ fn supervisor_role() {
     sup.on_all_ready(Box::new(|s: &Supervisor| {
         basalt_init::say!("ready {}", s.status_json());
     }));
+    // Stage 2 loads its late modules here: the services must have started.
+    sup.after_first_start(Box::new(|s: &mut Supervisor| {
+        basalt_init::say!("after-first-start {}", s.status_json());
+    }));
     // What stage 2 does after `basalt-node-config`: the results' [logs] over
     // the image's settings, persistent logging in `$BASALT_TEST_LOG_DIR`.
     let log_dir = std::env::var_os("BASALT_TEST_LOG_DIR").map(PathBuf::from);
@@ -854,6 +858,39 @@ stop_timeout_secs = 1
 }
 
 /// A bad service file is reported; the good ones still run.
+/// The hook for stage 2's late modules runs once, after the first round
+/// started every service that could start (the Kubernetes service first).
+fn after_first_start_sees_the_services_started() -> Result<(), String> {
+    let run = Run::start(&[
+        ("one", r#"exec = ["/bin/sleep", "1000"]"#.into()),
+        ("two", r#"exec = ["/bin/sleep", "1000"]"#.into()),
+    ]);
+    run.wait("after-first-start", Duration::from_secs(10))?;
+    run.wait("service two started", Duration::from_secs(10))?;
+    std::thread::sleep(Duration::from_millis(300));
+    let hooks = run.lines_with("after-first-start");
+    if hooks.len() != 1 {
+        return Err(format!("hook ran {} times:\n{}", hooks.len(), run.dump()));
+    }
+    let json = hooks[0].split("after-first-start ").nth(1).unwrap_or("");
+    for name in ["one", "two"] {
+        let unit = json
+            .split(&format!("{{\"name\":\"{name}\""))
+            .nth(1)
+            .and_then(|rest| rest.split('}').next())
+            .unwrap_or("");
+        let started = unit
+            .split("\"pid\":")
+            .nth(1)
+            .is_some_and(|p| p.starts_with(|c: char| c.is_ascii_digit()));
+        if !started {
+            return Err(format!("{name} not started when the hook ran: {json}"));
+        }
+    }
+    run.control("reboot")?;
+    run.finish(Duration::from_secs(20))
+}
+
 fn bad_service_file_is_reported() -> Result<(), String> {
     let run = Run::start(&[
         ("good", r#"exec = ["/bin/sleep", "1000"]"#.into()),
@@ -889,6 +926,10 @@ fn driver() {
         ),
         ("shutdown_in_reverse_order", shutdown_in_reverse_order),
         ("bad_service_file_is_reported", bad_service_file_is_reported),
+        (
+            "after_first_start_sees_the_services_started",
+            after_first_start_sees_the_services_started,
+        ),
     ];
     let mut failed = 0;
     for (name, f) in tests {

@@ -151,6 +151,9 @@ pub fn run(
         }
     };
     let end = Instant::now() + timeout;
+    // Woken the moment the child exits (a pidfd), not on a polling tick: the
+    // boot waits on this. Kernels before 5.3: poll every 20 ms.
+    let exited = crate::sys::pidfd_open(child.id());
     let status = loop {
         match child.try_wait() {
             Ok(Some(st)) => break st,
@@ -160,7 +163,17 @@ pub fn run(
                 collect(output);
                 return Err(Pid1Error::Timeout(timeout));
             }
-            Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+            Ok(None) => match &exited {
+                Ok(fd) => {
+                    use std::os::fd::AsFd;
+                    let left = end.saturating_duration_since(Instant::now()).as_millis();
+                    let ms = u32::try_from(left).unwrap_or(u32::MAX).max(1);
+                    if crate::sys::poll_readable(&[fd.as_fd()], Some(ms)).is_err() {
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            },
             Err(e) => {
                 collect(output);
                 return Err(Pid1Error::Wait(e));

@@ -338,6 +338,20 @@ pub fn poll_readable(
         .collect())
 }
 
+/// `pidfd_open(2)`: a descriptor that becomes readable when process `pid`
+/// (a child of ours) exits (Linux 5.3+).
+pub fn pidfd_open(pid: u32) -> Result<std::os::fd::OwnedFd, Errno> {
+    use std::os::fd::FromRawFd;
+    let pid = libc::pid_t::try_from(pid).map_err(|_| Errno::EINVAL)?;
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(Errno::last());
+    }
+    // SAFETY: a fresh descriptor that nothing else owns.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
+}
+
 /// Filesystem block size and total blocks of the filesystem mounted at `path`.
 pub fn statfs_blocks(path: &Path) -> Result<(u64, u64), Errno> {
     let st = nix::sys::statfs::statfs(path)?;
@@ -426,27 +440,6 @@ pub fn unblock_signals_in_child(cmd: &mut std::process::Command) {
 
 /// Milliseconds since the kernel started (`CLOCK_BOOTTIME`, the clock behind
 /// `/proc/uptime`, at millisecond instead of centisecond resolution).
-/// Exec the program open as `image` (`fexecve`) with `argv0` as its only
-/// argument and the current environment. Returns only on failure.
-pub fn fexec(image: &std::fs::File, argv0: &str) -> Errno {
-    use std::os::fd::AsFd;
-    let Ok(arg) = CString::new(argv0) else {
-        return Errno::EINVAL;
-    };
-    let env: Vec<CString> = std::env::vars_os()
-        .filter_map(|(k, v)| {
-            let mut kv = k.into_encoded_bytes();
-            kv.push(b'=');
-            kv.extend(v.into_encoded_bytes());
-            CString::new(kv).ok()
-        })
-        .collect();
-    match nix::unistd::fexecve(image.as_fd(), &[arg], &env) {
-        Ok(never) => match never {},
-        Err(e) => e,
-    }
-}
-
 /// This process's CPU time so far, (user µs, system µs) (`getrusage`): PID 1
 /// keeps its usage across stage 1's exec of stage 2. The kernel splits the
 /// precise total between user and system by tick sampling, so the split is an
