@@ -81,7 +81,7 @@ pub fn entry(args: &[String]) -> i32 {
     let marker = Path::new(slot::INITRAMFS_MARKER).exists();
     match role(argv0, sys::getpid(), marker) {
         Role::Stage1 => stage1::run(),
-        Role::Stage2 => stage2::run(None, modules::OpenedModules::default()),
+        Role::Stage2 => stage2::run(None),
         Role::Basaltctl => control::main(args.get(1..).unwrap_or(&[])),
         Role::NodeConfig => apply::child_main(),
         Role::Refuse if args.get(1).map(String::as_str) == Some("--version") => {

@@ -70,8 +70,9 @@ pub struct Context {
     /// `/etc/basalt/image.toml`, read once by the first phase that needs it.
     pub facts: Option<ImageFacts>,
     pub stage2_end_ms: u64,
-    /// Stage 1's late modules, for the supervisor's first round.
+    /// Stage 1's late modules and old root, for after the supervisor's first round.
     pub late_modules: crate::modules::OpenedModules,
+    pub initramfs: Option<std::fs::File>,
     /// Duration of each phase, for `basaltctl boot-time`.
     pub phases_ms: Vec<(String, u64)>,
 }
@@ -91,13 +92,22 @@ const PHASES: &[(&str, Phase)] = &[
     ("update", update),
 ];
 
-/// Run stage 2. Never returns: ends in `reboot(2)`. `handoff`: stage 1's,
-/// when stage 1 continues into stage 2 in the same process (the normal
-/// boot); `None` when the kernel started init from the root (no initramfs):
-/// then it is read from `/run/basalt/stage1.toml` if there is one.
-/// `late`: the late modules stage 1 opened, loaded right after Kubernetes
-/// is started.
-pub fn run(handoff: Option<Handoff>, late: crate::modules::OpenedModules) -> ! {
+/// Run stage 2. Never returns: ends in `reboot(2)`. `from_stage1`: when
+/// stage 1 continues into stage 2 in the same process (the normal boot);
+/// `None` when the kernel started init from the root (no initramfs): then
+/// the handoff is read from `/run/basalt/stage1.toml` if there is one.
+/// What stage 1 hands to stage 2 when it continues in the same process.
+#[derive(Debug)]
+pub struct FromStage1 {
+    pub handoff: Handoff,
+    /// The late modules stage 1 opened: loaded right after Kubernetes is started.
+    pub late_modules: crate::modules::OpenedModules,
+    /// The old root (the initramfs), open: its files are deleted right after
+    /// Kubernetes is started (`stage1::delete_initramfs`).
+    pub initramfs: Option<std::fs::File>,
+}
+
+pub fn run(from_stage1: Option<FromStage1>) -> ! {
     let started_ms = sys::boottime_ms();
     console::install_panic_hook();
     // The ring first, so that `stage2 start` (a boot's first line in a
@@ -110,13 +120,12 @@ pub fn run(handoff: Option<Handoff>, late: crate::modules::OpenedModules) -> ! {
     if let Err(e) = sys::Signals::open(crate::supervisor::SIGNALS) {
         console::error("signals", e);
     }
-    let mut ctx = Context {
-        late_modules: late,
-        ..Context::default()
-    };
-    let given = handoff.is_some();
-    if let Some(h) = handoff {
-        ctx.handoff = h;
+    let mut ctx = Context::default();
+    let given = from_stage1.is_some();
+    if let Some(f) = from_stage1 {
+        ctx.handoff = f.handoff;
+        ctx.late_modules = f.late_modules;
+        ctx.initramfs = f.initramfs;
     }
     for (name, phase) in PHASES {
         if given && *name == "handoff" {
@@ -166,6 +175,7 @@ pub const EMERGENCY_SHELL: &str = "/bin/sh";
 
 fn supervise(mut ctx: Context) -> Option<ShutdownKind> {
     let late = std::mem::take(&mut ctx.late_modules);
+    let initramfs = ctx.initramfs.take();
     let config = Config {
         services: ctx.services.clone(),
         control_socket: Some(PathBuf::from(slot::CONTROL_SOCKET)),
@@ -220,9 +230,19 @@ fn supervise(mut ctx: Context) -> Option<ShutdownKind> {
             .filter(|p| p.exists()),
     );
     // What the path to Kubernetes did not need, once the services (Kubernetes
-    // first) have been started: stage 1's late modules, then efivarfs and the
-    // firmware's times. The supervisor opens the watchdog right after.
+    // first) have been started: freeing the initramfs, stage 1's late
+    // modules, then efivarfs and the firmware's times. The supervisor opens
+    // the watchdog right after.
     sup.after_first_start(Box::new(move |s: &mut Supervisor| {
+        if let Some(dir) = initramfs {
+            let t0 = sys::boottime_ms();
+            let bytes = crate::stage1::delete_initramfs(dir, Path::new("/proc"));
+            say!(
+                "initramfs files deleted: {} KiB in {} ms",
+                bytes / 1024,
+                sys::boottime_ms().saturating_sub(t0)
+            );
+        }
         if !late.is_empty() {
             let (t0, names) = (sys::boottime_ms(), late.names());
             let report = late.load();

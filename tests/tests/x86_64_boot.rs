@@ -71,6 +71,27 @@ fn boot(name: &str, dir: &Path, img: &Path, vars: &Path, assets: &Assets) -> Res
     )?;
     let line = vm.expect(report::READY_PREFIX, STEP)?;
     let ready = report::parse_ready(&line)?;
+    // Off the path to Kubernetes, after the first round of service starts:
+    // the initramfs' files are deleted (its init binary, ~2 MiB, stays mapped
+    // as PID 1's code) and the late modules loaded.
+    let line = vm.expect_anywhere(
+        Pattern::regex(r"basalt: initramfs files deleted: \d+ KiB"),
+        STEP,
+    )?;
+    let freed_kib: u64 = line
+        .split("deleted: ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .with_context(|| format!("bad initramfs line {line:?}"))?;
+    ensure!(
+        freed_kib > 1024,
+        "only {freed_kib} KiB of initramfs files deleted: {line}"
+    );
+    vm.expect_anywhere(
+        Pattern::regex(r"basalt: late modules watchdog softdog efivarfs loaded after the services started: \d+ ms, 0 failed"),
+        STEP,
+    )?;
 
     // The probe service runs alongside Kubernetes: its lines may come before the ready line.
     let line = vm.expect_anywhere(Pattern::regex(r"e2e: marker (written|found) \S+"), STEP)?;
