@@ -485,6 +485,10 @@ impl Supervisor {
         while let Some(r) = sys::reap_one() {
             let now = Instant::now();
             if let Some(i) = self.units.iter().position(|u| u.pid == Some(r.pid)) {
+                // What it wrote before it exited is in its pipe now: record it
+                // (and put it on the console) before its exit is acted on
+                // (a failure, an emergency shell on the console).
+                self.drain_unit(i);
                 self.on_exit(i, r.status, now);
             } else if let Some(i) = self.units.iter().position(|u| u.check_pid == Some(r.pid)) {
                 self.on_check_exit(i, r.status);
@@ -952,21 +956,27 @@ impl Supervisor {
 
     /// Read whatever the services wrote, into the ring (and the console).
     fn drain_logs(&mut self) {
+        for i in 0..self.units.len() {
+            self.drain_unit(i);
+        }
+    }
+
+    /// Read what unit `i` wrote so far into the log ring (and the console).
+    fn drain_unit(&mut self, i: usize) {
         let mut buf = [0u8; 4096];
-        for u in &mut self.units {
-            let Some((r, _)) = &u.log_pipe else {
-                continue;
+        let u = &mut self.units[i];
+        let Some((r, _)) = &u.log_pipe else {
+            return;
+        };
+        // Bounded: a chatty service cannot starve the loop.
+        for _ in 0..16 {
+            let n = match sys::read_nonblocking(r, &mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
             };
-            // Bounded: a chatty service cannot starve the loop.
-            for _ in 0..16 {
-                let n = match sys::read_nonblocking(r, &mut buf) {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => n,
-                };
-                for line in crate::logs::split_lines(&mut u.log_pending, &buf[..n]) {
-                    if crate::logs::record(&u.def.name, &line) {
-                        console::raw_line(&line);
-                    }
+            for line in crate::logs::split_lines(&mut u.log_pending, &buf[..n]) {
+                if crate::logs::record(&u.def.name, &line) {
+                    console::raw_line(&line);
                 }
             }
         }

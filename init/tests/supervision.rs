@@ -66,8 +66,15 @@ fn supervisor_role() {
         basalt_init::say!("ready {}", s.status_json());
     }));
     // Stage 2 loads its late modules here: the services must have started.
-    sup.after_first_start(Box::new(|s: &mut Supervisor| {
+    // `BASALT_TEST_HOOK_SLEEP_MS`: the hook keeps the loop busy that long, as
+    // loading the late modules does, while the services run.
+    let hook_sleep: u64 = std::env::var("BASALT_TEST_HOOK_SLEEP_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    sup.after_first_start(Box::new(move |s: &mut Supervisor| {
         basalt_init::say!("after-first-start {}", s.status_json());
+        std::thread::sleep(Duration::from_millis(hook_sleep));
     }));
     // What stage 2 does after `basalt-node-config`: the results' [logs] over
     // the image's settings, persistent logging in `$BASALT_TEST_LOG_DIR`.
@@ -891,6 +898,32 @@ fn after_first_start_sees_the_services_started() -> Result<(), String> {
     run.finish(Duration::from_secs(20))
 }
 
+/// What a service wrote before it exited reaches the log (and the console)
+/// before its exit is reported, even when the loop was busy while it ran
+/// (written and exited during the after-first-start hook).
+fn output_before_exit_stays_in_order() -> Result<(), String> {
+    let run = Run::start_with(
+        &[(
+            "quick",
+            r#"exec = ["/bin/sh", "-c", "echo last-words-of-quick; exit 3"]
+restart = "never""#
+                .into(),
+        )],
+        &[],
+        &[("BASALT_TEST_HOOK_SLEEP_MS", "500")],
+    );
+    let exited = run.wait("service quick exited", Duration::from_secs(10))?;
+    let said = run.wait("last-words-of-quick", Duration::from_secs(5))?;
+    if said > exited {
+        return Err(format!(
+            "the exit was reported before the output:\n{}",
+            run.dump()
+        ));
+    }
+    run.control("reboot")?;
+    run.finish(Duration::from_secs(20))
+}
+
 fn bad_service_file_is_reported() -> Result<(), String> {
     let run = Run::start(&[
         ("good", r#"exec = ["/bin/sleep", "1000"]"#.into()),
@@ -929,6 +962,10 @@ fn driver() {
         (
             "after_first_start_sees_the_services_started",
             after_first_start_sees_the_services_started,
+        ),
+        (
+            "output_before_exit_stays_in_order",
+            output_before_exit_stays_in_order,
         ),
     ];
     let mut failed = 0;
