@@ -70,6 +70,8 @@ pub struct Context {
     /// `/etc/basalt/image.toml`, read once by the first phase that needs it.
     pub facts: Option<ImageFacts>,
     pub stage2_end_ms: u64,
+    /// The node config's child, from its start to `node_config`.
+    pub node_config: Option<crate::apply::pid1::Started>,
     /// Stage 1's late modules and old root, for after the supervisor's first round.
     pub late_modules: crate::modules::OpenedModules,
     pub initramfs: Option<std::fs::File>,
@@ -83,6 +85,7 @@ type Phase = fn(&mut Context) -> Result<(), Stage2Error>;
 /// is ready (the supervisor's hook).
 const PHASES: &[(&str, Phase)] = &[
     ("handoff", read_handoff),
+    ("node-config-start", start_node_config),
     ("kernel-mounts", kernel_mounts),
     ("machine-id", machine_id),
     ("node-config", node_config),
@@ -562,16 +565,33 @@ pub fn valid_hostname(h: &str) -> bool {
         })
 }
 
+/// The node config's child starts first, so that it runs while PID 1 does
+/// the kernel mounts and the machine id (it needs neither: it writes /etc,
+/// /var, /run and the kernel's settings); on a multi-core machine in
+/// parallel, on one core at least through each other's I/O waits. Booted
+/// without our initramfs there is no /proc yet: then `node_config` starts it.
+fn start_node_config(ctx: &mut Context) -> Result<(), Stage2Error> {
+    let exe = Path::new("/proc/self/exe");
+    if exe.exists() {
+        ctx.node_config = Some(crate::apply::pid1::start(
+            exe,
+            Path::new(crate::apply::RESULT_FILE),
+        ));
+    }
+    Ok(())
+}
+
 /// The node config, parsed and applied by a child process (`apply`): the
 /// parser's memory must never be PID 1's. PID 1 only reads the results.
 fn node_config(ctx: &mut Context) -> Result<(), Stage2Error> {
     let mut output = crate::apply::pid1::Output::default();
-    let results = match crate::apply::pid1::run(
-        Path::new("/proc/self/exe"),
-        Path::new(crate::apply::RESULT_FILE),
-        crate::apply::pid1::TIMEOUT,
-        &mut output,
-    ) {
+    let started = ctx.node_config.take().unwrap_or_else(|| {
+        crate::apply::pid1::start(
+            Path::new("/proc/self/exe"),
+            Path::new(crate::apply::RESULT_FILE),
+        )
+    });
+    let results = match started.finish(crate::apply::pid1::TIMEOUT, &mut output) {
         Ok(r) => r,
         Err(e) => {
             console::error("node-config", e);

@@ -111,6 +111,23 @@ pub fn run(
     timeout: Duration,
     output: &mut Output,
 ) -> Result<Results, Pid1Error> {
+    start(program, results).finish(timeout, output)
+}
+
+/// The child, started by [`start`]: stage 2 starts it first and goes on
+/// with its own phases while it runs, then [`Started::finish`]es it.
+#[derive(Debug)]
+pub struct Started {
+    program: String,
+    child: Result<std::process::Child, std::io::Error>,
+    results: std::path::PathBuf,
+    /// Where its output goes, when that file could be made.
+    out_path: Option<std::path::PathBuf>,
+    at: Instant,
+}
+
+/// Start the child; see [`run`].
+pub fn start(program: &Path, results: &Path) -> Started {
     let _ = std::fs::remove_file(results);
     let mut cmd = Command::new(program);
     cmd.arg0(CHILD_NAME)
@@ -133,64 +150,77 @@ pub fn run(
         Err(_) => false,
     };
     crate::sys::unblock_signals_in_child(&mut cmd);
-    let spawned = cmd.spawn();
-    drop(cmd);
-    let collect = |output: &mut Output| {
-        if captured {
-            *output = Output::take(&out_path);
-        }
-    };
-    let mut child = match spawned {
-        Ok(c) => c,
-        Err(source) => {
-            collect(output);
-            return Err(Pid1Error::Spawn {
-                program: program.display().to_string(),
-                source,
-            });
-        }
-    };
-    let end = Instant::now() + timeout;
-    // Woken the moment the child exits (a pidfd), not on a polling tick: the
-    // boot waits on this. Kernels before 5.3: poll every 20 ms.
-    let exited = crate::sys::pidfd_open(child.id());
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(st)) => break st,
-            Ok(None) if Instant::now() >= end => {
-                let _ = child.kill();
-                let _ = child.wait();
-                collect(output);
-                return Err(Pid1Error::Timeout(timeout));
+    let child = cmd.spawn();
+    Started {
+        program: program.display().to_string(),
+        child,
+        results: results.to_path_buf(),
+        out_path: captured.then_some(out_path),
+        at: Instant::now(),
+    }
+}
+
+impl Started {
+    /// Wait for the child, at most `timeout` from its start (then it is
+    /// killed), and read its results; see [`run`].
+    pub fn finish(self, timeout: Duration, output: &mut Output) -> Result<Results, Pid1Error> {
+        let collect = |output: &mut Output| {
+            if let Some(p) = &self.out_path {
+                *output = Output::take(p);
             }
-            Ok(None) => match &exited {
-                Ok(fd) => {
-                    use std::os::fd::AsFd;
-                    let left = end.saturating_duration_since(Instant::now()).as_millis();
-                    let ms = u32::try_from(left).unwrap_or(u32::MAX).max(1);
-                    if crate::sys::poll_readable(&[fd.as_fd()], Some(ms)).is_err() {
-                        std::thread::sleep(Duration::from_millis(20));
-                    }
+        };
+        let mut child = match self.child {
+            Ok(c) => c,
+            Err(source) => {
+                collect(output);
+                return Err(Pid1Error::Spawn {
+                    program: self.program,
+                    source,
+                });
+            }
+        };
+        let end = self.at + timeout;
+        // Woken the moment the child exits (a pidfd), not on a polling tick:
+        // the boot waits on this. Kernels before 5.3: poll every 20 ms.
+        let exited = crate::sys::pidfd_open(child.id());
+        let status = loop {
+            match child.try_wait() {
+                Ok(Some(st)) => break st,
+                Ok(None) if Instant::now() >= end => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    collect(output);
+                    return Err(Pid1Error::Timeout(timeout));
                 }
-                Err(_) => std::thread::sleep(Duration::from_millis(20)),
-            },
-            Err(e) => {
-                collect(output);
-                return Err(Pid1Error::Wait(e));
+                Ok(None) => match &exited {
+                    Ok(fd) => {
+                        use std::os::fd::AsFd;
+                        let left = end.saturating_duration_since(Instant::now()).as_millis();
+                        let ms = u32::try_from(left).unwrap_or(u32::MAX).max(1);
+                        if crate::sys::poll_readable(&[fd.as_fd()], Some(ms)).is_err() {
+                            std::thread::sleep(Duration::from_millis(20));
+                        }
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                },
+                Err(e) => {
+                    collect(output);
+                    return Err(Pid1Error::Wait(e));
+                }
             }
+        };
+        collect(output);
+        let read = std::fs::read_to_string(&self.results)
+            .map_err(|e| e.to_string())
+            .and_then(|t| toml::from_str::<Results>(&t).map_err(|e| e.message().to_string()));
+        match read {
+            Ok(r) => Ok(r),
+            Err(_) if !status.success() => Err(Pid1Error::Failed(status)),
+            Err(why) => Err(Pid1Error::Results {
+                path: self.results.display().to_string(),
+                why,
+            }),
         }
-    };
-    collect(output);
-    let read = std::fs::read_to_string(results)
-        .map_err(|e| e.to_string())
-        .and_then(|t| toml::from_str::<Results>(&t).map_err(|e| e.message().to_string()));
-    match read {
-        Ok(r) => Ok(r),
-        Err(_) if !status.success() => Err(Pid1Error::Failed(status)),
-        Err(why) => Err(Pid1Error::Results {
-            path: results.display().to_string(),
-            why,
-        }),
     }
 }
 
