@@ -373,6 +373,14 @@ impl Log {
         &self.ring
     }
 
+    /// The image's settings replace the ones in use (before any node
+    /// config): the ring keeps its lines, within the new size.
+    pub fn set_image(&mut self, settings: Settings) {
+        self.ring.set_limit(settings.ring_kib.saturating_mul(1024));
+        self.image = settings.clone();
+        self.settings = settings;
+    }
+
     pub fn settings(&self) -> &Settings {
         &self.settings
     }
@@ -480,11 +488,18 @@ pub fn init(settings: Settings) {
 }
 
 /// [`init`] with `[logs]` of `image_toml` (/etc/basalt/image.toml), the
-/// image's default; its problems are reported once the ring exists.
+/// image's default; its problems are reported once the ring exists. When
+/// the ring exists already (stage 1 started it with the defaults, in this
+/// same process), its lines are kept and the image's settings apply to it.
 pub fn init_from_image(image_toml: &Path) {
     let text = std::fs::read_to_string(image_toml).unwrap_or_default();
     let (settings, problems) = Settings::from_image_toml(&text);
-    init(settings);
+    if let Ok(mut g) = LOG.lock() {
+        match g.as_mut() {
+            Some(log) => log.set_image(settings),
+            None => *g = Some(Log::new(settings)),
+        }
+    }
     for p in problems {
         crate::console::error("logs", format_args!("{}: [logs] {p}", image_toml.display()));
     }
@@ -611,6 +626,29 @@ mod tests {
         assert!(r.query(Some("a"), 0).iter().all(|e| e.source == "a"));
         assert_eq!(r.query(None, 98).len(), 2);
         assert_eq!(r.last_seq(), 100);
+    }
+
+    /// Stage 2 keeps stage 1's lines: the image's settings apply to the
+    /// ring stage 1 started, within the new size.
+    #[test]
+    fn image_settings_keep_stage_1_lines() {
+        let mut log = Log::new(Settings::default());
+        log.record(1, "init", "stage1 start");
+        log.record(2, "init", "stage1 modules");
+        let image = Settings {
+            ring_kib: 4,
+            ..Settings::default()
+        };
+        log.set_image(image.clone());
+        let texts: Vec<String> = log
+            .ring()
+            .query(None, 0)
+            .into_iter()
+            .map(|e| e.text.clone())
+            .collect();
+        assert_eq!(texts, ["stage1 start", "stage1 modules"]);
+        assert_eq!(log.ring().limit(), 4096);
+        assert_eq!(log.settings(), &image);
     }
 
     #[test]

@@ -208,6 +208,10 @@ impl Steps {
 /// Run stage 1. Never returns.
 pub fn run() -> ! {
     console::install_panic_hook();
+    // The log ring from the first line: stage 2 continues in this process
+    // and keeps it (the image's `[logs]` apply then), so `basaltctl logs`
+    // and a persistent log start with stage 1's lines.
+    crate::logs::init(crate::logs::Settings::default());
     say!("stage1 start");
     let mut env = Env {
         root: PathBuf::from("/"),

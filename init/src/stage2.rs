@@ -113,8 +113,8 @@ pub struct FromStage1 {
 pub fn run(from_stage1: Option<FromStage1>) -> ! {
     let started_ms = sys::boottime_ms();
     console::install_panic_hook();
-    // The ring first, so that `stage2 start` (a boot's first line in a
-    // persistent log) is in it.
+    // The ring first (stage 1's, with its lines, when it continued here),
+    // so that `stage2 start` is in it.
     crate::logs::init_from_image(Path::new(slot::IMAGE_FACTS_PATH));
     say!("stage2 start");
     // Block PID 1's signals now so one sent during the phases stays pending

@@ -20,8 +20,9 @@
 //!    `basalt: error config /boot/node.toml:<line>:<col>: ...` on the
 //!    console, and the node comes up with its first boot's state;
 //! 7. `[logs] persistent = true` (docs/logs.md): `/var/log/basalt.log` on the
-//!    data partition (debugfs) holds the boot from `stage2 start` (lines
-//!    logged before it was opened) to the shutdown, service output included,
+//!    data partition (debugfs) holds the boot from `stage1 start` (lines
+//!    logged before it was opened, stage 1's included: stage 2 continues in
+//!    its process and keeps its ring) to the shutdown, service output included,
 //!    and the second boot (last good config) appends to it.
 
 use anyhow::{Context, Result, ensure};
@@ -350,16 +351,21 @@ fn node_toml_and_cloud_init_reach_the_same_state_and_a_broken_config_keeps_the_l
     // [logs] persistent = true: the whole boot, early lines included, on /var.
     let log = basalt_log(&a)?;
     ensure!(
-        log.matches(" init: stage2 start\n").count() == 1
+        log.matches(" init: stage1 start\n").count() == 1
+            && log.matches(" init: stage2 start\n").count() == 1
             && log.contains(" init: logs persistent at /var/log/basalt.log\n")
             && log.contains(" init: ready {")
             && log.contains(" nodeconfig-probe: nc: end")
             && log.contains(" init: shutdown poweroff\n"),
         "/var/log/basalt.log after the first boot:\n{log}"
     );
+    let stage1 = log.find(" init: stage1 start").unwrap_or(usize::MAX);
     let stage2 = log.find(" init: stage2 start").unwrap_or(usize::MAX);
     let opened = log.find(" init: logs persistent at").unwrap_or(0);
-    ensure!(stage2 < opened, "early lines are not first:\n{log}");
+    ensure!(
+        stage1 < stage2 && stage2 < opened,
+        "early lines are not first:\n{log}"
+    );
 
     // Second boot of the first disk with a broken node.toml: the last good config.
     // `basalt config inject` refuses it, so it goes on with mtools, as an
@@ -414,7 +420,9 @@ fn node_toml_and_cloud_init_reach_the_same_state_and_a_broken_config_keeps_the_l
     // The last good config keeps persistent logging: the file grew by a boot.
     let log = basalt_log(&a)?;
     ensure!(
-        log.matches(" init: stage2 start\n").count() == 2 && log.contains("unknown key `hostnme`"),
+        log.matches(" init: stage2 start\n").count() == 2
+            && log.matches(" init: stage1 start\n").count() == 2
+            && log.contains("unknown key `hostnme`"),
         "/var/log/basalt.log after the second boot:\n{log}"
     );
     Ok(())
