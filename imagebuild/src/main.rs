@@ -350,11 +350,12 @@ fn main() -> Result<()> {
                 "basalt: booting {} (Kubernetes API on 127.0.0.1:{api_port}, SSH on 127.0.0.1:{ssh_port}; Ctrl-A X quits)",
                 opts.image.display()
             );
-            let st = cmd.status().context("starting QEMU")?;
-            if !st.success() {
-                bail!("QEMU exited with {st}");
-            }
-            Ok(())
+            // QEMU replaces this process: a signal for `basalt run` (Ctrl-C
+            // aside, which QEMU gets too) reaches QEMU, and no VM outlives it
+            // (with a child QEMU, killing basalt left the VM running).
+            use std::os::unix::process::CommandExt;
+            let e = cmd.exec();
+            Err(e).context("starting QEMU")
         }
         Cmd::Config {
             cmd: ConfigCmd::Check { config },

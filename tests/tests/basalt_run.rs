@@ -131,8 +131,22 @@ fn basalt_run_boots_the_test_image_and_forwards_the_api_port() -> Result<()> {
     );
     ensure!(reply.trim_end().ends_with("ok"), "{reply}");
 
-    // `-snapshot` by default: the image file is unchanged by the boot.
+    // Killing `basalt run` ends the VM: QEMU replaced it, no VM outlives it
+    // (a QEMU child was left running before).
     drop(child);
+    let img_arg = img.display().to_string();
+    let left: Vec<String> = std::fs::read_dir("/proc")?
+        .flatten()
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .filter(|c| c.contains("qemu-system") && c.contains(&img_arg))
+        .collect();
+    ensure!(
+        left.is_empty(),
+        "QEMU still running after basalt run was killed: {left:?}"
+    );
+
+    // `-snapshot` by default: the image file is unchanged by the boot.
     let again = build::build_image(&def, &dir.join("out2"))?;
     ensure!(
         std::fs::read(&img)? == std::fs::read(&again)?,
