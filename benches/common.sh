@@ -35,6 +35,27 @@ boot_until() {
 
 off() { sfdisk -J "$1" | python3 -c "import json,sys; t=json.load(sys.stdin)['partitiontable']; print([p for p in t['partitions'] if p.get('name')==sys.argv[1]][0]['start']*512)" "$2"; }
 
+# initramfs_open <src.img> <dst.img>: copy the image and unpack slot a's
+# initramfs into $work/root; sets work, esp, mods (the board's modules, load
+# order) and kver.
+initramfs_open() {
+  cp --sparse=always "$1" "$2"
+  esp=$(off "$2" esp)
+  work=$(mktemp -d "$OUT/initrd.XXXX")
+  mcopy -o -i "$2@@$esp" ::a/initramfs "$work/initramfs.orig"
+  mkdir "$work/root"
+  (cd "$work/root" && cpio -id --quiet < ../initramfs.orig)
+  mods=$(sed -n 's/^modules *= *\[\(.*\)\]/\1/p' "$work/root/etc/basalt/initramfs.toml" | tr -d '",')
+  kver=$(sed -n 's/^kernel_version *= *"\(.*\)"/\1/p' "$work/root/etc/basalt/initramfs.toml")
+}
+
+# initramfs_close <dst.img>: pack $work/root back as slot a's initramfs.
+initramfs_close() {
+  (cd "$work/root" && find . | sort | cpio -o -H newc --quiet > ../initramfs.new)
+  mcopy -o -i "$1@@$esp" "$work/initramfs.new" ::a/initramfs
+  rm -rf "$work"
+}
+
 # busybox_image <src.img> <dst.img> <final command>
 # ($BENCH_EXTRA: a file copied to /run/pid1 of the real root; $BENCH_STAGE2: a
 # busybox script copied to /run/stage2.sh, with busybox as /run/busybox)
@@ -43,18 +64,11 @@ off() { sfdisk -J "$1" | python3 -c "import json,sys; t=json.load(sys.stdin)['pa
 # `exec switch_root /newroot <final command>`.
 busybox_image() {
   local src=$1 base=$2 final=$3
-  cp --sparse=always "$src" "$base"
-  esp=$(off "$base" esp)
-  work=$(mktemp -d "$OUT/initrd.XXXX")
-  mcopy -o -i "$base@@$esp" ::a/initramfs "$work/initramfs.orig"
-  mkdir "$work/root"
-  (cd "$work/root" && cpio -id --quiet < ../initramfs.orig)
+  initramfs_open "$src" "$base"
   mkdir -p "$work/root/bin"
   cp "$ASSETS/amd64/busybox/bin/busybox" "$work/root/bin/busybox"
   [ -n "${BENCH_EXTRA:-}" ] && cp "$BENCH_EXTRA" "$work/root/pid1"
   [ -n "${BENCH_STAGE2:-}" ] && cp "$BENCH_STAGE2" "$work/root/stage2.sh"
-  mods=$(sed -n 's/^modules *= *\[\(.*\)\]/\1/p' "$work/root/etc/basalt/initramfs.toml" | tr -d '",')
-  kver=$(sed -n 's/^kernel_version *= *"\(.*\)"/\1/p' "$work/root/etc/basalt/initramfs.toml")
   cat > "$work/root/init" <<SCRIPT
 #!/bin/busybox sh
 /bin/busybox mount -t proc proc /proc
@@ -80,9 +94,7 @@ mount --move /proc /newroot/proc
 exec switch_root /newroot $final
 SCRIPT
   chmod 755 "$work/root/init"
-  (cd "$work/root" && find . | sort | cpio -o -H newc --quiet > ../initramfs.new)
-  mcopy -o -i "$base@@$esp" "$work/initramfs.new" ::a/initramfs
-  rm -rf "$work"
+  initramfs_close "$base"
 
 }
 
@@ -92,18 +104,9 @@ SCRIPT
 # in load order and the command to exec.
 floor_image() {
   local src=$1 base=$2 bin=$3 exec_argv=$4
-  cp --sparse=always "$src" "$base"
-  esp=$(off "$base" esp)
-  work=$(mktemp -d "$OUT/initrd.XXXX")
-  mcopy -o -i "$base@@$esp" ::a/initramfs "$work/initramfs.orig"
-  mkdir "$work/root"
-  (cd "$work/root" && cpio -id --quiet < ../initramfs.orig)
-  mods=$(sed -n 's/^modules *= *\[\(.*\)\]/\1/p' "$work/root/etc/basalt/initramfs.toml" | tr -d '",')
-  kver=$(sed -n 's/^kernel_version *= *"\(.*\)"/\1/p' "$work/root/etc/basalt/initramfs.toml")
+  initramfs_open "$src" "$base"
   { for m in $mods; do echo "module /lib/modules/$kver/$m"; done; echo "exec $exec_argv"; } > "$work/root/floor.conf"
   rm -f "$work/root/init"
   cp "$bin" "$work/root/init"
-  (cd "$work/root" && find . | sort | cpio -o -H newc --quiet > ../initramfs.new)
-  mcopy -o -i "$base@@$esp" "$work/initramfs.new" ::a/initramfs
-  rm -rf "$work"
+  initramfs_close "$base"
 }
