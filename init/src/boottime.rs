@@ -113,13 +113,13 @@ pub fn render(
     let s1 = t.stage1_end_ms.saturating_sub(t.stage1_start_ms);
     let _ = writeln!(s, "stage 1           {}", ms(s1));
     for (name, d) in &t.stage1_steps {
-        let _ = writeln!(s, "  {name:<16}{}", ms(*d));
+        let _ = writeln!(s, "  {name:<15} {}", ms(*d));
     }
     total.push(format!("{} (stage 1)", ms(s1)));
     let s2 = t.stage2_end_ms.saturating_sub(t.stage1_end_ms);
     let _ = writeln!(s, "stage 2           {}", ms(s2));
     for (name, d) in &t.stage2_steps {
-        let _ = writeln!(s, "  {name:<16}{}", ms(*d));
+        let _ = writeln!(s, "  {name:<15} {}", ms(*d));
     }
     total.push(format!("{} (stage 2)", ms(s2)));
     match k8s_exec {

@@ -85,7 +85,7 @@ type Phase = fn(&mut Context) -> Result<(), Stage2Error>;
 /// is ready (the supervisor's hook).
 const PHASES: &[(&str, Phase)] = &[
     ("handoff", read_handoff),
-    ("node-config-start", start_node_config),
+    ("config-start", start_node_config),
     ("kernel-mounts", kernel_mounts),
     ("machine-id", machine_id),
     ("node-config", node_config),
