@@ -242,8 +242,9 @@ pub fn run() -> ! {
     // the handoff in hand. No exec: exec'ing the binary again cost the exec
     // itself, relocating and faulting the binary in again, and (ASLR puts it
     // elsewhere) translating all of its shared code again under emulation;
-    // measured under QEMU TCG in docs/performance.md. The initramfs copy
-    // (deleted by switch_root) stays mapped: `/proc/1/exe` reads `/init (deleted)`.
+    // measured under QEMU TCG in docs/performance.md. The initramfs copy of
+    // the binary stays mapped after its file is deleted (by PID 1, once
+    // Kubernetes has started): `/proc/1/exe` then reads `/init (deleted)`.
     let late_modules = crate::modules::OpenedModules::open(&handoff.late_modules);
     let initramfs = switch_root(env.mounts, Path::new("/newroot"));
     crate::stage2::run(Some(crate::stage2::FromStage1 {

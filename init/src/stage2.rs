@@ -142,7 +142,8 @@ pub fn run(from_stage1: Option<FromStage1>) -> ! {
             .push((name.to_string(), sys::boottime_ms().saturating_sub(t0)));
     }
     // From stage 1's end to stage 2's first step: the handoff file, moving
-    // the kernel filesystems, switch_root (deleting the initramfs' files).
+    // the kernel filesystems, switch_root (the initramfs' files are deleted
+    // later, after the first round of service starts).
     ctx.phases_ms.insert(
         0,
         (
@@ -198,7 +199,8 @@ fn supervise(mut ctx: Context) -> Option<ShutdownKind> {
             machine_id: ctx.machine_id.clone(),
             verity: Some(ctx.handoff.verity_name.clone()).filter(|n| !n.is_empty()),
             boot: crate::boottime::BootTimes {
-                firmware_loader_us: crate::boottime::read_firmware(Path::new(EFIVARS)),
+                // Read once efivarfs is mounted (the after-first-start hook).
+                firmware_loader_us: None,
                 stage1_start_ms: ctx.handoff.kernel_start_to_stage1_ms,
                 stage1_end_ms: ctx.handoff.stage1_end_ms,
                 stage1_steps: crate::boottime::STAGE1_ORDER
@@ -397,9 +399,9 @@ fn kernel_mounts(_ctx: &mut Context) -> Result<(), Stage2Error> {
             console::error("mount", e);
         }
     }
-    // systemd-boot's timing variables, for `basaltctl boot-time`: now when
-    // the kernel has efivarfs (built in), else after the late modules.
-    mount_efivarfs(m, is_mount_point(Path::new(EFIVARS)));
+    // efivarfs (systemd-boot's timing variables, for `basaltctl boot-time`)
+    // is not needed before Kubernetes: it is mounted after the first round of
+    // service starts, with the late modules (one of which it may be).
     let cg = Path::new("/sys/fs/cgroup");
     let rest: [(&str, &Path, &str, MsFlags, Option<&str>); 4] = [
         ("cgroup2", cg, "cgroup2", nosuid, Some("nsdelegate")),
