@@ -4,8 +4,11 @@
 # doing the same steps on the same kernel, root and disk. N boots of each,
 # medians, ratios from this one run.
 #
-#   BASALT_ASSETS=$PWD/.cache/assets N=5 benches/boot.sh <image.img>
+#   BASALT_ASSETS=$PWD/.cache/assets N=5 [SMP=2] benches/boot.sh <image.img>
 #
+# SMP: the VM's CPUs (default 1, as the tests boot). With more, Basalt's stage
+# 1 and the floor load independent modules side by side (module_deps); the
+# busybox script loads them one after another, as such a script does.
 # <image.img>: the x86_64 test image (`basalt build tests/images/x86_64.toml`).
 #
 # Variants, each booted N times from a fresh copy:

@@ -19,7 +19,7 @@ boot_until() {
   local code
   code=$(ls "$ASSETS"/amd64/ovmf/usr/share/OVMF/OVMF_CODE_4M.fd 2>/dev/null || ls "$ASSETS"/amd64/ovmf/usr/share/OVMF/OVMF_CODE*.fd | head -1)
   : > "$log"
-  qemu-system-x86_64 -accel tcg -M q35 -cpu max -smp 1 -m 1024 -nodefaults -display none \
+  qemu-system-x86_64 -accel tcg -M q35 -cpu max -smp "${SMP:-1}" -m 1024 -nodefaults -display none \
     -no-reboot -serial "file:$log" \
     -drive "if=pflash,format=raw,unit=0,readonly=on,file=$code" \
     -drive "if=pflash,format=raw,unit=1,file=$vars" \
@@ -101,11 +101,18 @@ SCRIPT
 # floor_image <src.img> <dst.img> <floor-init binary> <exec argv>
 # A copy of <src.img> whose initramfs /init is benches/floor-init (the least an
 # init can do on the boot path), with /floor.conf naming the image's modules
-# in load order and the command to exec.
+# in load order, what each needs first (`module_deps`) and the command to exec.
 floor_image() {
   local src=$1 base=$2 bin=$3 exec_argv=$4
   initramfs_open "$src" "$base"
-  { for m in $mods; do echo "module /lib/modules/$kver/$m"; done; echo "exec $exec_argv"; } > "$work/root/floor.conf"
+  { for m in $mods; do echo "module /lib/modules/$kver/$m"; done
+    python3 - "$work/root/etc/basalt/initramfs.toml" "/lib/modules/$kver/" <<'PY'
+import sys, tomllib
+s = tomllib.load(open(sys.argv[1], "rb"))
+for m, deps in s.get("module_deps", {}).items():
+    print("after", " ".join(sys.argv[2] + x for x in [m] + deps))
+PY
+    echo "exec $exec_argv"; } > "$work/root/floor.conf"
   rm -f "$work/root/init"
   cp "$bin" "$work/root/init"
   initramfs_close "$base"

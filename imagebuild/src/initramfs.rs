@@ -4,27 +4,12 @@
 
 use std::path::{Path, PathBuf};
 
+use basalt_init::modules::InitramfsSettings;
 use basalt_rootfs::tree::{EntryKind, Tree};
-use serde::Serialize;
 
 use crate::board::Board;
 use crate::cpio::{CpioWriter, Meta};
 use crate::modules::Resolved;
-
-/// Stage 1 settings, `etc/basalt/initramfs.toml`.
-#[derive(Debug, Serialize)]
-pub struct InitramfsSettings<'a> {
-    pub board: &'a str,
-    pub partition_table: &'a str,
-    /// `systemd-boot`, `tryboot` or `reboot-partition` (how a trial is started).
-    pub boot_method: &'a str,
-    pub console: &'a str,
-    pub kernel_version: &'a str,
-    /// Relative to `lib/modules/<kernel_version>/`, in load order.
-    pub modules: Vec<String>,
-    /// Same form: loaded after Kubernetes starts (stage 1 at once on a trial).
-    pub late_modules: Vec<String>,
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum InitramfsError {
@@ -57,22 +42,23 @@ pub fn build(
         path: init.display().to_string(),
         err,
     })?;
+    let in_initramfs = |p: &PathBuf| crate::modules::initramfs_path(p).display().to_string();
+    // Stage 1 settings, `etc/basalt/initramfs.toml`: init's own type.
     let settings = InitramfsSettings {
-        board: &board.name,
-        partition_table: board.partition_table.name(),
-        boot_method: board.boot_method.name(),
-        console: &board.console,
-        kernel_version: &modules.kernel_version,
-        modules: modules
-            .order
-            .iter()
-            .map(|p| crate::modules::initramfs_path(p).display().to_string())
-            .collect(),
-        late_modules: modules
-            .late
-            .iter()
-            .map(|p| crate::modules::initramfs_path(p).display().to_string())
-            .collect(),
+        board: board.name.clone(),
+        partition_table: board.partition_table.name().to_string(),
+        boot_method: Some(board.boot_method.name().to_string()),
+        console: Some(board.console.clone()),
+        kernel_version: modules.kernel_version.clone(),
+        modules: modules.order.iter().map(in_initramfs).collect(),
+        late_modules: modules.late.iter().map(in_initramfs).collect(),
+        module_deps: Some(
+            modules
+                .deps
+                .iter()
+                .map(|(m, d)| (in_initramfs(m), d.iter().map(in_initramfs).collect()))
+                .collect(),
+        ),
     };
     let settings_text = format!(
         "# Stage 1 settings, written by basalt (docs/boot-protocol.md).\n{}",

@@ -161,6 +161,10 @@ pub struct Resolved {
     pub kernel_version: String,
     /// Paths relative to `<modules_dir>/<kernel_version>/`, in load order.
     pub order: Vec<PathBuf>,
+    /// For each module of `order` and `late` that needs others first (its
+    /// `depends=` and the `softdep=pre:` present), those modules, same form:
+    /// stage 1 loads modules concurrently, each after these.
+    pub deps: BTreeMap<PathBuf, Vec<PathBuf>>,
     /// The board's late modules and those of their dependencies not in
     /// `order`, same form, in load order after `order` ([`with_late`]).
     pub late: Vec<PathBuf>,
@@ -347,15 +351,19 @@ pub fn decompress(rel: &Path, data: Vec<u8>) -> Result<Vec<u8>, ModulesError> {
     Ok(out)
 }
 
-/// Resolve `wanted` (names) to files in dependency order. `index` maps names
-/// to paths; `builtin` holds names compiled into the kernel.
+/// Modules in load order, and what each needs loaded first ([`Resolved`]).
+pub type Ordered = (Vec<PathBuf>, BTreeMap<PathBuf, Vec<PathBuf>>);
+
+/// Resolve `wanted` (names) to files in dependency order, with each one's
+/// dependencies among them. `index` maps names to paths; `builtin` holds
+/// names compiled into the kernel.
 pub fn order(
     wanted: &[String],
     index: &BTreeMap<String, PathBuf>,
     builtin: &BTreeSet<String>,
     deps: &dyn DepSource,
     dir_for_errors: &str,
-) -> Result<Vec<PathBuf>, ModulesError> {
+) -> Result<Ordered, ModulesError> {
     #[derive(Clone, Copy, PartialEq)]
     enum Mark {
         Visiting,
@@ -368,6 +376,7 @@ pub fn order(
         dir: &'a str,
         marks: BTreeMap<String, Mark>,
         out: Vec<PathBuf>,
+        after: BTreeMap<PathBuf, Vec<PathBuf>>,
     }
     impl Walk<'_> {
         fn visit(
@@ -402,6 +411,19 @@ pub fn order(
             for d in &info.depends {
                 self.visit(d, name, false)?;
             }
+            // The ones that are module files (not built in, not an absent
+            // soft dependency), each once.
+            let mut after: Vec<PathBuf> = Vec::new();
+            for d in info.softdep_pre.iter().chain(&info.depends) {
+                if let Some(p) = self.index.get(d)
+                    && !after.contains(p)
+                {
+                    after.push(p.clone());
+                }
+            }
+            if !after.is_empty() {
+                self.after.insert(rel.clone(), after);
+            }
             self.marks.insert(name.into(), Mark::Done);
             self.out.push(rel);
             Ok(())
@@ -414,11 +436,12 @@ pub fn order(
         dir: dir_for_errors,
         marks: BTreeMap::new(),
         out: Vec::new(),
+        after: BTreeMap::new(),
     };
     for name in wanted {
         w.visit(&canonical_name(name), "the board", false)?;
     }
-    Ok(w.out)
+    Ok((w.out, w.after))
 }
 
 /// Resolve the board's modules against the root tree.
@@ -458,7 +481,7 @@ pub fn resolve(
         .map(|t| t.lines().map(|l| module_name(Path::new(l))).collect())
         .unwrap_or_default();
     let dir_shown = base.display().to_string();
-    let order = match read_text("modules.dep")? {
+    let (order, deps) = match read_text("modules.dep")? {
         Some(text) => {
             let df = DepFile::parse(&text, &format!("{dir_shown}/modules.dep"))?;
             order(wanted, &index, &builtin, &df, &dir_shown)?
@@ -474,6 +497,7 @@ pub fn resolve(
     Ok(Resolved {
         kernel_version: kver,
         order,
+        deps,
         late: Vec::new(),
     })
 }
@@ -491,6 +515,7 @@ pub fn with_late(
     if !late.is_empty() {
         let all: Vec<String> = early.iter().chain(late).cloned().collect();
         let full = resolve(tree, modules_dir, kernel, &all)?;
+        r.deps = full.deps;
         r.late = full
             .order
             .into_iter()
@@ -633,7 +658,7 @@ mod tests {
             ("jbd2", (vec![], vec![])),
         ]));
         let index = idx(&["vfat", "fat", "ext4", "jbd2", "mbcache", "crc32c_generic"]);
-        let got = order(
+        let (got, after) = order(
             &["vfat".into(), "ext4".into(), "fat".into()],
             &index,
             &BTreeSet::new(),
@@ -645,6 +670,19 @@ mod tests {
         assert_eq!(
             names,
             ["fat", "vfat", "crc32c_generic", "jbd2", "mbcache", "ext4"]
+        );
+        // What each needs first: soft dependencies present, then hard ones;
+        // the absent soft dependency is not there.
+        let k = |n: &str| PathBuf::from(format!("kernel/{n}.ko"));
+        assert_eq!(
+            after,
+            BTreeMap::from([
+                (k("vfat"), vec![k("fat")]),
+                (
+                    k("ext4"),
+                    vec![k("crc32c_generic"), k("jbd2"), k("mbcache")]
+                ),
+            ])
         );
     }
 
@@ -665,8 +703,10 @@ mod tests {
             "{e}"
         );
         let builtin = BTreeSet::from(["ext4".to_string()]);
-        let got = order(&["d".into(), "ext4".into()], &index, &builtin, &fake, "d").unwrap();
+        let (got, after) =
+            order(&["d".into(), "ext4".into()], &index, &builtin, &fake, "d").unwrap();
         assert_eq!(got, [PathBuf::from("kernel/d.ko")]);
+        assert!(after.is_empty(), "a built-in dependency is not waited for");
     }
 
     #[test]
@@ -739,6 +779,35 @@ mod tests {
         // The late ones: softdog pulls in watchdog, which the early set lacks.
         let late: Vec<String> = r.late.iter().map(|p| module_name(p)).collect();
         assert_eq!(late, ["watchdog", "softdog", "efivarfs"], "{late:?}");
+        // What each needs first (stage 1 loads the rest concurrently): from
+        // the modules' own `.modinfo`, always listed before them.
+        let needs = |n: &str| -> Vec<String> {
+            let m = r.order.iter().chain(&r.late).find(|p| module_name(p) == n);
+            let mut d: Vec<String> = r
+                .deps
+                .get(m.unwrap())
+                .into_iter()
+                .flatten()
+                .map(|p| module_name(p))
+                .collect();
+            d.sort();
+            d
+        };
+        assert_eq!(needs("virtio_blk"), ["virtio", "virtio_ring"]);
+        assert_eq!(needs("vfat"), ["fat"]);
+        assert!(needs("squashfs").is_empty() && needs("virtio_ring").is_empty());
+        assert!(needs("dm_verity").contains(&"dm_bufio".to_string()));
+        assert_eq!(needs("softdog"), ["watchdog"]);
+        let all: Vec<&PathBuf> = r.order.iter().chain(&r.late).collect();
+        for (m, deps) in &r.deps {
+            let at = all.iter().position(|p| *p == m).unwrap();
+            for d in deps {
+                assert!(
+                    all.iter().position(|p| *p == d).unwrap() < at,
+                    "{m:?} before {d:?}"
+                );
+            }
+        }
     }
 
     #[test]

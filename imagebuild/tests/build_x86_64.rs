@@ -235,6 +235,36 @@ fn build_test_image_and_check_with_standard_tools() {
     };
     assert!(at("/fat.ko") < at("/vfat.ko"));
     assert!(at("/virtio_ring.ko") < at("/virtio_pci.ko"));
+    // What each module needs first (stage 1 loads the others concurrently),
+    // read with Python's TOML parser: listed, and always listed earlier.
+    let check = r#"
+import sys, tomllib
+s = tomllib.loads(sys.stdin.read())
+order = s["modules"] + s["late_modules"]
+deps = s["module_deps"]
+assert set(deps["kernel/drivers/block/virtio_blk.ko"]) == {
+    "kernel/drivers/virtio/virtio.ko", "kernel/drivers/virtio/virtio_ring.ko"}, deps
+assert deps["kernel/fs/fat/vfat.ko"] == ["kernel/fs/fat/fat.ko"], deps
+assert "kernel/fs/squashfs/squashfs.ko" not in deps
+for m, ds in deps.items():
+    for d in ds:
+        assert order.index(d) < order.index(m), (m, d)
+print(len(deps))
+"#;
+    let mut py = Command::new("python3")
+        .args(["-c", check])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write as _;
+    py.stdin
+        .take()
+        .unwrap()
+        .write_all(settings.as_bytes())
+        .unwrap();
+    let out = py.wait_with_output().unwrap();
+    assert!(out.status.success(), "module_deps:\n{settings}");
 
     // root-a: squashfs, listed by unsquashfs, with the builder's files.
     let (root_start, _) = range(1);

@@ -33,6 +33,8 @@ pub struct BootTimes {
     pub stage1_start_ms: u64,
     pub stage1_end_ms: u64,
     pub stage1_steps: Vec<(String, u64)>,
+    /// Threads stage 1's `modules` step loaded on (shown when more than one).
+    pub module_threads: usize,
     pub stage2_end_ms: u64,
     pub stage2_steps: Vec<(String, u64)>,
     /// PID 1's CPU time (user µs, system µs) when stage 1 started: what the
@@ -113,7 +115,11 @@ pub fn render(
     let s1 = t.stage1_end_ms.saturating_sub(t.stage1_start_ms);
     let _ = writeln!(s, "stage 1           {}", ms(s1));
     for (name, d) in &t.stage1_steps {
-        let _ = writeln!(s, "  {name:<15} {}", ms(*d));
+        let _ = write!(s, "  {name:<15} {}", ms(*d));
+        if name == "modules" && t.module_threads > 1 {
+            let _ = write!(s, " ({} threads)", t.module_threads);
+        }
+        s.push('\n');
     }
     total.push(format!("{} (stage 1)", ms(s1)));
     let s2 = t.stage2_end_ms.saturating_sub(t.stage1_end_ms);
@@ -196,6 +202,7 @@ mod tests {
             stage1_start_ms: 1200,
             stage1_end_ms: 1800,
             stage1_steps: vec![("modules".into(), 300)],
+            module_threads: 2,
             stage2_end_ms: 2000,
             stage2_steps: vec![("machine-id".into(), 5)],
             stage1_cpu_us: (0, 0),
@@ -206,7 +213,7 @@ mod tests {
             "loader            0.500s",
             "kernel            1.200s",
             "stage 1           0.600s",
-            "  modules         0.300s",
+            "  modules         0.300s (2 threads)\n",
             "stage 2           0.200s",
             "kubernetes exec   at 2.050s",
             "(+1.000s after exec)",

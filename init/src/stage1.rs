@@ -62,6 +62,9 @@ pub struct Handoff {
     pub cpu_end_user_us: u64,
     #[serde(default)]
     pub cpu_end_system_us: u64,
+    /// Threads stage 1 loaded the modules on (1: in list order; 0: unknown).
+    #[serde(default)]
+    pub module_threads: usize,
     pub steps_ms: BTreeMap<String, u64>,
     /// The late modules stage 1 left for PID 1 (in memory only: stage 1
     /// opens them before switch_root and hands the files over).
@@ -145,7 +148,9 @@ enum Persist {
 pub struct Env<'a> {
     pub root: PathBuf,
     pub mounts: &'a mut dyn Mounts,
-    pub modules: &'a mut dyn ModuleLoader,
+    pub modules: &'a dyn ModuleLoader,
+    /// Modules loading at once (the CPUs this process may run on; 1 in tests).
+    pub module_workers: usize,
     pub block: &'a mut dyn BlockDevices,
     pub dm: &'a mut dyn DeviceMapper,
     /// Reopen stdio on `<root>/dev/console` (not in tests).
@@ -216,7 +221,8 @@ pub fn run() -> ! {
     let mut env = Env {
         root: PathBuf::from("/"),
         mounts: &mut KernelMounts,
-        modules: &mut KernelModules,
+        modules: &KernelModules,
+        module_workers: crate::sys::cpu_count(),
         block: &mut KernelBlockDevices,
         dm: &mut KernelDeviceMapper::default(),
         reopen_console: true,
@@ -293,7 +299,10 @@ pub fn prepare_root(env: &mut Env<'_>) -> Result<Handoff, TrialFailed> {
     let settings = match InitramfsSettings::load(&env.path(INITRAMFS_MARKER)) {
         Ok(settings) => {
             let paths = settings.module_paths(&env.root);
-            let report = modules::load_in_order(env.modules, &paths);
+            let deps = settings.dependencies(&settings.modules);
+            let report =
+                modules::load_all(env.modules, &paths, deps.as_deref(), env.module_workers);
+            handoff.module_threads = report.threads;
             if !report.failed.is_empty() {
                 console::error(
                     "modules",
@@ -330,7 +339,10 @@ pub fn prepare_root(env: &mut Env<'_>) -> Result<Handoff, TrialFailed> {
         .map(|s| s.late_module_paths(&env.root))
         .unwrap_or_default();
     if args.trial || reboot_partition {
-        let report = modules::load_in_order(env.modules, &late);
+        let deps = settings
+            .as_ref()
+            .and_then(|s| s.dependencies(&s.late_modules));
+        let report = modules::load_all(env.modules, &late, deps.as_deref(), env.module_workers);
         if !report.failed.is_empty() {
             console::error(
                 "modules",
@@ -1205,11 +1217,13 @@ mod tests {
         assert_eq!(bd.resized.len(), 1);
     }
 
-    struct Recorder(Vec<String>);
+    struct Recorder(std::sync::Mutex<Vec<String>>);
 
     impl ModuleLoader for Recorder {
-        fn load(&mut self, path: &Path) -> Result<(), modules::LoadError> {
+        fn load(&self, path: &Path) -> Result<(), modules::LoadError> {
             self.0
+                .lock()
+                .unwrap()
                 .push(path.file_name().unwrap().to_string_lossy().into_owned());
             Ok(())
         }
@@ -1310,7 +1324,7 @@ mod tests {
         };
         let run = |slot: Slot, wd: &SeenWatchdog, rb: &SeenReboot| {
             let mut mounts = crate::mounts::fake::FakeMounts::default();
-            let mut loader = Recorder(vec![]);
+            let loader = Recorder(Default::default());
             let mut disk = FileDisk {
                 path: root.join("none"),
                 resized: vec![],
@@ -1319,7 +1333,8 @@ mod tests {
             let mut env = Env {
                 root: root.clone(),
                 mounts: &mut mounts,
-                modules: &mut loader,
+                modules: &loader,
+                module_workers: 1,
                 block: &mut disk,
                 dm: &mut NoDm,
                 reopen_console: false,
@@ -1389,7 +1404,7 @@ mod tests {
             return;
         }
         let mut mounts = crate::mounts::fake::FakeMounts::default();
-        let mut loader = Recorder(vec![]);
+        let loader = Recorder(Default::default());
         let mut disk = FileDisk {
             path: img,
             resized: vec![],
@@ -1399,7 +1414,8 @@ mod tests {
             let mut env = Env {
                 root: root.clone(),
                 mounts: &mut mounts,
-                modules: &mut loader,
+                modules: &loader,
+                module_workers: 1,
                 block: &mut disk,
                 dm: &mut NoDm,
                 reopen_console: false,
@@ -1410,7 +1426,7 @@ mod tests {
             prepare_root(&mut env).unwrap()
         };
         // The late module is left for PID 1: not loaded, handed over.
-        assert_eq!(loader.0, ["virtio_blk.ko", "squashfs.ko"]);
+        assert_eq!(*loader.0.lock().unwrap(), ["virtio_blk.ko", "squashfs.ko"]);
         assert_eq!(
             handoff.late_modules,
             [root.join("lib/modules/6.1.0/kernel/w/softdog.ko")]
@@ -1475,7 +1491,8 @@ mod tests {
         let handoff = prepare_root(&mut Env {
             root: root.clone(),
             mounts: &mut mounts,
-            modules: &mut loader,
+            modules: &loader,
+            module_workers: 1,
             block: &mut disk,
             dm: &mut NoDm,
             reopen_console: false,
@@ -1529,7 +1546,7 @@ mod tests {
     ) -> (Result<Handoff, TrialFailed>, Vec<String>, Vec<String>) {
         std::fs::write(root.join("proc/cmdline"), cmdline).unwrap();
         let mut mounts = RootMountFails::default();
-        let mut loader = Recorder(vec![]);
+        let loader = Recorder(Default::default());
         let mut disk = FileDisk {
             path: root.join("none"),
             resized: vec![],
@@ -1538,7 +1555,8 @@ mod tests {
         let r = prepare_root(&mut Env {
             root: root.to_path_buf(),
             mounts: &mut mounts,
-            modules: &mut loader,
+            modules: &loader,
+            module_workers: 1,
             block: &mut disk,
             dm: &mut NoDm,
             reopen_console: false,
@@ -1546,7 +1564,7 @@ mod tests {
             reboot: &NoReboot,
             trial_limits: FAST,
         });
-        (r, mounts.0, loader.0)
+        (r, mounts.0, loader.0.into_inner().unwrap())
     }
 
     /// A trial boot (`basalt.trial=1`) arms the watchdog after the modules and
@@ -1672,6 +1690,7 @@ mod tests {
             cpu_start_system_us: 2000,
             cpu_end_user_us: 30,
             cpu_end_system_us: 4000,
+            module_threads: 2,
             steps_ms: [("modules".to_string(), 120)].into_iter().collect(),
             late_modules: Vec::new(),
         };

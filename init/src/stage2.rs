@@ -207,6 +207,7 @@ fn supervise(mut ctx: Context) -> Option<ShutdownKind> {
                     .iter()
                     .filter_map(|n| ctx.handoff.steps_ms.get(*n).map(|d| (n.to_string(), *d)))
                     .collect(),
+                module_threads: ctx.handoff.module_threads,
                 stage2_end_ms: ctx.stage2_end_ms,
                 stage2_steps: ctx.phases_ms.clone(),
                 stage1_cpu_us: (

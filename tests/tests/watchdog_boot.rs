@@ -3,6 +3,12 @@
 //! petting (`basaltctl debug stop-watchdog`, from a test service once the
 //! boot is ready) the machine resets within the timeout: with `-no-reboot`
 //! QEMU exits, and init never printed an orderly `basalt: shutdown`.
+//!
+//! This VM has two CPUs (the others one): stage 1 then loads the board's
+//! modules on two threads, each after the ones it depends on
+//! (docs/boot-protocol.md, stage 1 step 2), which the boot report shows;
+//! a module loaded before one it needs would fail (`Unknown symbol`) and
+//! say `basalt: error module`.
 
 use anyhow::{Context, Result, ensure};
 use basalt_tests::assets::Assets;
@@ -23,6 +29,7 @@ fn a_stalled_supervisor_is_reset_by_the_watchdog() -> Result<()> {
     let img = build::build_image(&repo_root().join(DEFINITION), &dir.join("out"))?;
 
     let mut cfg = VmConfig::new("watchdog", &dir, &img);
+    cfg.smp = 2;
     cfg.lifetime = Duration::from_secs(900);
     let mut vm = Vm::start(&cfg, &assets)?;
     vm.expect("basalt: stage1 start", TO_KERNEL)?;
@@ -55,6 +62,19 @@ fn a_stalled_supervisor_is_reset_by_the_watchdog() -> Result<()> {
     ensure!(
         !vm.console.seen("wd-boot: Startup finished in").is_empty(),
         "no boot-time report"
+    );
+    let modules = vm.console.seen("wd-boot:   modules");
+    ensure!(
+        modules.len() == 1 && modules[0].trim_end().ends_with("(2 threads)"),
+        "stage 1 did not load the modules on two threads: {modules:?} (log {})",
+        vm.console.log_path().display()
+    );
+    let errors = vm.console.seen("basalt: error");
+    ensure!(
+        errors.is_empty(),
+        "init reported errors (log {}):\n{}",
+        vm.console.log_path().display(),
+        errors.join("\n")
     );
     Ok(())
 }

@@ -6,9 +6,14 @@
 //! Its time from start to the Kubernetes exec is the kernel's share of the
 //! boot on this machine: no init doing these steps can be faster.
 //!
+//! Modules load as Basalt's stage 1 loads them: in order on one CPU; on
+//! more, on up to 4 threads, each after the ones it needs (the same
+//! `module_deps` from the image's `initramfs.toml`), so that on a multi-CPU
+//! VM the floor stays a floor.
+//!
 //! Input: `/floor.conf` in the initramfs, one `<key> <value>` per line
-//! (`module <path>` in load order, `exec <argv...>`), written by
-//! `benches/boot.sh`. Output: `floor: start <ms>` and `floor: k8s-exec <ms>`
+//! (`module <path>` in load order, `after <path> <path it needs>...`,
+//! `exec <argv...>`), written by `benches/boot.sh`. Output: `floor: start <ms>` and `floor: k8s-exec <ms>`
 //! on the console (CLOCK_BOOTTIME, the clock Basalt's ready line uses).
 //! Not part of any image Basalt builds.
 
@@ -76,6 +81,69 @@ fn load_module(path: &str) {
         }
         Err(e) => say(&format!("open {path}: {e}")),
     }
+}
+
+/// Load `modules` (in order), each after the ones `after` names for it; on
+/// up to 4 threads when this process may run on more than one CPU.
+fn load_modules(modules: &[String], after: &[(String, Vec<String>)]) {
+    // SAFETY: a zeroed set and its size.
+    let cpus = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) == 0 {
+            libc::CPU_COUNT(&set) as usize
+        } else {
+            1
+        }
+    };
+    let workers = cpus.clamp(1, 4);
+    if workers == 1 || after.is_empty() {
+        modules.iter().for_each(|m| load_module(m));
+        return;
+    }
+    let needs: Vec<Vec<usize>> = modules
+        .iter()
+        .map(|m| {
+            let deps = after
+                .iter()
+                .find(|(x, _)| x == m)
+                .map(|(_, d)| d.as_slice());
+            deps.unwrap_or_default()
+                .iter()
+                .filter_map(|d| modules.iter().position(|x| x == d))
+                .collect()
+        })
+        .collect();
+    // 0 waiting, 1 loading, 2 done.
+    let state = std::sync::Mutex::new(vec![0u8; modules.len()]);
+    let changed = std::sync::Condvar::new();
+    let work = || {
+        let mut st = state.lock().unwrap();
+        loop {
+            let ready =
+                (0..modules.len()).find(|&i| st[i] == 0 && needs[i].iter().all(|&d| st[d] == 2));
+            match ready {
+                Some(i) => {
+                    st[i] = 1;
+                    drop(st);
+                    load_module(&modules[i]);
+                    st = state.lock().unwrap();
+                    st[i] = 2;
+                    changed.notify_all();
+                }
+                None if st.iter().all(|&x| x != 0) => return,
+                None => st = changed.wait(st).unwrap(),
+            }
+        }
+    };
+    std::thread::scope(|s| {
+        for _ in 1..workers {
+            std::thread::Builder::new()
+                .stack_size(64 << 10)
+                .spawn_scoped(s, work)
+                .unwrap();
+        }
+        work();
+    });
 }
 
 /// `/dev/<name>` of the partition whose uevent says `PARTNAME=<partname>`.
@@ -186,13 +254,21 @@ fn main() {
         Some("mode=0755"),
     );
     let mut exec: Vec<String> = Vec::new();
+    let (mut modules, mut after) = (Vec::new(), Vec::new());
     for line in conf.lines() {
         match line.split_once(' ') {
-            Some(("module", path)) => load_module(path),
+            Some(("module", path)) => modules.push(path.to_string()),
+            Some(("after", list)) => {
+                let mut it = list.split(' ').map(str::to_string);
+                if let Some(m) = it.next() {
+                    after.push((m, it.collect()));
+                }
+            }
             Some(("exec", argv)) => exec = argv.split(' ').map(str::to_string).collect(),
             _ => {}
         }
     }
+    load_modules(&modules, &after);
     let (root, data, esp) = (wait_part("root-a"), wait_part("data"), wait_part("esp"));
     mount(&root, "/newroot", Some("squashfs"), libc::MS_RDONLY, None);
     mount(&data, "/newroot/var", Some("ext4"), libc::MS_NOATIME, None);

@@ -187,6 +187,23 @@ pub fn getrandom(buf: &mut [u8]) -> Result<(), Errno> {
     Ok(())
 }
 
+/// The CPUs this process may run on (`sched_getaffinity(2)`); 1 when unknown.
+pub fn cpu_count() -> usize {
+    let mut set = std::mem::MaybeUninit::<libc::cpu_set_t>::zeroed();
+    // SAFETY: the set is zeroed and its size is passed; the kernel writes
+    // at most that many bytes.
+    let ok = unsafe {
+        libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), set.as_mut_ptr())
+    } == 0;
+    if !ok {
+        return 1;
+    }
+    // SAFETY: initialised (zeroed, then filled by the kernel); CPU_COUNT
+    // only reads the set.
+    let n = unsafe { libc::CPU_COUNT(&set.assume_init()) };
+    (n as usize).max(1)
+}
+
 /// This process's pid.
 pub fn getpid() -> u32 {
     std::process::id()
