@@ -60,6 +60,9 @@ fn file_err(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> S
 pub struct Context {
     pub handoff: Handoff,
     pub machine_id: String,
+    /// The machine id was made this boot and is not flushed yet
+    /// (`make_durable` in the after-first-start hook).
+    pub machine_id_made: bool,
     pub hostname: String,
     pub services: Vec<ServiceDef>,
     pub distribution: Option<service::Distribution>,
@@ -92,7 +95,6 @@ const PHASES: &[(&str, Phase)] = &[
     ("network", network),
     ("services", load_services),
     ("kubernetes", kubernetes),
-    ("update", update),
 ];
 
 /// Run stage 2. Never returns: ends in `reboot(2)`. `from_stage1`: when
@@ -180,6 +182,9 @@ pub const EMERGENCY_SHELL: &str = "/bin/sh";
 fn supervise(mut ctx: Context) -> Option<ShutdownKind> {
     let late = std::mem::take(&mut ctx.late_modules);
     let initramfs = ctx.initramfs.take();
+    let booted = ctx.handoff.slot.clone();
+    let id_made = ctx.machine_id_made;
+    let version = ctx.facts.as_ref().map(|f| f.os_version.clone());
     let config = Config {
         services: ctx.services.clone(),
         control_socket: Some(PathBuf::from(slot::CONTROL_SOCKET)),
@@ -236,10 +241,14 @@ fn supervise(mut ctx: Context) -> Option<ShutdownKind> {
             .filter(|p| p.exists()),
     );
     // What the path to Kubernetes did not need, once the services (Kubernetes
-    // first) have been started: freeing the initramfs, stage 1's late
-    // modules, then efivarfs and the firmware's times. The supervisor opens
-    // the watchdog right after.
+    // first) have been started: the update bookkeeping (a trial's health
+    // gate), freeing the initramfs, stage 1's late modules, then efivarfs
+    // and the firmware's times. The supervisor opens the watchdog right after.
     sup.after_first_start(Box::new(move |s: &mut Supervisor| {
+        if id_made && let Err(e) = make_durable(Path::new(MACHINE_ID_PATH)) {
+            console::error("machine-id", e);
+        }
+        update_after_services(s, &booted, version.as_deref());
         if let Some(dir) = initramfs {
             let t0 = sys::boottime_ms();
             let bytes = crate::stage1::delete_initramfs(dir, Path::new("/proc"));
@@ -493,7 +502,7 @@ pub fn enable_cgroup_controllers(root: &Path, pid: u32) -> Result<(), Stage2Erro
 }
 
 fn machine_id(ctx: &mut Context) -> Result<(), Stage2Error> {
-    ctx.machine_id = ensure_machine_id(
+    (ctx.machine_id, ctx.machine_id_made) = ensure_machine_id(
         Path::new(MACHINE_ID_PATH),
         Path::new("/etc/machine-id"),
         &mut |b| sys::getrandom(b),
@@ -510,44 +519,62 @@ fn valid_machine_id(s: &str) -> bool {
 
 /// The node's machine id: kept at `persist` (on `/var`), made on first boot
 /// from `random` (128 bits, formatted like systemd's: v4 UUID bits, 32 hex),
-/// and copied to `etc`. The persistent copy is written new-then-rename, so a
-/// power cut leaves either no id (made again) or the complete one.
+/// and copied to `etc`; true when made now. The persistent copy is written
+/// new-then-rename, so a power cut leaves either no id or a bad one (made
+/// again: both are refused) or the complete one. A new one is not yet
+/// flushed: [`make_durable`] follows right after the services started (a
+/// power cut before it gives the node a new id on its next boot, before
+/// Kubernetes could have registered the node with this one).
 pub fn ensure_machine_id(
     persist: &Path,
     etc: &Path,
     random: &mut dyn FnMut(&mut [u8]) -> Result<(), sys::Errno>,
-) -> Result<String, Stage2Error> {
+) -> Result<(String, bool), Stage2Error> {
     let existing = std::fs::read_to_string(persist)
         .ok()
         .map(|s| s.trim().to_string())
         .filter(|s| valid_machine_id(s));
-    let id = match existing {
-        Some(id) => id,
+    let (id, made) = match existing {
+        Some(id) => (id, false),
         None => {
             let mut b = [0u8; 16];
             random(&mut b).map_err(Stage2Error::Random)?;
             b[6] = (b[6] & 0x0f) | 0x40;
             b[8] = (b[8] & 0x3f) | 0x80;
             let id: String = b.iter().map(|x| format!("{x:02x}")).collect();
-            write_atomic(persist, format!("{id}\n").as_bytes())?;
-            id
+            write_replace(persist, format!("{id}\n").as_bytes(), false)?;
+            (id, true)
         }
     };
     std::fs::write(etc, format!("{id}\n")).map_err(file_err("writing", etc))?;
-    Ok(id)
+    Ok((id, made))
 }
 
-/// Write `data` to `path` so that a power cut leaves the old or the new
-/// content: temp file, fsync, rename, fsync the directory.
-pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), Stage2Error> {
+/// Flush `path` and its directory (after a [`write_replace`] without sync).
+pub fn make_durable(path: &Path) -> Result<(), Stage2Error> {
+    std::fs::File::open(path)
+        .and_then(|f| f.sync_all())
+        .map_err(file_err("syncing", path))?;
+    if let Ok(d) = std::fs::File::open(path.parent().unwrap_or(Path::new("/"))) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+/// Write `data` to `path` through a temp file renamed over it, so that a
+/// power cut leaves the old or the new content; with `sync`, fsync before
+/// the rename and the directory after (durable on return).
+pub fn write_replace(path: &Path, data: &[u8], sync: bool) -> Result<(), Stage2Error> {
     let dir = path.parent().unwrap_or(Path::new("/"));
     std::fs::create_dir_all(dir).map_err(file_err("creating", dir))?;
     let tmp = path.with_extension("tmp");
     let mut f = std::fs::File::create(&tmp).map_err(file_err("creating", &tmp))?;
     f.write_all(data).map_err(file_err("writing", &tmp))?;
-    f.sync_all().map_err(file_err("syncing", &tmp))?;
+    if sync {
+        f.sync_all().map_err(file_err("syncing", &tmp))?;
+    }
     std::fs::rename(&tmp, path).map_err(file_err("renaming into place", path))?;
-    if let Ok(d) = std::fs::File::open(dir) {
+    if sync && let Ok(d) = std::fs::File::open(dir) {
         let _ = d.sync_all();
     }
     Ok(())
@@ -707,14 +734,19 @@ fn kubernetes(ctx: &mut Context) -> Result<(), Stage2Error> {
     Ok(())
 }
 
-/// A/B update bookkeeping (docs/updates.md): record a trial that fell back,
-/// finish an interrupted commit, add the health gate on a trial boot.
-fn update(ctx: &mut Context) -> Result<(), Stage2Error> {
-    let version = image_facts(ctx)?.os_version.clone();
-    if let Err(e) = crate::update::stage2_phase(&ctx.handoff.slot, &version, &mut ctx.services) {
-        console::error("update", e);
+/// A/B update bookkeeping (docs/updates.md), from the after-first-start
+/// hook: record a trial that fell back, finish an interrupted commit,
+/// reconcile the loader entries, and on a trial boot add the health gate.
+fn update_after_services(sup: &mut Supervisor, slot: &str, version: Option<&str>) {
+    let Some(version) = version else {
+        console::error("update", "no image facts (os_version): bookkeeping skipped");
+        return;
+    };
+    match crate::update::after_services(slot, version) {
+        Ok(Some(gate)) => sup.add_service(gate),
+        Ok(None) => {}
+        Err(e) => console::error("update", e),
     }
-    Ok(())
 }
 
 // ---------------------------------------------------------------- shutdown
@@ -836,7 +868,9 @@ mod tests {
                 .for_each(|(i, x)| *x = i as u8 * 17);
             Ok(())
         };
-        let id = ensure_machine_id(&persist, &etc, &mut rng).unwrap();
+        let (id, made) = ensure_machine_id(&persist, &etc, &mut rng).unwrap();
+        assert!(made);
+        make_durable(&persist).unwrap();
         assert!(valid_machine_id(&id), "{id}");
         assert_eq!(&id[12..13], "4"); // v4
         assert_eq!(
@@ -847,17 +881,27 @@ mod tests {
         std::fs::remove_file(&etc).unwrap();
         let again =
             ensure_machine_id(&persist, &etc, &mut |_| panic!("must not regenerate")).unwrap();
-        assert_eq!(again, id);
+        assert_eq!(again, (id.clone(), false));
         assert_eq!(std::fs::read_to_string(&etc).unwrap(), format!("{id}\n"));
         assert_eq!(calls, 1);
         // A corrupt persisted id is replaced.
         std::fs::write(&persist, "garbage").unwrap();
-        let fresh = ensure_machine_id(&persist, &etc, &mut |b: &mut [u8]| {
+        let (fresh, made) = ensure_machine_id(&persist, &etc, &mut |b: &mut [u8]| {
             b.fill(0xab);
             Ok(())
         })
         .unwrap();
+        assert!(made);
         assert_ne!(fresh, id);
+        // An empty one (a power cut before the flush) is replaced too.
+        std::fs::write(&persist, "").unwrap();
+        let (again, made) = ensure_machine_id(&persist, &etc, &mut |b: &mut [u8]| {
+            b.fill(0xcd);
+            Ok(())
+        })
+        .unwrap();
+        assert!(made && again != fresh && valid_machine_id(&again));
+        assert!(make_durable(&t.path().join("nope")).is_err());
     }
 
     #[test]

@@ -127,6 +127,43 @@ struct Unit {
     log_pending: Vec<u8>,
 }
 
+impl Unit {
+    /// A service not started yet: `Waiting`, or `Blocked` when it has no
+    /// place in the start order (`startable` false).
+    fn new(def: &ServiceDef, deps: Vec<usize>, startable: bool, now: Instant) -> Unit {
+        Unit {
+            def: def.clone(),
+            deps,
+            state: if startable {
+                State::Waiting
+            } else {
+                State::Blocked
+            },
+            pid: None,
+            started_at: now,
+            restart_at: now,
+            failures: 0,
+            restarts: 0,
+            ready: false,
+            first_exec: None,
+            first_exec_cpu_us: None,
+            first_ready: None,
+            next_check: now,
+            check_pid: None,
+            stop: None,
+            last_exit: None,
+            log_pipe: match sys::log_pipe() {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    console::error("log-pipe", format_args!("{} ({e})", def.name));
+                    None
+                }
+            },
+            log_pending: Vec::new(),
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Shutdown {
     kind: ShutdownKind,
@@ -231,35 +268,13 @@ impl Supervisor {
             .services
             .iter()
             .enumerate()
-            .map(|(i, def)| Unit {
-                def: def.clone(),
-                deps: dependencies(&config.services, i),
-                state: if order.contains(&i) {
-                    State::Waiting
-                } else {
-                    State::Blocked
-                },
-                pid: None,
-                started_at: now,
-                restart_at: now,
-                failures: 0,
-                restarts: 0,
-                ready: false,
-                first_exec: None,
-                first_exec_cpu_us: None,
-                first_ready: None,
-                next_check: now,
-                check_pid: None,
-                stop: None,
-                last_exit: None,
-                log_pipe: match sys::log_pipe() {
-                    Ok(p) => Some(p),
-                    Err(e) => {
-                        console::error("log-pipe", format_args!("{} ({e})", def.name));
-                        None
-                    }
-                },
-                log_pending: Vec::new(),
+            .map(|(i, def)| {
+                Unit::new(
+                    def,
+                    dependencies(&config.services, i),
+                    order.contains(&i),
+                    now,
+                )
             })
             .collect();
         let control = config.control_socket.as_deref().and_then(open_control);
@@ -348,6 +363,59 @@ impl Supervisor {
     /// work the path to Kubernetes does not need (stage 2's late modules).
     pub fn after_first_start(&mut self, hook: StartHook) {
         self.after_start = Some(hook);
+    }
+
+    /// Add a service while the loop runs (from the after-first-start hook:
+    /// the update phase's health gate, known only once the boot's update
+    /// bookkeeping ran). Started at once when what it is `after` is ready,
+    /// else when that is. Refused, with an error line, during a shutdown or
+    /// when a service of that name exists.
+    pub fn add_service(&mut self, def: ServiceDef) {
+        if self.shutdown.is_some() || self.unit(&def.name).is_some() {
+            console::error(
+                "service",
+                format_args!(
+                    "{} not added: {}",
+                    def.name,
+                    if self.shutdown.is_some() {
+                        "shutting down"
+                    } else {
+                        "a service of that name exists"
+                    }
+                ),
+            );
+            return;
+        }
+        let mut defs: Vec<ServiceDef> = self.units.iter().map(|u| u.def.clone()).collect();
+        defs.push(def);
+        let (order, problems) = start_order(&defs);
+        let i = defs.len() - 1;
+        // The others' problems were reported when the supervisor was made.
+        for p in problems
+            .iter()
+            .filter(|p| p.contains(defs[i].name.as_str()))
+        {
+            console::error("service-order", p);
+        }
+        let now = Instant::now();
+        self.units.push(Unit::new(
+            &defs[i],
+            dependencies(&defs, i),
+            order.contains(&i),
+            now,
+        ));
+        for (k, u) in self.units.iter_mut().enumerate() {
+            u.deps = dependencies(&defs, k);
+        }
+        self.order = order;
+        if self.units[i].state == State::Waiting
+            && self.units[i]
+                .deps
+                .iter()
+                .all(|&d| self.units[d].first_ready.is_some())
+        {
+            self.start(i, now);
+        }
     }
 
     /// Firmware and loader durations (EFI variables), once they can be read.

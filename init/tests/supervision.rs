@@ -72,9 +72,22 @@ fn supervisor_role() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
+    // `BASALT_TEST_HOOK_ADD`: a service the hook adds (as stage 2 adds the
+    // update health gate on a trial boot), its definition in TOML.
+    let hook_add = std::env::var("BASALT_TEST_HOOK_ADD").ok();
     sup.after_first_start(Box::new(move |s: &mut Supervisor| {
         basalt_init::say!("after-first-start {}", s.status_json());
         std::thread::sleep(Duration::from_millis(hook_sleep));
+        if let Some(text) = hook_add {
+            match basalt_init::service::ServiceDef::parse("added", &text, Path::new("env")) {
+                Ok(def) => {
+                    s.add_service(def.clone());
+                    // A second one of the same name is refused.
+                    s.add_service(def);
+                }
+                Err(e) => basalt_init::console::error("hook-add", e),
+            }
+        }
     }));
     // What stage 2 does after `basalt-node-config`: the results' [logs] over
     // the image's settings, persistent logging in `$BASALT_TEST_LOG_DIR`.
@@ -898,6 +911,44 @@ fn after_first_start_sees_the_services_started() -> Result<(), String> {
     run.finish(Duration::from_secs(20))
 }
 
+/// A service added from the after-first-start hook (stage 2's update
+/// health gate on a trial boot) starts at once, is supervised like the
+/// others (restarted on failure, stopped at shutdown, in the status), and a
+/// second one of the same name is refused.
+fn a_service_added_after_the_first_round_runs() -> Result<(), String> {
+    let run = Run::start_with(
+        &[("one", r#"exec = ["/bin/sleep", "1000"]"#.into())],
+        &[],
+        &[(
+            "BASALT_TEST_HOOK_ADD",
+            r#"exec = ["/bin/sh", "-c", "echo added-runs; sleep 0.2; exit 1"]
+restart = "on-failure"
+backoff = { initial_ms = 100, max_ms = 100 }"#,
+        )],
+    );
+    run.wait("after-first-start", Duration::from_secs(10))?;
+    run.wait("service added started", Duration::from_secs(10))?;
+    run.wait("added-runs", Duration::from_secs(10))?;
+    run.wait(
+        "added not added: a service of that name exists",
+        Duration::from_secs(5),
+    )?;
+    // Restarted after its failure, like any service.
+    let t = std::time::Instant::now();
+    while run.lines_with("added-runs").len() < 2 {
+        if t.elapsed() > Duration::from_secs(10) {
+            return Err(format!("added service not restarted:\n{}", run.dump()));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let status = run.control("status --json")?;
+    if !status.contains("\"name\":\"added\"") {
+        return Err(format!("added service not in the status: {status}"));
+    }
+    run.control("reboot")?;
+    run.finish(Duration::from_secs(20))
+}
+
 /// What a service wrote before it exited reaches the log (and the console)
 /// before its exit is reported, even when the loop was busy while it ran
 /// (written and exited during the after-first-start hook).
@@ -966,6 +1017,10 @@ fn driver() {
         (
             "output_before_exit_stays_in_order",
             output_before_exit_stays_in_order,
+        ),
+        (
+            "a_service_added_after_the_first_round_runs",
+            a_service_added_after_the_first_round_runs,
         ),
     ];
     let mut failed = 0;

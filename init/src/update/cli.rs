@@ -141,7 +141,7 @@ impl Drop for Source {
 }
 
 /// Hold the update lock for the life of the value.
-fn lock(dev: &Device) -> Result<nix::fcntl::Flock<std::fs::File>, UpdateError> {
+pub(crate) fn lock(dev: &Device) -> Result<nix::fcntl::Flock<std::fs::File>, UpdateError> {
     if let Some(d) = dev.lock_path.parent() {
         let _ = std::fs::create_dir_all(d);
     }

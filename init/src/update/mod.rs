@@ -4,7 +4,8 @@
 //!
 //! PID 1 only runs `stage2_phase` (small file work at boot: reading
 //! slots.toml and the loader entries, adding the gate service on a trial
-//! boot). Installing (`basaltctl update`), the gate (`basaltctl gate`) and
+//! boot), through `after_services`: right after it started the services
+//! (Kubernetes first), under the update lock. Installing (`basaltctl update`), the gate (`basaltctl gate`) and
 //! `basaltctl rollback` run in ordinary processes: PID 1 carries no TLS,
 //! streams no bundles and waits on nothing.
 
@@ -71,9 +72,25 @@ pub fn gate_service() -> ServiceDef {
     }
 }
 
-/// Stage 2 hook (a phase after the services are loaded): check what the
-/// last boot left, and on a trial boot add the health gate service.
-/// Errors are reported, never fatal.
+/// PID 1 right after the first round of service starts (stage 2's
+/// after-first-start hook; none of it is on the path to Kubernetes):
+/// [`stage2_phase`] holding the update lock, since the services now run and
+/// one may start `basaltctl update` (which then finds the lock taken; if it
+/// took it first, this boot's bookkeeping is skipped with the error).
+/// Returns the health gate's service on a trial boot, for the supervisor to
+/// add.
+pub fn after_services(
+    booted: &str,
+    running_version: &str,
+) -> Result<Option<ServiceDef>, UpdateError> {
+    let _lock = cli::lock(&device::Device::system())?;
+    let mut added = Vec::new();
+    stage2_phase(booted, running_version, &mut added)?;
+    Ok(added.into_iter().find(|s| s.name == GATE_SERVICE))
+}
+
+/// Check what the last boot left, and on a trial boot add the health gate
+/// service to `services`. Errors are reported, never fatal.
 pub fn stage2_phase(
     booted: &str,
     running_version: &str,
