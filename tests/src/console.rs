@@ -121,6 +121,14 @@ pub fn clean_line(raw: &[u8]) -> String {
     out
 }
 
+/// Init said `basalt: error` on the console ([`Console::no_init_errors`]).
+#[derive(Debug, thiserror::Error)]
+#[error("init reported errors (log {}):\n{lines}", log.display())]
+pub struct InitErrors {
+    pub log: PathBuf,
+    pub lines: String,
+}
+
 /// The reading end of a console.
 pub struct Console {
     lines: Receiver<String>,
@@ -169,6 +177,19 @@ impl Console {
     /// The console log file.
     pub fn log_path(&self) -> &Path {
         &self.log
+    }
+
+    /// `Ok` when no line read so far says `basalt: error`; else all such
+    /// lines, with the log's path.
+    pub fn no_init_errors(&self) -> Result<(), InitErrors> {
+        let lines = self.seen("basalt: error");
+        if lines.is_empty() {
+            return Ok(());
+        }
+        Err(InitErrors {
+            log: self.log.clone(),
+            lines: lines.join("\n"),
+        })
     }
 
     /// Every line read so far (by `expect` or `drain`).

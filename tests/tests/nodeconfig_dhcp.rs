@@ -58,13 +58,7 @@ fn without_a_network_section_wired_ethernet_gets_dhcp() -> Result<()> {
         "hostname {:?}",
         ready.hostname
     );
-    let errors = vm.console.seen("basalt: error");
-    ensure!(
-        errors.is_empty(),
-        "errors (log {}):\n{}",
-        vm.console.log_path().display(),
-        errors.join("\n")
-    );
+    vm.console.no_init_errors()?;
     vm.kill();
     Ok(())
 }

@@ -167,13 +167,9 @@ fn join(
     );
     agent.expect_anywhere(report::READY_PREFIX, STEP)?;
     for (name, v) in [("server", &server), ("agent", &agent)] {
-        let errors = v.console.seen("basalt: error");
-        ensure!(
-            errors.is_empty(),
-            "{name} reported errors (log {}):\n{}",
-            v.console.log_path().display(),
-            errors.join("\n")
-        );
+        v.console
+            .no_init_errors()
+            .with_context(|| format!("on the {name}"))?;
     }
     server.kill();
     agent.kill();

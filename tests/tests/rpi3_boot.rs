@@ -203,8 +203,7 @@ fn boot_pi(pi: &Pi, dir: &Path, init: &Path, standin: &Path) -> Result<PathBuf> 
     );
     console.expect("basalt: shutdown poweroff", STEP)?;
     console.expect("basalt: shutdown complete", STEP)?;
-    let errors = console.seen("basalt: error");
-    ensure!(errors.is_empty(), "errors on the console: {errors:?}");
+    console.no_init_errors()?;
     let status = loop {
         if let Some(st) = child.0.try_wait()? {
             break st;

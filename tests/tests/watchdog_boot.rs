@@ -69,12 +69,6 @@ fn a_stalled_supervisor_is_reset_by_the_watchdog() -> Result<()> {
         "stage 1 did not load the modules on two threads: {modules:?} (log {})",
         vm.console.log_path().display()
     );
-    let errors = vm.console.seen("basalt: error");
-    ensure!(
-        errors.is_empty(),
-        "init reported errors (log {}):\n{}",
-        vm.console.log_path().display(),
-        errors.join("\n")
-    );
+    vm.console.no_init_errors()?;
     Ok(())
 }

@@ -110,12 +110,6 @@ fn x86_64_apk_image_boots_to_ready() -> Result<()> {
     vm.expect("basalt: shutdown complete", STEP)?;
     let st = vm.wait_exit(Duration::from_secs(60))?;
     ensure!(st.success(), "QEMU exited with {st} after poweroff");
-    let errors = vm.console.seen("basalt: error");
-    ensure!(
-        errors.is_empty(),
-        "init reported errors (log {}):\n{}",
-        vm.console.log_path().display(),
-        errors.join("\n")
-    );
+    vm.console.no_init_errors()?;
     Ok(())
 }

@@ -117,13 +117,7 @@ fn boot(name: &str, dir: &Path, img: &Path, vars: &Path, assets: &Assets) -> Res
         vm.console.log_path().display()
     );
 
-    let errors = vm.console.seen("basalt: error");
-    ensure!(
-        errors.is_empty(),
-        "init reported errors (log {}):\n{}",
-        vm.console.log_path().display(),
-        errors.join("\n")
-    );
+    vm.console.no_init_errors()?;
     Ok(Boot {
         ready,
         received,
