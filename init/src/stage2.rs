@@ -185,6 +185,10 @@ fn supervise(mut ctx: Context) -> Option<ShutdownKind> {
     let booted = ctx.handoff.slot.clone();
     let id_made = ctx.machine_id_made;
     let version = ctx.facts.as_ref().map(|f| f.os_version.clone());
+    // Held from before the services start until the bookkeeping is done.
+    let update_lock = crate::update::lock_for_boot()
+        .map_err(|e| console::error("update", e))
+        .ok();
     let config = Config {
         services: ctx.services.clone(),
         control_socket: Some(PathBuf::from(slot::CONTROL_SOCKET)),
@@ -248,7 +252,7 @@ fn supervise(mut ctx: Context) -> Option<ShutdownKind> {
         if id_made && let Err(e) = make_durable(Path::new(MACHINE_ID_PATH)) {
             console::error("machine-id", e);
         }
-        update_after_services(s, &booted, version.as_deref());
+        update_after_services(s, &booted, version.as_deref(), update_lock);
         if let Some(dir) = initramfs {
             let t0 = sys::boottime_ms();
             let bytes = crate::stage1::delete_initramfs(dir, Path::new("/proc"));
@@ -737,12 +741,17 @@ fn kubernetes(ctx: &mut Context) -> Result<(), Stage2Error> {
 /// A/B update bookkeeping (docs/updates.md), from the after-first-start
 /// hook: record a trial that fell back, finish an interrupted commit,
 /// reconcile the loader entries, and on a trial boot add the health gate.
-fn update_after_services(sup: &mut Supervisor, slot: &str, version: Option<&str>) {
+fn update_after_services(
+    sup: &mut Supervisor,
+    slot: &str,
+    version: Option<&str>,
+    held: Option<crate::update::UpdateLock>,
+) {
     let Some(version) = version else {
         console::error("update", "no image facts (os_version): bookkeeping skipped");
         return;
     };
-    match crate::update::after_services(slot, version) {
+    match crate::update::after_services(slot, version, held) {
         Ok(Some(gate)) => sup.add_service(gate),
         Ok(None) => {}
         Err(e) => console::error("update", e),

@@ -5,7 +5,8 @@
 //! PID 1 only runs `stage2_phase` (small file work at boot: reading
 //! slots.toml and the loader entries, adding the gate service on a trial
 //! boot), through `after_services`: right after it started the services
-//! (Kubernetes first), under the update lock. Installing (`basaltctl update`), the gate (`basaltctl gate`) and
+//! (Kubernetes first), under the update lock it took before starting them.
+//! Installing (`basaltctl update`), the gate (`basaltctl gate`) and
 //! `basaltctl rollback` run in ordinary processes: PID 1 carries no TLS,
 //! streams no bundles and waits on nothing.
 
@@ -72,18 +73,32 @@ pub fn gate_service() -> ServiceDef {
     }
 }
 
+/// The update lock, held by an open file (`flock`, not inherited by
+/// children: the file is close-on-exec).
+pub type UpdateLock = nix::fcntl::Flock<std::fs::File>;
+
+/// PID 1, before it starts the services: take the update lock, so that no
+/// `basaltctl update` a service starts can run before the boot's
+/// bookkeeping ([`after_services`], which releases it).
+pub fn lock_for_boot() -> Result<UpdateLock, UpdateError> {
+    cli::lock(&device::Device::system())
+}
+
 /// PID 1 right after the first round of service starts (stage 2's
 /// after-first-start hook; none of it is on the path to Kubernetes):
-/// [`stage2_phase`] holding the update lock, since the services now run and
-/// one may start `basaltctl update` (which then finds the lock taken; if it
-/// took it first, this boot's bookkeeping is skipped with the error).
-/// Returns the health gate's service on a trial boot, for the supervisor to
-/// add.
+/// [`stage2_phase`] holding the update lock — `held`, taken by
+/// [`lock_for_boot`] before the services started, or taken now (when that
+/// failed, this fails the same way). Returns the health gate's service on a
+/// trial boot, for the supervisor to add.
 pub fn after_services(
     booted: &str,
     running_version: &str,
+    held: Option<UpdateLock>,
 ) -> Result<Option<ServiceDef>, UpdateError> {
-    let _lock = cli::lock(&device::Device::system())?;
+    let _lock = match held {
+        Some(l) => l,
+        None => lock_for_boot()?,
+    };
     let mut added = Vec::new();
     stage2_phase(booted, running_version, &mut added)?;
     Ok(added.into_iter().find(|s| s.name == GATE_SERVICE))
