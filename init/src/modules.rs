@@ -90,25 +90,18 @@ impl InitramfsSettings {
     }
 
     /// For each module of `list` (`modules` or `late_modules`), the
-    /// positions in `list` of the modules it must follow; dependencies
-    /// outside `list` are loaded already. `None` — load in order — without
-    /// `module_deps`, or when a module would follow one listed after it
-    /// (not a load order: never trusted to run concurrently).
+    /// positions in `list` of the modules it must follow (dependencies
+    /// outside `list` are loaded already); `None` without `module_deps`.
+    /// [`load_all`] loads in order when one points at a later module.
     pub fn dependencies(&self, list: &[String]) -> Option<Vec<Vec<usize>>> {
         let deps = self.module_deps.as_ref()?;
-        let mut out = Vec::with_capacity(list.len());
-        for (i, m) in list.iter().enumerate() {
-            let mut before = Vec::new();
-            for d in deps.get(m).map(Vec::as_slice).unwrap_or_default() {
-                match list.iter().position(|x| x == d) {
-                    Some(j) if j < i => before.push(j),
-                    Some(_) => return None,
-                    None => {}
-                }
-            }
-            out.push(before);
-        }
-        Some(out)
+        let at = |d: &String| list.iter().position(|x| x == d);
+        let of = |m: &String| deps.get(m).map(Vec::as_slice).unwrap_or_default();
+        Some(
+            list.iter()
+                .map(|m| of(m).iter().filter_map(at).collect())
+                .collect(),
+        )
     }
 }
 
@@ -184,14 +177,9 @@ impl OpenedModules {
     pub fn load(self) -> LoadReport {
         let mut report = LoadReport::default();
         for (p, f) in self.0 {
-            match crate::sys::finit_module(&f, is_compressed(&p)) {
-                Ok(()) => report.loaded += 1,
-                Err(Errno::EEXIST) => report.already += 1,
-                Err(e) => {
-                    crate::console::error("module", LoadError::Kernel(p.clone(), e));
-                    report.failed.push(p.display().to_string());
-                }
-            }
+            let result = crate::sys::finit_module(&f, is_compressed(&p))
+                .map_err(|e| LoadError::Kernel(p.clone(), e));
+            report.record(&p, result);
         }
         report
     }
@@ -262,18 +250,13 @@ pub fn load_all(
     let Some(deps) = deps.filter(|d| workers > 1 && ordered(d)) else {
         return load_in_order(loader, paths);
     };
-    #[derive(Clone, Copy, PartialEq)]
-    enum State {
-        Waiting,
-        Loading,
-        Done,
-    }
+    // Per module: taken by a thread, and its result once loaded (done).
     struct Board {
-        state: Vec<State>,
+        taken: Vec<bool>,
         results: Vec<Option<Result<(), LoadError>>>,
     }
     let board = Mutex::new(Board {
-        state: vec![State::Waiting; paths.len()],
+        taken: vec![false; paths.len()],
         results: (0..paths.len()).map(|_| None).collect(),
     });
     let changed = Condvar::new();
@@ -282,21 +265,19 @@ pub fn load_all(
     let work = || {
         let mut b = lock();
         loop {
-            let ready = (0..paths.len()).find(|&i| {
-                b.state[i] == State::Waiting && deps[i].iter().all(|&d| b.state[d] == State::Done)
-            });
+            let ready = (0..paths.len())
+                .find(|&i| !b.taken[i] && deps[i].iter().all(|&d| b.results[d].is_some()));
             let Some(i) = ready else {
-                if b.state.iter().all(|s| *s != State::Waiting) {
+                if b.taken.iter().all(|t| *t) {
                     return;
                 }
                 b = changed.wait(b).unwrap_or_else(|e| e.into_inner());
                 continue;
             };
-            b.state[i] = State::Loading;
+            b.taken[i] = true;
             drop(b);
             let result = loader.load(&paths[i]);
             b = lock();
-            b.state[i] = State::Done;
             b.results[i] = Some(result);
             changed.notify_all();
         }
@@ -404,10 +385,11 @@ late_modules = ["kernel/watchdog.ko", "kernel/softdog.ko"]
         assert_eq!(deps[6], [5]);
         assert_eq!(deps[8], [7]);
         assert_eq!(s.dependencies(&s.late_modules).unwrap(), [vec![], vec![0]]);
-        // A module listed before one it needs: not a load order, no concurrency.
+        // A module listed before one it needs: its position points later,
+        // and load_all then loads in order (tested below).
         let mut bad = s.clone();
         bad.modules.swap(5, 6);
-        assert_eq!(bad.dependencies(&bad.modules), None);
+        assert_eq!(bad.dependencies(&bad.modules).unwrap()[5], [6]);
         // An older builder's settings: no `module_deps`, in order.
         let old = InitramfsSettings::parse(SETTINGS, Path::new("t")).unwrap();
         assert_eq!(old.dependencies(&old.modules), None);

@@ -2,10 +2,10 @@
 //! into the inactive slot, boot it once as a trial, run the health gate,
 //! commit or roll back.
 //!
-//! PID 1 only runs `stage2_phase` (small file work at boot: reading
+//! PID 1 only runs `after_services` (small file work at boot: reading
 //! slots.toml and the loader entries, adding the gate service on a trial
-//! boot), through `after_services`: right after it started the services
-//! (Kubernetes first), under the update lock it took before starting them.
+//! boot) right after it started the services (Kubernetes first), under the
+//! update lock it took before starting them.
 //! Installing (`basaltctl update`), the gate (`basaltctl gate`) and
 //! `basaltctl rollback` run in ordinary processes: PID 1 carries no TLS,
 //! streams no bundles and waits on nothing.
@@ -85,32 +85,17 @@ pub fn lock_for_boot() -> Result<UpdateLock, UpdateError> {
 }
 
 /// PID 1 right after the first round of service starts (stage 2's
-/// after-first-start hook; none of it is on the path to Kubernetes):
-/// [`stage2_phase`] holding the update lock — `held`, taken by
-/// [`lock_for_boot`] before the services started, or taken now (when that
-/// failed, this fails the same way). Returns the health gate's service on a
-/// trial boot, for the supervisor to add.
+/// after-first-start hook; none of it is on the path to Kubernetes): check
+/// what the last boot left (a trial that fell back, an interrupted commit,
+/// the loader entries) holding `_lock`, the update lock [`lock_for_boot`]
+/// took before the services started (`None` when it could not: reported
+/// then, and this goes on as it did before there was a lock). Returns the
+/// health gate's service on a trial boot, for the supervisor to add.
 pub fn after_services(
     booted: &str,
     running_version: &str,
-    held: Option<UpdateLock>,
+    _lock: Option<UpdateLock>,
 ) -> Result<Option<ServiceDef>, UpdateError> {
-    let _lock = match held {
-        Some(l) => l,
-        None => lock_for_boot()?,
-    };
-    let mut added = Vec::new();
-    stage2_phase(booted, running_version, &mut added)?;
-    Ok(added.into_iter().find(|s| s.name == GATE_SERVICE))
-}
-
-/// Check what the last boot left, and on a trial boot add the health gate
-/// service to `services`. Errors are reported, never fatal.
-pub fn stage2_phase(
-    booted: &str,
-    running_version: &str,
-    services: &mut Vec<ServiceDef>,
-) -> Result<(), UpdateError> {
     let Some(booted) = crate::slot::Slot::parse(booted) else {
         return Err(UpdateError::Config {
             path: PathBuf::from("/run/basalt/stage1.toml"),
@@ -126,13 +111,12 @@ pub fn stage2_phase(
                 dev.config().health_gate.checks,
                 dev.config().health_gate.timeout_seconds
             );
-            services.retain(|s| s.name != GATE_SERVICE);
-            services.push(gate_service());
+            Ok(Some(gate_service()))
         }
         gate::BootCheck::TrialFailed { slot, reason } => {
             crate::say!("update rolled back slot {}: {reason}", slot.name());
+            Ok(None)
         }
-        gate::BootCheck::Normal => {}
+        gate::BootCheck::Normal => Ok(None),
     }
-    Ok(())
 }
