@@ -293,6 +293,37 @@ print(len(deps))
         !ls.contains("vmlinuz"),
         "the kernel belongs on the ESP, not in /boot of root-a"
     );
+    // What PID 1 reads on its way to Kubernetes goes through init's small
+    // TOML reader (tomlfast), not the fallback to the full parser.
+    let cat = |path: &str| {
+        text(&run(Command::new("unsquashfs")
+            .arg("-o")
+            .arg(root_start.to_string())
+            .arg("-cat")
+            .arg(&img)
+            .arg(path)))
+    };
+    let mut boot_path = vec![
+        ("etc/basalt/initramfs.toml".to_string(), settings.clone()),
+        (
+            "etc/basalt/image.toml".to_string(),
+            cat("etc/basalt/image.toml"),
+        ),
+    ];
+    for l in ls
+        .lines()
+        .filter(|l| l.contains("squashfs-root/etc/basalt/services/"))
+    {
+        let p = l.rsplit("squashfs-root/").next().unwrap().to_string();
+        boot_path.push((p.clone(), cat(&p)));
+    }
+    assert!(boot_path.len() >= 4, "{boot_path:?}");
+    for (path, t) in &boot_path {
+        assert!(
+            basalt_init::tomlfast::parse(t).is_some(),
+            "{path} is outside tomlfast's subset:\n{t}"
+        );
+    }
     assert!(ls.lines().all(|l| !l.contains("/.stamp")));
 
     // data: ext4 that e2fsck accepts, labelled per the contract.

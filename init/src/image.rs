@@ -43,7 +43,7 @@ impl serde::Serialize for Distribution {
 
 impl ImageFacts {
     pub fn parse(text: &str, path: &Path) -> Result<ImageFacts, ImageError> {
-        toml::from_str(text).map_err(|e| ImageError::Parse {
+        crate::tomlfast::from_str(text).map_err(|e| ImageError::Parse {
             path: path.to_path_buf(),
             source: Box::new(e),
         })

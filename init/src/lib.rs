@@ -38,6 +38,7 @@ pub mod stage2;
 pub mod supervisor;
 #[allow(unsafe_code)]
 pub mod sys;
+pub mod tomlfast;
 pub mod update;
 pub mod verity;
 

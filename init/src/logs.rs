@@ -101,10 +101,13 @@ impl Settings {
     pub fn from_image_toml(text: &str) -> (Settings, Vec<String>) {
         let mut s = Settings::default();
         let mut problems = Vec::new();
-        let Ok(v) = text.parse::<toml::Table>() else {
+        let Some(v) = crate::tomlfast::parse_table(text) else {
             return (s, problems);
         };
-        let Some(logs) = v.get("logs").and_then(|l| l.as_table()) else {
+        let Some(logs) = v
+            .get("logs")
+            .filter(|l| matches!(l, crate::tomlfast::Val::Table(_)))
+        else {
             return (s, problems);
         };
         let clamp = |k: i64, r: &RangeInclusive<u32>| {

@@ -63,7 +63,7 @@ fn default_partition_table() -> String {
 
 impl InitramfsSettings {
     pub fn parse(text: &str, path: &Path) -> Result<Self, ModulesError> {
-        toml::from_str(text).map_err(|e| ModulesError::Parse {
+        crate::tomlfast::from_str(text).map_err(|e| ModulesError::Parse {
             path: path.to_path_buf(),
             source: Box::new(e),
         })

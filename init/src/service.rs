@@ -230,7 +230,7 @@ impl ServiceDef {
         if !valid_name(name) {
             return Err(invalid(format!("bad service name {name:?}")));
         }
-        let f: ServiceFile = toml::from_str(text).map_err(|e| ServiceError::Parse {
+        let f: ServiceFile = crate::tomlfast::from_str(text).map_err(|e| ServiceError::Parse {
             path: path.to_path_buf(),
             source: Box::new(e),
         })?;

@@ -364,7 +364,7 @@ pub fn ready_report(ctx: &Context, sup: &Supervisor, proc_dir: &Path) -> Json {
 fn read_handoff(ctx: &mut Context) -> Result<(), Stage2Error> {
     let path = Path::new("/run/basalt/stage1.toml");
     let text = std::fs::read_to_string(path).map_err(file_err("reading stage 1 handoff", path))?;
-    match toml::from_str::<Handoff>(&text) {
+    match crate::tomlfast::from_str::<Handoff>(&text) {
         Ok(h) => ctx.handoff = h,
         Err(e) => console::error("handoff", format_args!("{} ({e})", path.display())),
     }

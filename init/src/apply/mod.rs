@@ -534,8 +534,14 @@ mod tests {
         (t, root)
     }
 
+    /// The child's results, as PID 1 reads them: through its small TOML
+    /// reader (no fallback), the same as the `toml` crate reads them.
     fn results(root: &Root) -> Results {
-        toml::from_str(&std::fs::read_to_string(root.at(RESULT_FILE)).unwrap()).unwrap()
+        let text = std::fs::read_to_string(root.at(RESULT_FILE)).unwrap();
+        assert!(crate::tomlfast::parse(&text).is_some(), "{text}");
+        let r: Results = crate::tomlfast::from_str(&text).unwrap();
+        assert_eq!(r, toml::from_str::<Results>(&text).unwrap());
+        r
     }
 
     const GOOD: &str = r#"hostname = "edge-1"
@@ -611,6 +617,7 @@ channel = "stable"
             GOOD
         );
         let k = std::fs::read_to_string(root.at(KUBERNETES_FILE)).unwrap();
+        assert!(crate::tomlfast::parse(&k).is_some(), "{k}");
         let def = crate::service::ServiceDef::parse("kubernetes", &k, Path::new("k")).unwrap();
         assert_eq!(def.exec[1], "server");
         assert!(

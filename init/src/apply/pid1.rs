@@ -212,7 +212,9 @@ impl Started {
         collect(output);
         let read = std::fs::read_to_string(&self.results)
             .map_err(|e| e.to_string())
-            .and_then(|t| toml::from_str::<Results>(&t).map_err(|e| e.message().to_string()));
+            .and_then(|t| {
+                crate::tomlfast::from_str::<Results>(&t).map_err(|e| e.message().to_string())
+            });
         match read {
             Ok(r) => Ok(r),
             Err(_) if !status.success() => Err(Pid1Error::Failed(status)),

@@ -97,6 +97,8 @@ mod tests {
         g.backoff = Some((1000, 60000, 300));
         let text = g.render("test");
         assert!(text.starts_with("# Generated at boot"));
+        // PID 1 reads it with its small TOML reader, not the fallback.
+        assert!(crate::tomlfast::parse(&text).is_some(), "{text}");
         let d = ServiceDef::parse("x", &text, Path::new("x.toml")).unwrap();
         assert_eq!(d.exec[2], "echo \"quoted\" 'x'\n");
         assert_eq!(d.env["TZ"], "Europe/London");
@@ -110,6 +112,7 @@ mod tests {
             ready: Some((Ready::Exec(vec!["/bin/true".into()]), 100, 5)),
             ..Generated::new(&["/bin/x"])
         };
+        assert!(crate::tomlfast::parse(&g.render("t")).is_some());
         let d = ServiceDef::parse("y", &g.render("t"), Path::new("y.toml")).unwrap();
         assert_eq!(d.restart, crate::service::Restart::Never);
     }

@@ -82,10 +82,11 @@ impl Device {
             path: self.handoff.clone(),
             source,
         })?;
-        let h: crate::stage1::Handoff = toml::from_str(&text).map_err(|e| UpdateError::Config {
-            path: self.handoff.clone(),
-            message: e.message().to_string(),
-        })?;
+        let h: crate::stage1::Handoff =
+            crate::tomlfast::from_str(&text).map_err(|e| UpdateError::Config {
+                path: self.handoff.clone(),
+                message: e.message().to_string(),
+            })?;
         Slot::parse(&h.slot).ok_or_else(|| UpdateError::Config {
             path: self.handoff.clone(),
             message: format!("booted slot {:?} is neither a nor b", h.slot),
@@ -169,7 +170,7 @@ impl Device {
             return Ok((p, len));
         }
         let text = std::fs::read_to_string(&self.handoff).unwrap_or_default();
-        let h: crate::stage1::Handoff = toml::from_str(&text).unwrap_or_default();
+        let h: crate::stage1::Handoff = crate::tomlfast::from_str(&text).unwrap_or_default();
         let parts = crate::blockdev::scan(&self.class_block)
             .map_err(|e| UpdateError::Partition(e.to_string()))?;
         let root = parts
