@@ -140,12 +140,30 @@ impl Drop for Source {
     }
 }
 
-/// Hold the update lock for the life of the value.
+/// How long `basaltctl update`/`rollback` wait while PID 1 holds the update
+/// lock for the boot's bookkeeping (from just before the services start
+/// until its after-first-start hook is done: milliseconds, more on a loaded
+/// machine). Another update holding it is refused at once.
+const BOOT_HOLD_WAIT: Duration = Duration::from_secs(10);
+
+/// Hold the update lock for the life of the value. A service that runs
+/// `basaltctl update` the moment it starts may find PID 1 still holding it
+/// (`lock_for_boot`): that wait is short, so it waits.
 pub(crate) fn lock(dev: &Device) -> Result<nix::fcntl::Flock<std::fs::File>, UpdateError> {
+    lock_waiting_for(dev, 1, BOOT_HOLD_WAIT)
+}
+
+/// Take the update lock; while the process `boot_holder` holds it, wait
+/// up to `wait` for it to be released.
+fn lock_waiting_for(
+    dev: &Device,
+    boot_holder: u32,
+    wait: Duration,
+) -> Result<nix::fcntl::Flock<std::fs::File>, UpdateError> {
     if let Some(d) = dev.lock_path.parent() {
         let _ = std::fs::create_dir_all(d);
     }
-    let f = std::fs::OpenOptions::new()
+    let mut f = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
@@ -155,8 +173,40 @@ pub(crate) fn lock(dev: &Device) -> Result<nix::fcntl::Flock<std::fs::File>, Upd
             path: dev.lock_path.clone(),
             source,
         })?;
-    nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock)
-        .map_err(|_| UpdateError::Locked(dev.lock_path.clone()))
+    let until = std::time::Instant::now() + wait;
+    loop {
+        match nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+            Ok(held) => return Ok(held),
+            Err((back, _)) => f = back,
+        }
+        let by_boot = std::fs::read_to_string("/proc/locks")
+            .ok()
+            .zip(f.metadata().ok())
+            .is_some_and(|(text, meta)| {
+                use std::os::unix::fs::MetadataExt;
+                flock_holders(&text, meta.dev(), meta.ino()).contains(&boot_holder)
+            });
+        if !by_boot || std::time::Instant::now() >= until {
+            return Err(UpdateError::Locked(dev.lock_path.clone()));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The processes holding a `flock` on the file (`dev`, `ino`), from the
+/// text of `/proc/locks` (`1: FLOCK  ADVISORY  WRITE 1 00:19:4567 0 EOF`;
+/// waiters, the `->` lines, hold nothing).
+fn flock_holders(text: &str, dev: u64, ino: u64) -> Vec<u32> {
+    let file = format!("{:02x}:{:02x}:{ino}", libc::major(dev), libc::minor(dev));
+    text.lines()
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.get(1) != Some(&"FLOCK") || f.get(5) != Some(&file.as_str()) {
+                return None;
+            }
+            f.get(4)?.parse().ok()
+        })
+        .collect()
 }
 
 fn update_cmd(args: &[&str]) -> i32 {
@@ -584,6 +634,59 @@ pub fn augment_text(booted: Slot, st: &SlotsState) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn proc_locks_holders() {
+        let text = "1: POSIX  ADVISORY  WRITE 77 00:19:4567 0 EOF\n\
+                    2: FLOCK  ADVISORY  WRITE 1 00:19:4567 0 EOF\n\
+                    2: -> FLOCK  ADVISORY  WRITE 300 00:19:4567 0 EOF\n\
+                    3: FLOCK  ADVISORY  WRITE 5 fd:01:4567 0 EOF\n\
+                    4: FLOCK  ADVISORY  WRITE 6 00:19:45678 0 EOF\n";
+        let dev = libc::makedev(0, 0x19);
+        assert_eq!(flock_holders(text, dev, 4567), [1]);
+        assert_eq!(flock_holders(text, libc::makedev(0xfd, 1), 4567), [5]);
+        assert!(flock_holders(text, dev, 1).is_empty());
+    }
+
+    /// The lock as the update agent takes it, with real `flock`s and the
+    /// real `/proc/locks`: a holder that is the boot's (PID 1 on a node,
+    /// this test process here) is waited for; any other is refused at once.
+    #[test]
+    fn the_boot_holder_is_waited_for_and_no_one_else() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut dev = Device::system();
+        dev.lock_path = tmp.path().join("run/update.lock");
+        let me = std::process::id();
+        let held = lock_waiting_for(&dev, me, Duration::ZERO).unwrap();
+        // Held by us, and we are not the boot holder: refused at once.
+        let t = std::time::Instant::now();
+        assert!(matches!(
+            lock_waiting_for(&dev, me.wrapping_add(1), Duration::from_secs(5)),
+            Err(UpdateError::Locked(_))
+        ));
+        assert!(t.elapsed() < Duration::from_secs(2));
+        // Held by the boot holder: waited for until it lets go.
+        let release = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            drop(held);
+        });
+        let t = std::time::Instant::now();
+        let again = lock_waiting_for(&dev, me, Duration::from_secs(10)).unwrap();
+        assert!(
+            t.elapsed() >= Duration::from_millis(250),
+            "{:?}",
+            t.elapsed()
+        );
+        release.join().unwrap();
+        // ... but not forever.
+        let t = std::time::Instant::now();
+        assert!(matches!(
+            lock_waiting_for(&dev, me, Duration::from_millis(200)),
+            Err(UpdateError::Locked(_))
+        ));
+        assert!(t.elapsed() >= Duration::from_millis(200));
+        drop(again);
+    }
 
     #[test]
     fn update_arguments() {
