@@ -15,7 +15,7 @@ source "$(dirname "$0")/common.sh"
 IMG=${1:?usage: memory.sh <image.img> <restarts.img>}
 RIMG=${2:?usage: memory.sh <image.img> <restarts.img>}
 
-rss_of_pid1_script='for i in 1 2 3 4 5 6 7 8 9 10; do sleep 1; done; echo "mem: pid1 Rss=$(grep ^Rss: /proc/1/smaps_rollup | tr -dc 0-9) Pss=$(grep ^Pss: /proc/1/smaps_rollup | tr -dc 0-9)"; sleep 1000'
+rss_of_pid1_script='for i in 1 2 3 4 5 6 7 8 9 10; do sleep 1; done; r=$(cat /proc/1/smaps_rollup); echo "mem: pid1 Rss=$(echo "$r" | grep ^Rss: | tr -dc 0-9) Pss=$(echo "$r" | grep ^Pss: | tr -dc 0-9)"; sleep 1000'
 
 # tini-static and catatonit from Debian.
 mkdir -p "$OUT/pkgs" && cd "$OUT/pkgs"

@@ -28,6 +28,45 @@ pub enum RunError {
     Arch(String),
     #[error("reading the Raspberry Pi boot files out of {image}: {why}")]
     PiBoot { image: PathBuf, why: String },
+    #[error("copying {what} for QEMU into {dir}: {source}")]
+    Scratch {
+        what: String,
+        dir: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// A file only QEMU's process will hold: created in the temp directory,
+/// unlinked at once, its descriptor left open across the exec (QEMU
+/// replaces `basalt run`, so nothing would be left to delete it after), and
+/// named `/dev/fd/<n>` on QEMU's command line. Filled by `fill(path)`.
+fn scratch_file(
+    what: &str,
+    fill: impl FnOnce(&Path) -> std::io::Result<()>,
+) -> Result<String, RunError> {
+    use std::os::fd::IntoRawFd;
+    let dir = std::env::temp_dir();
+    let err = |source| RunError::Scratch {
+        what: what.to_string(),
+        dir: dir.clone(),
+        source,
+    };
+    let path = dir.join(format!("basalt-run-{}-{what}", std::process::id()));
+    let opened = fill(&path).and_then(|()| {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+    });
+    let _ = std::fs::remove_file(&path);
+    let file = opened.map_err(err)?;
+    nix::fcntl::fcntl(
+        &file,
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+    )
+    .map_err(|e| err(e.into()))?;
+    // Open until QEMU exits: the descriptor is QEMU's from the exec on.
+    Ok(format!("/dev/fd/{}", file.into_raw_fd()))
 }
 
 /// How to boot.
@@ -102,12 +141,19 @@ pub fn command(opts: &RunOptions, assets: Option<&Path>) -> Result<Command, RunE
         package: "qemu-system-x86",
     })?;
     let (code, vars_template) = find_ovmf(assets)?;
-    let vars = opts.vars.clone().unwrap_or_else(|| {
-        std::env::temp_dir().join(format!("basalt-run-vars-{}.fd", std::process::id()))
-    });
-    if !vars.exists() {
-        let _ = std::fs::copy(&vars_template, &vars);
-    }
+    // The UEFI variable store: the given file (kept, created from the
+    // template), or a throw-away copy of the template.
+    let vars = match &opts.vars {
+        Some(v) => {
+            if !v.exists() {
+                let _ = std::fs::copy(&vars_template, v);
+            }
+            v.display().to_string()
+        }
+        None => scratch_file("OVMF_VARS.fd", |p| {
+            std::fs::copy(&vars_template, p).map(drop)
+        })?,
+    };
     let mut c = Command::new(bin);
     // `auto`: KVM when /dev/kvm can be opened, else software emulation (TCG).
     let kvm = match opts.accel.as_str() {
@@ -136,10 +182,8 @@ pub fn command(opts: &RunOptions, assets: Option<&Path>) -> Result<Command, RunE
         "if=pflash,format=raw,unit=0,readonly=on,file={}",
         code.display()
     ));
-    c.arg("-drive").arg(format!(
-        "if=pflash,format=raw,unit=1,file={}",
-        vars.display()
-    ));
+    c.arg("-drive")
+        .arg(format!("if=pflash,format=raw,unit=1,file={vars}"));
     c.arg("-drive").arg(format!(
         "if=virtio,format=raw,file={}",
         opts.image.display()
@@ -181,28 +225,38 @@ fn pi_command(opts: &RunOptions) -> Result<Command, RunError> {
             "no MBR partition 2 (is this a Raspberry Pi image?)".into()
         ));
     }
-    let dir = std::env::temp_dir().join(format!("basalt-run-pi-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).map_err(|e| err(e.to_string()))?;
     let at = format!("{}@@{start}", opts.image.display());
-    let get = |name: &str| -> Result<PathBuf, RunError> {
-        let to = dir.join(name);
+    let mcopy = |name: &str, to: &Path| -> std::io::Result<()> {
         let out = Command::new("mcopy")
             .args(["-n", "-o", "-i", &at, &format!("::{name}")])
-            .arg(&to)
+            .arg(to)
             .output()
-            .map_err(|e| err(format!("mcopy (Debian package mtools): {e}")))?;
+            .map_err(|e| std::io::Error::other(format!("mcopy (Debian package mtools): {e}")))?;
         if !out.status.success() {
-            return Err(err(format!(
+            return Err(std::io::Error::other(format!(
                 "{name}: {}",
                 String::from_utf8_lossy(&out.stderr).trim()
             )));
         }
-        Ok(to)
+        Ok(())
+    };
+    // Handed to QEMU as open files (`scratch_file`): nothing is left behind.
+    let get = |name: &str| {
+        scratch_file(name, |p| mcopy(name, p)).map_err(|e| match e {
+            RunError::Scratch { source, .. } => err(source.to_string()),
+            e => e,
+        })
     };
     let kernel = get("kernel8.img")?;
     let initramfs = get("initramfs")?;
     let dtb = get("bcm2837-rpi-3-b.dtb")?;
-    let cmdline = std::fs::read_to_string(get("cmdline.txt")?).map_err(|e| err(e.to_string()))?;
+    let cmdline = {
+        let tmp =
+            std::env::temp_dir().join(format!("basalt-run-{}-cmdline.txt", std::process::id()));
+        let read = mcopy("cmdline.txt", &tmp).and_then(|()| std::fs::read_to_string(&tmp));
+        let _ = std::fs::remove_file(&tmp);
+        read.map_err(|e| err(e.to_string()))?
+    };
     let mut c = Command::new(bin);
     c.args([
         "-accel",

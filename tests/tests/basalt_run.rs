@@ -64,6 +64,10 @@ fn basalt_run_boots_the_test_image_and_forwards_the_api_port() -> Result<()> {
     let img = build::build_image(&def, &dir.join("out")).context("building the image")?;
 
     let (api, ssh) = (free_port()?, free_port()?);
+    // basalt run's temp directory, to see that it leaves nothing there.
+    let tmp = dir.join("tmp");
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp)?;
     let mut child = Killed(
         Command::new(build::basalt_binary())
             .arg("run")
@@ -76,6 +80,7 @@ fn basalt_run_boots_the_test_image_and_forwards_the_api_port() -> Result<()> {
                 &ssh.to_string(),
             ])
             .env("BASALT_ASSETS", basalt_tests::assets::Assets::root())
+            .env("TMPDIR", &tmp)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -145,6 +150,12 @@ fn basalt_run_boots_the_test_image_and_forwards_the_api_port() -> Result<()> {
         left.is_empty(),
         "QEMU still running after basalt run was killed: {left:?}"
     );
+    // The UEFI variable store's copy was QEMU's open file only: gone with it.
+    let kept: Vec<_> = std::fs::read_dir(&tmp)?
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    ensure!(kept.is_empty(), "basalt run left files behind: {kept:?}");
 
     // `-snapshot` by default: the image file is unchanged by the boot.
     let again = build::build_image(&def, &dir.join("out2"))?;

@@ -247,8 +247,12 @@ fn rpi3_image_boots_to_ready_under_qemu_raspi3b() -> Result<()> {
             .local_addr()?
             .port())
     };
+    let tmp = dir.join("run-tmp");
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp)?;
     let mut run = Qemu(
         Command::new(build::basalt_binary())
+            .env("TMPDIR", &tmp)
             .args(["run", "--arch", "aarch64"])
             .arg(&img)
             .args([
@@ -279,6 +283,12 @@ fn rpi3_image_boots_to_ready_under_qemu_raspi3b() -> Result<()> {
         std::fs::read(&img)? == before,
         "basalt run (snapshot) changed the image"
     );
+    // Kernel, DTB and initramfs went to QEMU as open, unlinked files.
+    let kept: Vec<_> = std::fs::read_dir(&tmp)?
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    ensure!(kept.is_empty(), "basalt run left files behind: {kept:?}");
     Ok(())
 }
 
