@@ -74,16 +74,20 @@ fn ms(v: u64) -> String {
 /// The split of PID 1's time from its start to the Kubernetes exec
 /// (`wall_ms`): its own code (user CPU), inside the kernel calls it makes
 /// (system CPU: module loading, mounts, device-mapper, page faults), and the
-/// rest, waiting (for devices, disk reads, sleeps).
+/// rest, waiting (for devices, disk reads, sleeps). CPU time is summed
+/// over PID 1's threads (stage 1 loads modules on several): when it exceeds
+/// the wall time, there is no "waiting" to tell, and the line says so.
 pub fn render_cpu(wall_ms: u64, (user_us, sys_us): (u64, u64)) -> String {
     let (user, sys) = (user_us / 1000, sys_us / 1000);
-    let waiting = wall_ms.saturating_sub(user + sys);
+    let rest = match wall_ms.checked_sub(user + sys) {
+        Some(waiting) => format!("{} waiting", ms(waiting)),
+        None => "CPU time summed over threads, above the wall time".to_string(),
+    };
     format!(
-        "init until kubernetes exec {}: {} own code (user CPU), {} in kernel calls (system CPU), {} waiting\n",
+        "init until kubernetes exec {}: {} own code (user CPU), {} in kernel calls (system CPU), {rest}\n",
         ms(wall_ms),
         ms(user),
         ms(sys),
-        ms(waiting)
     )
 }
 
@@ -232,7 +236,11 @@ mod tests {
             render_cpu(600, (12_345, 200_000)),
             "init until kubernetes exec 0.600s: 0.012s own code (user CPU), 0.200s in kernel calls (system CPU), 0.388s waiting\n"
         );
-        // CPU above the wall time (rounding) never goes negative.
-        assert!(render_cpu(5, (9_000, 0)).ends_with("0.000s waiting\n"));
+        assert!(render_cpu(9, (9_000, 0)).ends_with("0.000s waiting\n"));
+        // CPU above the wall time (threads): no negative or zero "waiting".
+        assert!(
+            render_cpu(400, (100_000, 350_000))
+                .ends_with("0.350s in kernel calls (system CPU), CPU time summed over threads, above the wall time\n")
+        );
     }
 }
