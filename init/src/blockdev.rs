@@ -94,8 +94,9 @@ pub fn scan(class_block: &Path) -> Result<Vec<Partition>, BlockError> {
         let Some(number) = f.get("PARTN").and_then(|n| n.parse().ok()) else {
             continue;
         };
-        // /sys/class/block/vda4 links to .../block/vda/vda4: the parent is the disk.
-        let Some(disk) = std::fs::canonicalize(&dir).ok().and_then(|p| {
+        // /sys/class/block/vda4 links to .../block/vda/vda4: the parent is
+        // the disk (the link itself says so: no realpath walk needed).
+        let Some(disk) = std::fs::read_link(&dir).ok().and_then(|p| {
             p.parent()
                 .and_then(|d| d.file_name())
                 .map(|n| n.to_string_lossy().into_owned())

@@ -461,37 +461,39 @@ fn publish(root: &Root, status: Status, out: &Outcome) -> Result<(), ApplyError>
             let _ = std::fs::remove_file(&k);
         }
     }
-    let mut t = toml::Table::new();
-    t.insert("status".into(), status.as_str().into());
+    let mut w = crate::tomlfast::Writer::default();
+    w.str("status", status.as_str());
     if let Some(h) = &out.hostname {
-        t.insert("hostname".into(), h.as_str().into());
+        w.str("hostname", h);
     }
     if let Some(tz) = &out.tz {
-        t.insert("tz".into(), tz.as_str().into());
+        w.str("tz", tz);
     }
     if out.emergency_shell {
-        t.insert("emergency_shell".into(), true.into());
+        w.bool("emergency_shell", true);
     }
-    t.insert("errors".into(), (out.errors.len() as i64).into());
+    w.int(
+        "errors",
+        i64::try_from(out.errors.len()).unwrap_or(i64::MAX),
+    );
     if out.logs != nodeconfig::Logs::default() {
         let l = out.logs;
-        let mut logs = toml::Table::new();
+        w.table("logs");
         if let Some(k) = l.ring_kib {
-            logs.insert("ring_kib".into(), i64::from(k).into());
+            w.int("ring_kib", i64::from(k));
         }
         if let Some(c) = l.console {
-            logs.insert("console".into(), c.as_str().into());
+            w.str("console", c.as_str());
         }
         if let Some(p) = l.persistent {
-            logs.insert("persistent".into(), p.into());
+            w.bool("persistent", p);
         }
         if let Some(k) = l.persistent_max_kib {
-            logs.insert("persistent_max_kib".into(), i64::from(k).into());
+            w.int("persistent_max_kib", i64::from(k));
         }
-        t.insert("logs".into(), logs.into());
     }
     let p = root.at(RESULT_FILE);
-    std::fs::write(&p, t.to_string()).map_err(io_err("writing", &p))?;
+    std::fs::write(&p, w.finish()).map_err(io_err("writing", &p))?;
     Ok(())
 }
 

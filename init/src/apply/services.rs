@@ -3,8 +3,9 @@
 
 use std::collections::BTreeMap;
 
-/// A generated service; rendered with the toml serializer, so any argument
-/// text is quoted correctly.
+/// A generated service; rendered with `tomlfast::Writer` (basic strings,
+/// escaped), so any argument text is quoted correctly and PID 1 reads it
+/// with its small TOML reader.
 #[derive(Debug, Clone, Default)]
 pub struct Generated {
     pub exec: Vec<String>,
@@ -34,43 +35,43 @@ impl Generated {
     }
 
     pub fn render(&self, why: &str) -> String {
-        let mut t = toml::Table::new();
-        let list = |v: &[String]| toml::Value::Array(v.iter().map(|s| s.as_str().into()).collect());
-        t.insert("exec".into(), list(&self.exec));
-        if !self.env.is_empty() {
-            let env: toml::Table = self
-                .env
-                .iter()
-                .map(|(k, v)| (k.clone(), v.as_str().into()))
-                .collect();
-            t.insert("env".into(), env.into());
-        }
+        let mut w = crate::tomlfast::Writer::default();
+        let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        w.strs("exec", &self.exec);
         if !self.after.is_empty() {
-            t.insert("after".into(), list(&self.after));
+            w.strs("after", &self.after);
         }
-        t.insert("restart".into(), self.restart.unwrap_or("always").into());
+        w.str("restart", self.restart.unwrap_or("always"));
         if let Some(s) = self.stop_timeout_secs {
-            t.insert("stop_timeout_secs".into(), (s as i64).into());
+            w.int("stop_timeout_secs", n(s));
+        }
+        if !self.env.is_empty() {
+            w.table("env");
+            for (k, v) in &self.env {
+                w.str(k, v);
+            }
         }
         if let Some((probe, interval, timeout)) = &self.ready {
-            let mut r = toml::Table::new();
+            w.table("ready");
             match probe {
-                Ready::Tcp(a) => r.insert("tcp".into(), a.as_str().into()),
-                Ready::Http(u) => r.insert("http".into(), u.as_str().into()),
-                Ready::Exec(e) => r.insert("exec".into(), list(e)),
+                Ready::Tcp(a) => w.str("tcp", a),
+                Ready::Http(u) => w.str("http", u),
+                Ready::Exec(e) => w.strs("exec", e),
             };
-            r.insert("interval_ms".into(), (*interval as i64).into());
-            r.insert("timeout_secs".into(), (*timeout as i64).into());
-            t.insert("ready".into(), r.into());
+            w.int("interval_ms", n(*interval))
+                .int("timeout_secs", n(*timeout));
         }
         if let Some((initial, max, reset)) = self.backoff {
-            let mut b = toml::Table::new();
-            b.insert("initial_ms".into(), (initial as i64).into());
-            b.insert("max_ms".into(), (max as i64).into());
-            b.insert("reset_after_secs".into(), (reset as i64).into());
-            t.insert("backoff".into(), b.into());
+            w.table("backoff")
+                .int("initial_ms", n(initial))
+                .int("max_ms", n(max))
+                .int("reset_after_secs", n(reset));
         }
-        format!("# Generated at boot by basalt-node-config: {why}\n{t}")
+        format!(
+            "# Generated at boot by basalt-node-config: {}\n{}",
+            why.replace(['\n', '\r'], " "),
+            w.finish()
+        )
     }
 }
 

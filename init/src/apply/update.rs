@@ -13,23 +13,21 @@ use super::{ApplyError, Outcome, Root, System, UPDATE_FILE, write_atomic};
 use crate::nodeconfig::{NodeConfig, Update};
 
 pub fn render(u: &Update) -> String {
-    let list = |v: &[String]| toml::Value::Array(v.iter().map(|s| s.as_str().into()).collect());
-    let mut t = toml::Table::new();
-    t.insert("public_keys".into(), list(&u.public_keys));
+    let mut w = crate::tomlfast::Writer::default();
+    w.strs("public_keys", &u.public_keys);
     if let Some(url) = &u.url {
-        t.insert("url".into(), url.as_str().into());
+        w.str("url", url);
     }
     if let Some(c) = &u.channel {
-        t.insert("channel".into(), c.as_str().into());
+        w.str("channel", c);
     }
-    let mut g = toml::Table::new();
-    g.insert(
-        "timeout_seconds".into(),
-        i64::from(u.health_gate.timeout_seconds).into(),
-    );
-    g.insert("checks".into(), list(&u.health_gate.checks));
-    t.insert("health_gate".into(), g.into());
-    format!("# Generated at boot by basalt-node-config from the node config's [update]\n{t}")
+    w.table("health_gate")
+        .int("timeout_seconds", i64::from(u.health_gate.timeout_seconds))
+        .strs("checks", &u.health_gate.checks);
+    format!(
+        "# Generated at boot by basalt-node-config from the node config's [update]\n{}",
+        w.finish()
+    )
 }
 
 pub fn step(

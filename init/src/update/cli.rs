@@ -150,27 +150,27 @@ const BOOT_HOLD_WAIT: Duration = Duration::from_secs(10);
 /// `basaltctl update` the moment it starts may find PID 1 still holding it
 /// (`lock_for_boot`): that wait is short, so it waits.
 pub(crate) fn lock(dev: &Device) -> Result<nix::fcntl::Flock<std::fs::File>, UpdateError> {
-    lock_waiting_for(dev, 1, BOOT_HOLD_WAIT)
+    lock_waiting_for(&dev.lock_path, 1, BOOT_HOLD_WAIT)
 }
 
 /// Take the update lock; while the process `boot_holder` holds it, wait
 /// up to `wait` for it to be released.
-fn lock_waiting_for(
-    dev: &Device,
+pub(crate) fn lock_waiting_for(
+    lock_path: &std::path::Path,
     boot_holder: u32,
     wait: Duration,
 ) -> Result<nix::fcntl::Flock<std::fs::File>, UpdateError> {
-    if let Some(d) = dev.lock_path.parent() {
+    if let Some(d) = lock_path.parent() {
         let _ = std::fs::create_dir_all(d);
     }
     let mut f = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
-        .open(&dev.lock_path)
+        .open(lock_path)
         .map_err(|source| UpdateError::Io {
             what: "opening the update lock",
-            path: dev.lock_path.clone(),
+            path: lock_path.to_path_buf(),
             source,
         })?;
     let until = std::time::Instant::now() + wait;
@@ -187,7 +187,7 @@ fn lock_waiting_for(
                 flock_holders(&text, meta.dev(), meta.ino()).contains(&boot_holder)
             });
         if !by_boot || std::time::Instant::now() >= until {
-            return Err(UpdateError::Locked(dev.lock_path.clone()));
+            return Err(UpdateError::Locked(lock_path.to_path_buf()));
         }
         std::thread::sleep(Duration::from_millis(10));
     }
@@ -657,11 +657,11 @@ mod tests {
         let mut dev = Device::system();
         dev.lock_path = tmp.path().join("run/update.lock");
         let me = std::process::id();
-        let held = lock_waiting_for(&dev, me, Duration::ZERO).unwrap();
+        let held = lock_waiting_for(&dev.lock_path, me, Duration::ZERO).unwrap();
         // Held by us, and we are not the boot holder: refused at once.
         let t = std::time::Instant::now();
         assert!(matches!(
-            lock_waiting_for(&dev, me.wrapping_add(1), Duration::from_secs(5)),
+            lock_waiting_for(&dev.lock_path, me.wrapping_add(1), Duration::from_secs(5)),
             Err(UpdateError::Locked(_))
         ));
         assert!(t.elapsed() < Duration::from_secs(2));
@@ -671,7 +671,7 @@ mod tests {
             drop(held);
         });
         let t = std::time::Instant::now();
-        let again = lock_waiting_for(&dev, me, Duration::from_secs(10)).unwrap();
+        let again = lock_waiting_for(&dev.lock_path, me, Duration::from_secs(10)).unwrap();
         assert!(
             t.elapsed() >= Duration::from_millis(250),
             "{:?}",
@@ -681,7 +681,7 @@ mod tests {
         // ... but not forever.
         let t = std::time::Instant::now();
         assert!(matches!(
-            lock_waiting_for(&dev, me, Duration::from_millis(200)),
+            lock_waiting_for(&dev.lock_path, me, Duration::from_millis(200)),
             Err(UpdateError::Locked(_))
         ));
         assert!(t.elapsed() >= Duration::from_millis(200));

@@ -19,7 +19,7 @@ pub mod install;
 pub mod state;
 pub mod version;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::bundle::BundleError;
@@ -81,7 +81,9 @@ pub type UpdateLock = nix::fcntl::Flock<std::fs::File>;
 /// `basaltctl update` a service starts can run before the boot's
 /// bookkeeping ([`after_services`], which releases it).
 pub fn lock_for_boot() -> Result<UpdateLock, UpdateError> {
-    cli::lock(&device::Device::system())
+    // The path alone: building the whole `Device` is code PID 1 would
+    // otherwise run (and QEMU translate) on the path to Kubernetes.
+    cli::lock_waiting_for(Path::new(device::LOCK_PATH), 1, Duration::ZERO)
 }
 
 /// PID 1 right after the first round of service starts (stage 2's
