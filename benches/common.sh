@@ -11,6 +11,7 @@ now_ms() { date +%s%3N; }
 
 # Boot a disk image under QEMU (TCG, OVMF, same flags as tests/src/qemu.rs),
 # serial console to $2, until a line matching $3 appears (or $4 seconds pass).
+# Extra QEMU arguments: the array BENCH_QEMU_ARGS.
 boot_until() {
   local img=$1 log=$2 pattern=$3 limit=${4:-400} vars
   vars=$(mktemp "$OUT/vars.XXXX")
@@ -23,7 +24,7 @@ boot_until() {
     -no-reboot -serial "file:$log" \
     -drive "if=pflash,format=raw,unit=0,readonly=on,file=$code" \
     -drive "if=pflash,format=raw,unit=1,file=$vars" \
-    -drive "if=virtio,format=raw,file=$img" &
+    -drive "if=virtio,format=raw,file=$img" ${BENCH_QEMU_ARGS[@]+"${BENCH_QEMU_ARGS[@]}"} &
   local qpid=$! t=0
   while ! grep -aq "$pattern" "$log" && [ $t -lt $((limit * 10)) ]; do sleep 0.1; t=$((t + 1)); done
   sleep 1
