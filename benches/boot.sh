@@ -76,13 +76,6 @@ base="$OUT/baseline.img"
 BENCH_STAGE2=$stage2 busybox_image "$IMG" "$base" "/run/busybox sh /run/stage2.sh"
 rm -f "$stage2"
 
-basalt_ms() { # <log> -> "<wall> <user> <system>"
-  grep -a "basalt: ready" "$1" | sed 's/.*basalt: ready //' | python3 -c '
-import json, sys
-j = json.load(sys.stdin); t = j["timings_ms"]; c = j.get("init_cpu_ms") or {}
-print(t["kubernetes_exec"] - t["stage1_start"], c.get("user", -1), c.get("system", -1))'
-}
-
 declare -a bv bu bs nv nu ns sv fv
 for i in $(seq 1 "$N"); do
   cp --sparse=always "$IMG" "$OUT/run.img"

@@ -34,6 +34,15 @@ boot_until() {
   grep -aq "$pattern" "$log"
 }
 
+# basalt_ms <console log> -> "<wall> <user> <system>": PID 1 start to the
+# Kubernetes exec and init's CPU until then (ms), from the ready report.
+basalt_ms() {
+  grep -a "basalt: ready" "$1" | sed 's/.*basalt: ready //' | python3 -c '
+import json, sys
+j = json.load(sys.stdin); t = j["timings_ms"]; c = j.get("init_cpu_ms") or {}
+print(t["kubernetes_exec"] - t["stage1_start"], c.get("user", -1), c.get("system", -1))'
+}
+
 off() { sfdisk -J "$1" | python3 -c "import json,sys; t=json.load(sys.stdin)['partitiontable']; print([p for p in t['partitions'] if p.get('name')==sys.argv[1]][0]['start']*512)" "$2"; }
 
 # initramfs_open <src.img> <dst.img>: copy the image and unpack slot a's
