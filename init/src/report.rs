@@ -2,7 +2,6 @@
 //! the small JSON writer the ready line and `basaltctl status --json` use
 //! (PID 1 carries no JSON library for three objects).
 
-use std::fmt::Write as _;
 use std::path::Path;
 
 /// Milliseconds since the kernel started, from a `/proc/uptime` text.
@@ -60,22 +59,32 @@ pub fn rss_kib(proc_dir: &Path) -> u64 {
 /// A JSON string literal.
 pub fn json_str(s: &str) -> String {
     let mut out = String::with_capacity(s.len() + 2);
+    push_quoted(&mut out, s);
+    out
+}
+
+/// `s` quoted and escaped so that it reads back the same both as a JSON
+/// string and as a TOML basic string (`tomlfast::Writer`): `\"`, `\\`,
+/// `\n`, `\r`, `\t`, other control characters and DEL as `\u00XX`.
+pub fn push_quoted(out: &mut String, s: &str) {
     out.push('"');
     for c in s.chars() {
         match c {
             '"' => out.push_str("\\\""),
             '\\' => out.push_str("\\\\"),
             '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
             '\t' => out.push_str("\\t"),
-            c if (c as u32) < 0x20 => {
-                let _ = write!(out, "\\u{:04x}", c as u32);
+            '\r' => out.push_str("\\r"),
+            c if (c as u32) < 0x20 || c == '\u{7f}' => {
+                const HEX: &[u8; 16] = b"0123456789abcdef";
+                out.push_str("\\u00");
+                out.push(char::from(HEX[(c as usize) >> 4]));
+                out.push(char::from(HEX[(c as usize) & 15]));
             }
             c => out.push(c),
         }
     }
     out.push('"');
-    out
 }
 
 /// A JSON value built by hand.

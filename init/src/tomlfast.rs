@@ -750,26 +750,9 @@ fn write_key(out: &mut String, key: &str) {
     }
 }
 
-/// `s` as a TOML basic string.
+/// `s` as a TOML basic string (the same literal is valid JSON).
 fn quote(out: &mut String, s: &str) {
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\t' => out.push_str("\\t"),
-            '\r' => out.push_str("\\r"),
-            c if (c as u32) < 0x20 || c == '\u{7f}' => {
-                const HEX: &[u8; 16] = b"0123456789abcdef";
-                out.push_str("\\u00");
-                out.push(char::from(HEX[(c as usize) >> 4]));
-                out.push(char::from(HEX[(c as usize) & 15]));
-            }
-            c => out.push(c),
-        }
-    }
-    out.push('"');
+    crate::report::push_quoted(out, s);
 }
 
 /// Decimal digits of `v` without `core::fmt`.
