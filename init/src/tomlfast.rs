@@ -113,6 +113,11 @@ pub fn parse_table(text: &str) -> Option<Val> {
 /// the `toml` crate: the reader recurses.
 const MAX_DEPTH: usize = 32;
 
+/// Keys of one table, and tables defined by headers, beyond which the text
+/// is left to the `toml` crate: the reader looks them up one by one (the
+/// files it is for have a few dozen), and a node config is user input.
+const MAX_KEYS: usize = 512;
+
 /// The subset reader: the document's root table, or `None` when the text is
 /// outside the subset (or not TOML at all).
 pub fn parse(text: &str) -> Option<Val> {
@@ -186,6 +191,9 @@ fn define_table(
                 p
             }
             None => {
+                if t.len() >= MAX_KEYS || header_tables.len() >= MAX_KEYS {
+                    return None;
+                }
                 t.push((path[n].clone(), Val::Table(Vec::new())));
                 header_tables.push(prefix.to_vec());
                 t.len() - 1
@@ -214,7 +222,7 @@ fn table_at<'a>(
 }
 
 fn insert(t: &mut Vec<(String, Val)>, key: String, v: Val) -> Option<()> {
-    if t.iter().any(|(k, _)| *k == key) {
+    if t.len() >= MAX_KEYS || t.iter().any(|(k, _)| *k == key) {
         return None;
     }
     t.push((key, v));
@@ -900,6 +908,13 @@ x = 1
         }
         let deep = format!("a = {}{}", "[".repeat(40), "]".repeat(40));
         assert_eq!(parse(&deep), None);
+        // Large tables are the toml crate's (lookups here are linear).
+        let many: String = (0..MAX_KEYS + 1).map(|i| format!("k{i} = {i}\n")).collect();
+        assert_eq!(parse(&many), None);
+        let headers: String = (0..MAX_KEYS + 1).map(|i| format!("[t{i}]\n")).collect();
+        assert_eq!(parse(&headers), None);
+        let fits: String = (0..MAX_KEYS).map(|i| format!("k{i} = {i}\n")).collect();
+        assert!(agrees(&fits));
         // Declined text still parses through `toml` where it is TOML.
         #[derive(serde::Deserialize, Debug, PartialEq)]
         struct F {

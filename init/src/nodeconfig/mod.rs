@@ -83,12 +83,36 @@ pub fn schema_doc() -> &'static str {
 /// Parse and check a `node.toml`. `path` is only used to name the file in
 /// diagnostics.
 pub fn load_toml(path: &Path, text: &str) -> Result<NodeConfig, Vec<Diagnostic>> {
-    let text = strip_bom(text);
+    // The TOML tools write goes through init's small reader (less code for
+    // the node config's child to run on the path to Kubernetes); the config
+    // it gives is taken only when it has no problem at all. Anything else is
+    // read by the toml crate below, and its diagnostics are the answer.
+    if too_many_separators(strip_bom(text)).is_none()
+        && let Some(root) = toml::parse_subset(strip_bom(text))
+    {
+        let mut ctx = decode::Ctx::new(path);
+        let cfg = decode::node_config(&mut ctx, &root, "", decode::ROOT_KEYS);
+        if ctx.diags.is_empty() {
+            return Ok(cfg);
+        }
+    }
+    load_toml_full(path, text)
+}
+
+/// The count of `,`, `=` and newlines when it is over the limit.
+fn too_many_separators(text: &str) -> Option<usize> {
     let separators = text
         .bytes()
         .filter(|b| matches!(b, b',' | b'=' | b'\n'))
         .count();
-    if separators > MAX_TOML_SEPARATORS {
+    (separators > MAX_TOML_SEPARATORS).then_some(separators)
+}
+
+/// `load_toml` through the toml crate only (tests compare the two).
+#[doc(hidden)]
+pub fn load_toml_full(path: &Path, text: &str) -> Result<NodeConfig, Vec<Diagnostic>> {
+    let text = strip_bom(text);
+    if let Some(separators) = too_many_separators(text) {
         return Err(vec![Diagnostic::whole_file(
             path,
             format!(
@@ -275,4 +299,50 @@ fn finish(cfg: NodeConfig, mut diags: Vec<Diagnostic>) -> Result<NodeConfig, Vec
     diags.sort_by(|a, b| (&a.file, a.line, a.column).cmp(&(&b.file, b.line, b.column)));
     diags.dedup();
     Err(diags)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A config in the subset is decoded from init's small reader's tree,
+    /// and gives what the toml crate's does; one outside it (or with a
+    /// problem) gets the toml crate's answer.
+    #[test]
+    fn subset_configs_decode_the_same() {
+        let p = Path::new("node.toml");
+        let subset = r#"# written by a provisioning tool
+hostname = "edge-7"
+[kubernetes]
+distribution = "k3s"
+role = "agent"
+server_url = "https://10.0.0.1:6443"
+token = "K10abc::server:xyz"
+labels = { "zone" = "north", rack = "r2" }
+[kernel.sysctl]
+"net.ipv4.ip_forward" = 1
+[logs]
+ring_kib = 256
+persistent = true
+[update]
+channel = "stable"
+"#;
+        assert!(toml::parse_subset(subset).is_some());
+        let fast = load_toml(p, subset);
+        assert!(fast.is_ok(), "{fast:?}");
+        assert_eq!(fast, load_toml_full(p, subset));
+        assert_eq!(fast.unwrap().hostname.as_deref(), Some("edge-7"));
+
+        let outside = format!("{subset}[[users]]\nname = \"ops\"\n");
+        assert!(toml::parse_subset(&outside).is_none());
+        assert_eq!(load_toml(p, &outside), load_toml_full(p, &outside));
+
+        // In the subset but wrong: the diagnostics (with their positions)
+        // are the toml crate's.
+        let wrong = subset.replace("ring_kib = 256", "ring_kib = \"big\"");
+        assert!(toml::parse_subset(&wrong).is_some());
+        let d = load_toml(p, &wrong).unwrap_err();
+        assert_eq!(Err(d.clone()), load_toml_full(p, &wrong));
+        assert!(d.iter().any(|d| (d.line, d.column) == (12, 12)), "{d:?}");
+    }
 }

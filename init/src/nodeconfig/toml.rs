@@ -1,5 +1,6 @@
 //! TOML (`node.toml`) into the value tree, through the toml crate's spanned
-//! document parser (which also refuses duplicate keys and tables).
+//! document parser (which also refuses duplicate keys and tables), or
+//! through init's small reader for the TOML tools write ([`parse_subset`]).
 
 use toml::de::{DeTable, DeValue};
 
@@ -26,6 +27,42 @@ pub fn parse(text: &str) -> Result<Value, (Pos, String)> {
         kind: table(&ix, root.into_inner()),
         pos: ix.pos(span.start),
     })
+}
+
+/// The document through `tomlfast` (the subset of TOML that tools write:
+/// no dotted keys, arrays of tables, floats, dates, octal), every position
+/// the start of the file: `None` outside the subset. Used only when the
+/// config then decodes without a single problem (`load_toml`), so none of
+/// these positions is ever shown: a config with a problem is read again by
+/// [`parse`], whose positions the diagnostics carry.
+pub fn parse_subset(text: &str) -> Option<Value> {
+    crate::tomlfast::parse(text).map(subset_value)
+}
+
+fn subset_value(v: crate::tomlfast::Val) -> Value {
+    use crate::tomlfast::Val;
+    let kind = match v {
+        Val::Str(s) => Kind::Str(s),
+        Val::Int(value) => Kind::Int {
+            value: i128::from(value),
+            radix: 10,
+        },
+        Val::Bool(b) => Kind::Bool(b),
+        Val::Arr(items) => Kind::Seq(items.into_iter().map(subset_value).collect()),
+        Val::Table(t) => Kind::Map(
+            t.into_iter()
+                .map(|(key, v)| Entry {
+                    key,
+                    key_pos: Pos::START,
+                    value: subset_value(v),
+                })
+                .collect(),
+        ),
+    };
+    Value {
+        kind,
+        pos: Pos::START,
+    }
 }
 
 fn table(ix: &LineIndex<'_>, t: DeTable<'_>) -> Kind {
