@@ -77,13 +77,9 @@ impl Handoff {
     /// (`tomlfast::Writer`: less code for QEMU to translate on the boot path).
     pub fn to_toml(&self) -> String {
         let mut w = crate::tomlfast::Writer::default();
-        let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
         w.str("slot", &self.slot)
-            .int(
-                "kernel_start_to_stage1_ms",
-                n(self.kernel_start_to_stage1_ms),
-            )
-            .int("stage1_end_ms", n(self.stage1_end_ms))
+            .uint("kernel_start_to_stage1_ms", self.kernel_start_to_stage1_ms)
+            .uint("stage1_end_ms", self.stage1_end_ms)
             .bool("data_grown", self.data_grown)
             .str("root_device", &self.root_device)
             .str("data_device", &self.data_device)
@@ -92,14 +88,14 @@ impl Handoff {
             .str("verity_name", &self.verity_name)
             .bool("trial", self.trial)
             .str("boot_method", &self.boot_method)
-            .int("cpu_start_user_us", n(self.cpu_start_user_us))
-            .int("cpu_start_system_us", n(self.cpu_start_system_us))
-            .int("cpu_end_user_us", n(self.cpu_end_user_us))
-            .int("cpu_end_system_us", n(self.cpu_end_system_us))
-            .int("module_threads", n(self.module_threads as u64))
+            .uint("cpu_start_user_us", self.cpu_start_user_us)
+            .uint("cpu_start_system_us", self.cpu_start_system_us)
+            .uint("cpu_end_user_us", self.cpu_end_user_us)
+            .uint("cpu_end_system_us", self.cpu_end_system_us)
+            .uint("module_threads", self.module_threads as u64)
             .table("steps_ms");
         for (step, ms) in &self.steps_ms {
-            w.int(step, n(*ms));
+            w.uint(step, *ms);
         }
         w.finish()
     }

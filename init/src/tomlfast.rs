@@ -294,19 +294,9 @@ impl Reader<'_> {
         }
     }
 
-    /// Blank and comment-only lines.
+    /// Blank and comment-only lines; inside an array, the whitespace,
+    /// newlines and comments between values.
     fn blank_lines(&mut self) -> Option<()> {
-        loop {
-            self.ws();
-            self.comment()?;
-            if !self.newline() {
-                return Some(());
-            }
-        }
-    }
-
-    /// Whitespace, newlines and comments inside an array.
-    fn array_space(&mut self) -> Option<()> {
         loop {
             self.ws();
             self.comment()?;
@@ -373,13 +363,13 @@ impl Reader<'_> {
                 self.i += 1;
                 let mut items = Vec::new();
                 loop {
-                    self.array_space()?;
+                    self.blank_lines()?;
                     if self.peek()? == b']' {
                         self.i += 1;
                         return Some(Val::Arr(items));
                     }
                     items.push(self.value(depth + 1)?);
-                    self.array_space()?;
+                    self.blank_lines()?;
                     match self.next()? {
                         b',' => {}
                         b']' => return Some(Val::Arr(items)),
@@ -703,6 +693,12 @@ impl Writer {
         self.out.push_str(itoa(v).as_str());
         self.out.push('\n');
         self
+    }
+
+    /// An unsigned value; above `i64::MAX` (TOML's limit) it is written as
+    /// `i64::MAX`.
+    pub fn uint(&mut self, key: &str, v: u64) -> &mut Self {
+        self.int(key, i64::try_from(v).unwrap_or(i64::MAX))
     }
 
     pub fn bool(&mut self, key: &str, v: bool) -> &mut Self {
@@ -1084,13 +1080,14 @@ x = 1
         let text = Writer::default()
             .str("a b", "x\u{1}y")
             .int("n", 12)
+            .uint("u", u64::MAX)
             .bool("on", true)
             .table("t.u")
             .strs("l", &["p".into(), "q\"".into()])
             .finish();
         assert_eq!(
             text,
-            "\"a b\" = \"x\\u0001y\"\nn = 12\non = true\n\n[\"t.u\"]\nl = [\"p\", \"q\\\"\"]\n"
+            "\"a b\" = \"x\\u0001y\"\nn = 12\nu = 9223372036854775807\non = true\n\n[\"t.u\"]\nl = [\"p\", \"q\\\"\"]\n"
         );
         assert!(agrees(&text));
     }

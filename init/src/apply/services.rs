@@ -36,14 +36,13 @@ impl Generated {
 
     pub fn render(&self, why: &str) -> String {
         let mut w = crate::tomlfast::Writer::default();
-        let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
         w.strs("exec", &self.exec);
         if !self.after.is_empty() {
             w.strs("after", &self.after);
         }
         w.str("restart", self.restart.unwrap_or("always"));
         if let Some(s) = self.stop_timeout_secs {
-            w.int("stop_timeout_secs", n(s));
+            w.uint("stop_timeout_secs", s);
         }
         if !self.env.is_empty() {
             w.table("env");
@@ -58,14 +57,14 @@ impl Generated {
                 Ready::Http(u) => w.str("http", u),
                 Ready::Exec(e) => w.strs("exec", e),
             };
-            w.int("interval_ms", n(*interval))
-                .int("timeout_secs", n(*timeout));
+            w.uint("interval_ms", *interval)
+                .uint("timeout_secs", *timeout);
         }
         if let Some((initial, max, reset)) = self.backoff {
             w.table("backoff")
-                .int("initial_ms", n(initial))
-                .int("max_ms", n(max))
-                .int("reset_after_secs", n(reset));
+                .uint("initial_ms", initial)
+                .uint("max_ms", max)
+                .uint("reset_after_secs", reset);
         }
         format!(
             "# Generated at boot by basalt-node-config: {}\n{}",

@@ -83,36 +83,38 @@ pub fn schema_doc() -> &'static str {
 /// Parse and check a `node.toml`. `path` is only used to name the file in
 /// diagnostics.
 pub fn load_toml(path: &Path, text: &str) -> Result<NodeConfig, Vec<Diagnostic>> {
+    let text = strip_bom(text);
+    check_separators(path, text)?;
     // The TOML tools write goes through init's small reader (less code for
     // the node config's child to run on the path to Kubernetes); the config
     // it gives is taken only when it has no problem at all. Anything else is
-    // read by the toml crate below, and its diagnostics are the answer.
-    if too_many_separators(strip_bom(text)).is_none()
-        && let Some(root) = toml::parse_subset(strip_bom(text))
-    {
+    // read by the toml crate, and its diagnostics are the answer.
+    if let Some(root) = toml::parse_subset(text) {
         let mut ctx = decode::Ctx::new(path);
         let cfg = decode::node_config(&mut ctx, &root, "", decode::ROOT_KEYS);
         if ctx.diags.is_empty() {
             return Ok(cfg);
         }
     }
-    load_toml_full(path, text)
-}
-
-/// The count of `,`, `=` and newlines when it is over the limit.
-fn too_many_separators(text: &str) -> Option<usize> {
-    let separators = text
-        .bytes()
-        .filter(|b| matches!(b, b',' | b'=' | b'\n'))
-        .count();
-    (separators > MAX_TOML_SEPARATORS).then_some(separators)
+    decode_full(path, text)
 }
 
 /// `load_toml` through the toml crate only (tests compare the two).
 #[doc(hidden)]
 pub fn load_toml_full(path: &Path, text: &str) -> Result<NodeConfig, Vec<Diagnostic>> {
     let text = strip_bom(text);
-    if let Some(separators) = too_many_separators(text) {
+    check_separators(path, text)?;
+    decode_full(path, text)
+}
+
+/// A refusal when the text has more `,`, `=` and newlines than any node
+/// config (before either parser sees it).
+fn check_separators(path: &Path, text: &str) -> Result<(), Vec<Diagnostic>> {
+    let separators = text
+        .bytes()
+        .filter(|b| matches!(b, b',' | b'=' | b'\n'))
+        .count();
+    if separators > MAX_TOML_SEPARATORS {
         return Err(vec![Diagnostic::whole_file(
             path,
             format!(
@@ -120,6 +122,11 @@ pub fn load_toml_full(path: &Path, text: &str) -> Result<NodeConfig, Vec<Diagnos
             ),
         )]);
     }
+    Ok(())
+}
+
+/// Parse with the toml crate (positions on every value) and decode.
+fn decode_full(path: &Path, text: &str) -> Result<NodeConfig, Vec<Diagnostic>> {
     let root = toml::parse(text).map_err(|(pos, message)| {
         vec![Diagnostic {
             file: path.to_path_buf(),

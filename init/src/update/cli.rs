@@ -179,14 +179,17 @@ pub(crate) fn lock_waiting_for(
             Ok(held) => return Ok(held),
             Err((back, _)) => f = back,
         }
-        let by_boot = std::fs::read_to_string("/proc/locks")
-            .ok()
-            .zip(f.metadata().ok())
-            .is_some_and(|(text, meta)| {
-                use std::os::unix::fs::MetadataExt;
-                flock_holders(&text, meta.dev(), meta.ino()).contains(&boot_holder)
-            });
-        if !by_boot || std::time::Instant::now() >= until {
+        // Past the wait (PID 1 never waits), whoever holds it: refused.
+        let by_boot = || {
+            std::fs::read_to_string("/proc/locks")
+                .ok()
+                .zip(f.metadata().ok())
+                .is_some_and(|(text, meta)| {
+                    use std::os::unix::fs::MetadataExt;
+                    flock_holders(&text, meta.dev(), meta.ino()).contains(&boot_holder)
+                })
+        };
+        if std::time::Instant::now() >= until || !by_boot() {
             return Err(UpdateError::Locked(lock_path.to_path_buf()));
         }
         std::thread::sleep(Duration::from_millis(10));
