@@ -28,8 +28,7 @@ fn update_a_to_b_commits_and_boots_b() -> Result<()> {
         "{st}"
     );
     let marker = line(&l1, "e2e-update: marker ", &log("boot1"))?.to_string();
-    let upd = line(&l1, "e2e-update: update: ", &log("boot1"))?;
-    ensure!(upd.contains("installed 0.2.0 into slot b"), "{upd}");
+    let upd = line(&l1, "installed 0.2.0 into slot b", &log("boot1"))?;
     // Bounded memory: the bundle is streamed, never held (issue 6: ≤ 32 MiB).
     let rss: u64 = upd
         .split("peak RSS ")

@@ -26,8 +26,7 @@ fn failed_trials_roll_back_and_a_later_update_works() -> Result<()> {
 
     // Boot 1 (a): install the never-ready 0.2.0 into b.
     let l = boot(&s, "boot1", Some(&never_ready))?;
-    let upd = line(&l, "e2e-update: update: ", &log("boot1"))?;
-    ensure!(upd.contains("installed 0.2.0 into slot b"), "{upd}");
+    line(&l, "installed 0.2.0 into slot b", &log("boot1"))?;
     let marker = line(&l, "e2e-update: marker ", &log("boot1"))?.to_string();
 
     // Boot 2 (b, trial): the gate times out and reboots.
@@ -65,8 +64,7 @@ fn failed_trials_roll_back_and_a_later_update_works() -> Result<()> {
         line(&l, "e2e-update: marker ", &log("boot3"))? == marker,
         "/var lost its marker"
     );
-    let upd = line(&l, "e2e-update: update: ", &log("boot3"))?;
-    ensure!(upd.contains("installed 0.3.0 into slot b"), "{upd}");
+    line(&l, "installed 0.3.0 into slot b", &log("boot3"))?;
 
     // Boot 4 (b, trial of 0.3.0): commits; then 0.4.0 (panics) installs into a.
     let l = boot(&s, "boot4", Some(&panics))?;
@@ -78,8 +76,7 @@ fn failed_trials_roll_back_and_a_later_update_works() -> Result<()> {
     );
     ensure!(slot(&st, "b").2.is_empty(), "stale reason on b: {st}");
     ensure!(st["slots"]["primary"] == "b", "{st}");
-    let upd = line(&l, "e2e-update: update: ", &log("boot4"))?;
-    ensure!(upd.contains("installed 0.4.0 into slot a"), "{upd}");
+    line(&l, "installed 0.4.0 into slot a", &log("boot4"))?;
 
     // Boot 5 (a, trial of 0.4.0): the kernel panics and reboots.
     let l = boot(&s, "boot5", None)?;
