@@ -64,8 +64,10 @@ if cut is None:
     sys.exit(f"{log}: no block of the stand-in: the boot never reached the Kubernetes exec")
 pid1 = [b for b in blocks[start:cut] if 0x20000000 <= b[0] < 0x30000000]
 child = [b for b in blocks[start:cut] if 0x30000000 <= b[0] < 0x40000000]
-if not pid1 or not child:
-    sys.exit(f"{log}: no blocks of PID 1 or of the node-config child between init's start and the exec")
+if not pid1:
+    sys.exit(f"{log}: no blocks of PID 1 between init's start and the exec")
+# No child blocks: the child is forked (since 2026-11-29), running PID 1's
+# code at PID 1's addresses; what it translates anew is counted with PID 1.
 # The child's copy is the same code 0x10000000 higher.
 addrs = sorted({b[0] for b in pid1} | {b[0] - 0x10000000 for b in child})
 out = subprocess.run(["addr2line", "-f", "-C", "-e", binary] + [hex(a) for a in addrs],
@@ -98,5 +100,11 @@ def report(name, bs, offset):
 
 
 a = report("PID 1 until the Kubernetes exec", pid1, 0)
-b = report("node-config child (before the Kubernetes exec)", child, 0x10000000)
+if child:
+    b = report("node-config child (before the Kubernetes exec)", child, 0x10000000)
+else:
+    b = 0.0
+    print("node-config child: forked from PID 1, no code of its own address range: "
+          "what it translated is in PID 1's figure")
+print(f"together: {a + b:.1f} KiB")
 print(f"{a:.1f} {b:.1f}")

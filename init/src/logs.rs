@@ -483,6 +483,15 @@ impl Log {
 
 static LOG: Mutex<Option<Log>> = Mutex::new(None);
 
+/// Forget the ring without writing anything of it anywhere: in a forked
+/// child (the node config's), whose lines go to its output for PID 1 to
+/// record; its copy of PID 1's ring and persistent file are not its own.
+pub fn forget() {
+    if let Ok(mut g) = LOG.lock() {
+        std::mem::forget(g.take());
+    }
+}
+
 /// Start logging to the ring (before this, lines only go to the console).
 pub fn init(settings: Settings) {
     if let Ok(mut g) = LOG.lock() {

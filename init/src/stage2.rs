@@ -603,14 +603,13 @@ pub fn valid_hostname(h: &str) -> bool {
 /// the kernel mounts and the machine id (it needs neither: it writes /etc,
 /// /var, /run and the kernel's settings); on a multi-core machine in
 /// parallel, on one core at least through each other's I/O waits. Booted
-/// without our initramfs there is no /proc yet: then `node_config` starts it.
+/// without our initramfs nothing is mounted yet (no /proc, no /run): then
+/// `node_config` starts it, after the kernel mounts.
 fn start_node_config(ctx: &mut Context) -> Result<(), Stage2Error> {
-    let exe = Path::new("/proc/self/exe");
-    if exe.exists() {
-        ctx.node_config = Some(crate::apply::pid1::start(
-            exe,
-            Path::new(crate::apply::RESULT_FILE),
-        ));
+    if Path::new("/proc/self").exists() {
+        ctx.node_config = Some(crate::apply::pid1::start(Path::new(
+            crate::apply::RESULT_FILE,
+        )));
     }
     Ok(())
 }
@@ -619,12 +618,10 @@ fn start_node_config(ctx: &mut Context) -> Result<(), Stage2Error> {
 /// parser's memory must never be PID 1's. PID 1 only reads the results.
 fn node_config(ctx: &mut Context) -> Result<(), Stage2Error> {
     let mut output = crate::apply::pid1::Output::default();
-    let started = ctx.node_config.take().unwrap_or_else(|| {
-        crate::apply::pid1::start(
-            Path::new("/proc/self/exe"),
-            Path::new(crate::apply::RESULT_FILE),
-        )
-    });
+    let started = ctx
+        .node_config
+        .take()
+        .unwrap_or_else(|| crate::apply::pid1::start(Path::new(crate::apply::RESULT_FILE)));
     let results = match started.finish(crate::apply::pid1::TIMEOUT, &mut output) {
         Ok(r) => r,
         Err(e) => {

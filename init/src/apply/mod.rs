@@ -2,8 +2,8 @@
 //! `node-config` phase; docs/node-config.md "What the device does").
 //!
 //! PID 1 must stay small (its RSS is reported in the ready line), and the
-//! parser costs about a megabyte, so the work runs in a child: PID 1 starts
-//! its own binary as `basalt-node-config` ([`pid1::run`]), which parses the
+//! parser costs about a megabyte, so the work runs in a child: PID 1 forks
+//! `basalt-node-config` ([`pid1::start`]), which parses the
 //! image's default and the FAT partition's config, applies what it can
 //! directly (hostname, users, files, sysctls, modules, addresses, clock,
 //! Kubernetes config) and leaves what PID 1 must act on in small files under
@@ -46,7 +46,8 @@ pub const UPDATE_FILE: &str = "/run/basalt/update.toml";
 pub const IMAGE_CONFIG: &str = "/etc/basalt/node.toml";
 /// Copies of the last config from the FAT partition that applied cleanly.
 pub const LAST_GOOD_DIR: &str = "/var/lib/basalt/node-config";
-/// argv[0] under which the init binary runs the apply child.
+/// The apply child's name (its `comm`), and argv[0] under which the init
+/// binary runs it by hand.
 pub const CHILD_NAME: &str = "basalt-node-config";
 
 #[derive(Debug, thiserror::Error)]

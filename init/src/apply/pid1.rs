@@ -1,13 +1,10 @@
-//! PID 1's side of the node config: start the init binary again as
-//! `basalt-node-config` (a fresh process, so the parser's memory is never
-//! PID 1's), relay its output (console lines, config errors) to the console
+//! PID 1's side of the node config: fork a `basalt-node-config` child (its
+//! own process, so the parser's memory is never PID 1's), relay its output (console lines, config errors) to the console
 //! and the log ring, wait for it with a timeout, and read what it left in
 //! `/run/basalt/node-config.toml`. Nothing here parses the node config.
 
 use std::os::unix::fs::OpenOptionsExt;
-use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use super::{CHILD_NAME, Results};
@@ -18,11 +15,8 @@ pub const TIMEOUT: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum Pid1Error {
-    #[error("starting {program} as {CHILD_NAME}: {source}")]
-    Spawn {
-        program: String,
-        source: std::io::Error,
-    },
+    #[error("starting {CHILD_NAME} (fork): {0}")]
+    Spawn(std::io::Error),
     #[error("{CHILD_NAME} did not finish within {0:?}; killed")]
     Timeout(Duration),
     #[error("waiting for {CHILD_NAME}: {0}")]
@@ -100,40 +94,66 @@ pub fn relay(output: &Output) {
     }
 }
 
-/// Run the child (`program`, normally `/proc/self/exe`) and read its results.
+/// Run the child (a fork of PID 1 running [`super::child_main`]) and read
+/// its results; see [`run_with`].
+pub fn run(results: &Path, timeout: Duration, output: &mut Output) -> Result<Results, Pid1Error> {
+    start(results).finish(timeout, output)
+}
+
+/// Run `child` in a forked copy of this process and read its results.
 /// `Err` only when there are no results at all; a child that exited non-zero
 /// after writing results (it used the last good config) is `Ok` with the
 /// status in the results. What it writes is kept in `output` (for [`relay`]);
 /// when the file for it cannot be made, it writes to PID 1's console directly.
-pub fn run(
-    program: &Path,
+pub fn run_with(
+    child: impl FnOnce() -> i32,
     results: &Path,
     timeout: Duration,
     output: &mut Output,
 ) -> Result<Results, Pid1Error> {
-    start(program, results).finish(timeout, output)
+    start_with(child, results).finish(timeout, output)
 }
 
 /// The child, started by [`start`]: stage 2 starts it first and goes on
 /// with its own phases while it runs, then [`Started::finish`]es it.
 #[derive(Debug)]
 pub struct Started {
-    program: String,
-    child: Result<std::process::Child, std::io::Error>,
+    pid: Result<u32, std::io::Error>,
     results: std::path::PathBuf,
     /// Where its output goes, when that file could be made.
     out_path: Option<std::path::PathBuf>,
     at: Instant,
 }
 
-/// Start the child; see [`run`].
-pub fn start(program: &Path, results: &Path) -> Started {
+/// Start the node config's child: PID 1 forked (no exec: the code is loaded
+/// and, under QEMU, translated already; the fork costs microseconds where
+/// an exec of the binary cost ~15 ms on the test VM's one CPU), which
+/// becomes what a fresh `basalt-node-config` process would be — no log ring
+/// of PID 1's, a clean environment, its own name — and runs
+/// [`super::child_main`]. Its memory (the parser's) is its own, gone when it
+/// exits. Called while PID 1 has one thread (stage 2, before the supervisor).
+pub fn start(results: &Path) -> Started {
+    start_with(
+        || {
+            become_child();
+            super::child_main()
+        },
+        results,
+    )
+}
+
+/// What an exec of the binary as `basalt-node-config` gave the child: no
+/// log ring (its lines go to its output, which PID 1 records), only `PATH`
+/// in the environment, and its name in `ps` and `/proc/<pid>/comm`.
+fn become_child() {
+    crate::logs::forget();
+    crate::sys::clear_env_in_forked_child("/usr/sbin:/usr/bin:/sbin:/bin");
+    crate::sys::set_thread_name(CHILD_NAME);
+}
+
+/// Start `child` in a forked copy; see [`run_with`].
+pub fn start_with(child: impl FnOnce() -> i32, results: &Path) -> Started {
     let _ = std::fs::remove_file(results);
-    let mut cmd = Command::new(program);
-    cmd.arg0(CHILD_NAME)
-        .stdin(Stdio::null())
-        .env_clear()
-        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
     let out_path = results.with_extension("out");
     let out_file = std::fs::OpenOptions::new()
         .write(true)
@@ -141,54 +161,41 @@ pub fn start(program: &Path, results: &Path) -> Started {
         .truncate(true)
         .mode(0o600)
         .open(&out_path);
-    let captured = match out_file.and_then(|f| Ok((f.try_clone()?, f))) {
-        Ok((a, b)) => {
-            // One open file for both: lines stay in the order written.
-            cmd.stdout(Stdio::from(a)).stderr(Stdio::from(b));
-            true
-        }
-        Err(_) => false,
-    };
-    crate::sys::unblock_signals_in_child(&mut cmd);
-    let child = cmd.spawn();
+    // One open file for stdout and stderr: lines stay in the order written.
+    let pid = crate::sys::fork_run(out_file.as_ref().ok(), child);
     Started {
-        program: program.display().to_string(),
-        child,
+        pid,
         results: results.to_path_buf(),
-        out_path: captured.then_some(out_path),
+        out_path: out_file.is_ok().then_some(out_path),
         at: Instant::now(),
     }
 }
 
 impl Started {
     /// Wait for the child, at most `timeout` from its start (then it is
-    /// killed), and read its results; see [`run`].
+    /// killed), and read its results; see [`run_with`].
     pub fn finish(self, timeout: Duration, output: &mut Output) -> Result<Results, Pid1Error> {
         let collect = |output: &mut Output| {
             if let Some(p) = &self.out_path {
                 *output = Output::take(p);
             }
         };
-        let mut child = match self.child {
-            Ok(c) => c,
-            Err(source) => {
+        let pid = match self.pid {
+            Ok(p) => p,
+            Err(e) => {
                 collect(output);
-                return Err(Pid1Error::Spawn {
-                    program: self.program,
-                    source,
-                });
+                return Err(Pid1Error::Spawn(e));
             }
         };
         let end = self.at + timeout;
         // Woken the moment the child exits (a pidfd), not on a polling tick:
         // the boot waits on this. Kernels before 5.3: poll every 20 ms.
-        let exited = crate::sys::pidfd_open(child.id());
+        let exited = crate::sys::pidfd_open(pid);
         let status = loop {
-            match child.try_wait() {
+            match crate::sys::try_wait(pid) {
                 Ok(Some(st)) => break st,
                 Ok(None) if Instant::now() >= end => {
-                    let _ = child.kill();
-                    let _ = child.wait();
+                    crate::sys::kill_and_wait(pid);
                     collect(output);
                     return Err(Pid1Error::Timeout(timeout));
                 }
@@ -230,24 +237,34 @@ impl Started {
 mod tests {
     use super::*;
 
+    /// Write to descriptor 1 without Rust's stdout lock (another test
+    /// thread may have held it when the child was forked).
+    fn write1(text: &str) {
+        use std::os::fd::AsFd;
+        let _ = nix::unistd::write(std::io::stdout().as_fd(), text.as_bytes());
+    }
+
+    fn write2(text: &str) {
+        use std::os::fd::AsFd;
+        let _ = nix::unistd::write(std::io::stderr().as_fd(), text.as_bytes());
+    }
+
     #[test]
     fn reads_results_and_reports_failures() {
         let t = tempfile::tempdir().unwrap();
         let results = t.path().join("node-config.toml");
-        let script = t.path().join("child.sh");
-        std::fs::write(
-            &script,
-            format!(
-                "#!/bin/sh\nprintf 'status = \"applied\"\\nhostname = \"edge-1\"\\nerrors = 0\\n' > {}\n",
-                results.display()
-            ),
-        )
-        .unwrap();
-        crate::apply::set_mode(&script, 0o755).unwrap();
-        let r = run(
-            &script,
+        let ten = Duration::from_secs(10);
+        let res = results.clone();
+        let r = run_with(
+            move || {
+                std::fs::write(
+                    &res,
+                    "status = \"applied\"\nhostname = \"edge-1\"\nerrors = 0\n",
+                )
+                .map_or(9, |()| 0)
+            },
             &results,
-            Duration::from_secs(10),
+            ten,
             &mut Output::default(),
         )
         .unwrap();
@@ -256,16 +273,21 @@ mod tests {
 
         // Its output, stdout and stderr, line by line (a last line without
         // newline included).
-        std::fs::write(
-            &script,
-            format!(
-                "#!/bin/sh\necho 'basalt: error config x:1:1: bad'\necho oops >&2\nprintf 'status = \"failed\"\\nerrors = 1\\n' > {}\nprintf tail\n",
-                results.display()
-            ),
+        let res = results.clone();
+        let mut out = Output::default();
+        let r = run_with(
+            move || {
+                write1("basalt: error config x:1:1: bad\n");
+                write2("oops\n");
+                let _ = std::fs::write(&res, "status = \"failed\"\nerrors = 1\n");
+                write1("tail");
+                1
+            },
+            &results,
+            ten,
+            &mut out,
         )
         .unwrap();
-        let mut out = Output::default();
-        let r = run(&script, &results, Duration::from_secs(10), &mut out).unwrap();
         assert_eq!(r.status, "failed");
         assert_eq!(
             out.lines(),
@@ -274,16 +296,21 @@ mod tests {
         assert_eq!(out.dropped, 0);
         // More than is kept: the first MAX_OUTPUT bytes, the rest counted;
         // the file is gone afterwards.
-        std::fs::write(
-            &script,
-            format!(
-                "#!/bin/sh\ni=0; while [ $i -lt 3000 ]; do echo \"filler $i ................................\"; i=$((i+1)); done\nprintf 'status = \"applied\"\\n' > {}\n",
-                results.display()
-            ),
+        let res = results.clone();
+        let mut out = Output::default();
+        let r = run_with(
+            move || {
+                for i in 0..3000 {
+                    write1(&format!("filler {i} {}\n", ".".repeat(32)));
+                }
+                let _ = std::fs::write(&res, "status = \"applied\"\n");
+                0
+            },
+            &results,
+            ten,
+            &mut out,
         )
         .unwrap();
-        let mut out = Output::default();
-        let r = run(&script, &results, Duration::from_secs(10), &mut out).unwrap();
         assert_eq!(r.status, "applied");
         let lines = out.lines();
         assert_eq!(lines[1], format!("filler 1 {}", ".".repeat(32)));
@@ -291,27 +318,112 @@ mod tests {
         assert!(out.dropped > 60_000, "{}", out.dropped);
         assert!(!results.with_extension("out").exists());
 
-        std::fs::write(&script, "#!/bin/sh\nexit 3\n").unwrap();
-        assert!(matches!(
-            run(
-                &script,
-                &results,
-                Duration::from_secs(10),
-                &mut Output::default()
-            ),
-            Err(Pid1Error::Failed(_))
-        ));
-        std::fs::write(&script, "#!/bin/sh\nsleep 5\n").unwrap();
+        // No results: its exit status; a panic is caught in the child (101)
+        // and never unwinds into the caller's stack.
+        let st = run_with(|| 3, &results, ten, &mut Output::default());
+        assert!(
+            matches!(&st, Err(Pid1Error::Failed(s)) if s.code() == Some(3)),
+            "{st:?}"
+        );
+        let st = run_with(
+            || panic!("in the child"),
+            &results,
+            ten,
+            &mut Output::default(),
+        );
+        assert!(
+            matches!(&st, Err(Pid1Error::Failed(s)) if s.code() == Some(101)),
+            "{st:?}"
+        );
+        // Exit 0 without results: says which file.
+        let st = run_with(|| 0, &results, ten, &mut Output::default());
+        assert!(matches!(&st, Err(Pid1Error::Results { .. })), "{st:?}");
+
+        // Hung: killed at the timeout, and reaped.
         let t0 = Instant::now();
+        let started = start_with(
+            || {
+                std::thread::sleep(Duration::from_secs(5));
+                0
+            },
+            &results,
+        );
+        let pid = *started.pid.as_ref().unwrap();
         assert!(matches!(
-            run(
-                &script,
-                &results,
-                Duration::from_millis(300),
-                &mut Output::default()
-            ),
+            started.finish(Duration::from_millis(300), &mut Output::default()),
             Err(Pid1Error::Timeout(_))
         ));
         assert!(t0.elapsed() < Duration::from_secs(4));
+        assert!(
+            !Path::new(&format!("/proc/{pid}")).exists(),
+            "the killed child was not reaped"
+        );
+    }
+
+    /// The child starts like an exec'd one: nothing of the parent's open
+    /// files but its output, stdin on /dev/null, an empty signal mask, and
+    /// (with `start`'s preparation) only PATH and its own name.
+    #[test]
+    fn the_forked_child_starts_clean() {
+        let t = tempfile::tempdir().unwrap();
+        let results = t.path().join("node-config.toml");
+        // Open, inheritable in a fork: must not reach the child.
+        let kept = std::fs::File::open(t.path()).unwrap();
+        use std::os::fd::AsRawFd;
+        let kept_fd = kept.as_raw_fd();
+        // Blocked here (as PID 1 blocks what its signalfd reads): not in the child.
+        let mut usr2 = nix::sys::signal::SigSet::empty();
+        usr2.add(nix::sys::signal::Signal::SIGUSR2);
+        usr2.thread_block().unwrap();
+        let res = results.clone();
+        let mut out = Output::default();
+        run_with(
+            move || {
+                crate::sys::clear_env_in_forked_child("/bin");
+                crate::sys::set_thread_name(CHILD_NAME);
+                let fds: Vec<String> = std::fs::read_dir("/proc/self/fd")
+                    .map(|d| {
+                        d.flatten()
+                            .map(|e| e.file_name().to_string_lossy().into_owned())
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let stdin = std::fs::read_link("/proc/self/fd/0").unwrap_or_default();
+                let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+                let blocked = status
+                    .lines()
+                    .find_map(|l| l.strip_prefix("SigBlk:"))
+                    .unwrap_or("")
+                    .trim()
+                    .to_string();
+                let comm = std::fs::read_to_string("/proc/self/comm").unwrap_or_default();
+                let env: Vec<String> = std::env::vars().map(|(k, v)| format!("{k}={v}")).collect();
+                write1(&format!(
+                    "fds {}\nstdin {}\nblocked {blocked}\ncomm {}\nenv {}\n",
+                    fds.len(),
+                    stdin.display(),
+                    comm.trim(),
+                    env.join(" ")
+                ));
+                let _ = std::fs::write(&res, "status = \"applied\"\n");
+                0
+            },
+            &results,
+            Duration::from_secs(10),
+            &mut out,
+        )
+        .unwrap();
+        usr2.thread_unblock().unwrap();
+        // 0, 1, 2 and read_dir's own descriptor.
+        let lines = out.lines();
+        assert_eq!(
+            lines[0], "fds 4",
+            "{lines:?} (parent had fd {kept_fd} open)"
+        );
+        assert_eq!(lines[1], "stdin /dev/null");
+        assert_eq!(lines[2], "blocked 0000000000000000");
+        assert_eq!(lines[3], "comm basalt-node-con");
+        assert_eq!(lines[4], "env PATH=/bin");
+        drop(kept);
     }
 }

@@ -434,6 +434,125 @@ pub fn console_session(cmd: &mut std::process::Command) {
     }
 }
 
+/// Run `f` in a forked copy of this process and return the copy's pid, for
+/// work whose memory must never be this process's (PID 1's node config
+/// child). No exec: the copy runs the code already loaded (and, under
+/// QEMU TCG, already translated) at the same addresses, and starts in
+/// microseconds. It starts the way an exec'd child of ours would: an empty
+/// signal mask, stdin on `/dev/null`, stdout and stderr on `out` (inherited
+/// when `None`), every other file descriptor closed (ours are all
+/// close-on-exec). It exits with `f`'s code — 101 when `f` panics — by
+/// `_exit`, so it never returns into the caller's stack and runs none of
+/// the caller's exit handlers. Call it only while this process has a single
+/// thread: the copy has only the calling one, and a lock another thread held
+/// would stay locked in it.
+pub fn fork_run(out: Option<&File>, f: impl FnOnce() -> i32) -> std::io::Result<u32> {
+    use std::os::fd::AsRawFd;
+    let out = out.map(AsRawFd::as_raw_fd);
+    // SAFETY: fork(2) itself is safe to call; the child side below touches
+    // only its own copy of this (single-threaded) process and ends in _exit.
+    match unsafe { libc::fork() } {
+        -1 => Err(std::io::Error::last_os_error()),
+        0 => {
+            let code = forked_child(out, f);
+            // SAFETY: _exit ends the copy; nothing of the caller's runs.
+            unsafe { libc::_exit(code) }
+        }
+        pid => Ok(pid.unsigned_abs()),
+    }
+}
+
+fn forked_child(out: Option<std::os::fd::RawFd>, f: impl FnOnce() -> i32) -> i32 {
+    // SAFETY: plain system calls on this process's own descriptors and
+    // signal mask; no Rust object owns descriptors 0-2 or those closed here
+    // in a way that is used again (the copy runs only `f` after this).
+    unsafe {
+        let mut set = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
+        libc::sigemptyset(set.as_mut_ptr());
+        libc::pthread_sigmask(libc::SIG_SETMASK, set.as_ptr(), std::ptr::null_mut());
+        let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC);
+        if null >= 0 {
+            libc::dup2(null, 0);
+        }
+        if let Some(fd) = out {
+            libc::dup2(fd, 1);
+            libc::dup2(fd, 2);
+        }
+        if libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) != 0 {
+            // Kernels before 5.9.
+            for fd in 3..1024 {
+                libc::close(fd);
+            }
+        }
+    }
+    let code = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or(101);
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    code
+}
+
+/// Only `PATH` in the environment, as for an exec'd child given only that.
+/// For [`fork_run`]'s copy, which has a single thread: nothing reads the
+/// environment while it changes.
+pub fn clear_env_in_forked_child(path: &str) {
+    let names: Vec<std::ffi::OsString> = std::env::vars_os().map(|(k, _)| k).collect();
+    // SAFETY: single-threaded (see above).
+    unsafe {
+        for k in names {
+            std::env::remove_var(k);
+        }
+        std::env::set_var("PATH", path);
+    }
+}
+
+/// SIGKILL a child of ours and wait for it (a hung child past its timeout).
+pub fn kill_and_wait(pid: u32) {
+    let Ok(pid) = i32::try_from(pid) else { return };
+    // SAFETY: signals and reaps our own child; the status goes to a local.
+    unsafe {
+        libc::kill(pid, libc::SIGKILL);
+        let mut status = 0;
+        while libc::waitpid(pid, &mut status, 0) == -1
+            && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted
+        {}
+    }
+}
+
+/// The calling thread's name (`/proc/<pid>/comm`, what `ps` and `top`
+/// show; the kernel keeps the first 15 bytes).
+pub fn set_thread_name(name: &str) {
+    let Ok(c) = CString::new(name) else { return };
+    // SAFETY: PR_SET_NAME reads a NUL-terminated string of which the kernel
+    // copies at most 16 bytes.
+    unsafe {
+        libc::prctl(libc::PR_SET_NAME, c.as_ptr());
+    }
+}
+
+/// `waitpid(pid, WNOHANG)` for one child: its status once it has exited.
+pub fn try_wait(pid: u32) -> std::io::Result<Option<std::process::ExitStatus>> {
+    use std::os::unix::process::ExitStatusExt;
+    let pid = i32::try_from(pid).map_err(|_| std::io::Error::from_raw_os_error(libc::ESRCH))?;
+    loop {
+        let mut status = 0;
+        // SAFETY: waitpid writes the status into the local.
+        match unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } {
+            0 => return Ok(None),
+            -1 => {
+                let e = std::io::Error::last_os_error();
+                if e.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+            _ if libc::WIFEXITED(status) || libc::WIFSIGNALED(status) => {
+                return Ok(Some(std::process::ExitStatus::from_raw(status)));
+            }
+            // Stopped or continued: not an exit.
+            _ => return Ok(None),
+        }
+    }
+}
+
 /// Make `cmd`'s child start with an empty signal mask. PID 1 blocks the
 /// signals it reads through its signalfd, and std's `Command` passes the
 /// mask on to children (it no longer resets it), so without this a service
