@@ -27,6 +27,10 @@ pub enum Pid1Error {
     Results { path: String, why: String },
 }
 
+/// How long a child killed at its timeout gets to die (one stuck in the
+/// kernel may never; the boot goes on).
+const KILL_GRACE: Duration = Duration::from_secs(2);
+
 /// The most of the child's output kept for relaying (a config with 100
 /// errors writes about 10 KiB).
 pub const MAX_OUTPUT: usize = 64 * 1024;
@@ -195,7 +199,14 @@ impl Started {
             match crate::sys::try_wait(pid) {
                 Ok(Some(st)) => break st,
                 Ok(None) if Instant::now() >= end => {
-                    crate::sys::kill_and_wait(pid);
+                    if !crate::sys::kill_and_wait(pid, KILL_GRACE) {
+                        crate::console::error(
+                            "node-config",
+                            format_args!(
+                                "{CHILD_NAME} pid {pid} did not die of SIGKILL within {KILL_GRACE:?}; going on without it"
+                            ),
+                        );
+                    }
                     collect(output);
                     return Err(Pid1Error::Timeout(timeout));
                 }

@@ -505,16 +505,27 @@ pub fn clear_env_in_forked_child(path: &str) {
     }
 }
 
-/// SIGKILL a child of ours and wait for it (a hung child past its timeout).
-pub fn kill_and_wait(pid: u32) {
-    let Ok(pid) = i32::try_from(pid) else { return };
-    // SAFETY: signals and reaps our own child; the status goes to a local.
+/// SIGKILL a child of ours and wait for it, at most `grace`: a child stuck
+/// in the kernel (a dead disk) cannot be reaped, and PID 1 must not wait
+/// for it forever; the supervisor reaps it later like any orphan. Whether
+/// it was reaped.
+pub fn kill_and_wait(pid: u32, grace: std::time::Duration) -> bool {
+    let Ok(raw) = i32::try_from(pid) else {
+        return false;
+    };
+    // SAFETY: signals our own child.
     unsafe {
-        libc::kill(pid, libc::SIGKILL);
-        let mut status = 0;
-        while libc::waitpid(pid, &mut status, 0) == -1
-            && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted
-        {}
+        libc::kill(raw, libc::SIGKILL);
+    }
+    let end = std::time::Instant::now() + grace;
+    loop {
+        match try_wait(pid) {
+            Ok(Some(_)) => return true,
+            Ok(None) if std::time::Instant::now() < end => {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            _ => return false,
+        }
     }
 }
 
