@@ -10,8 +10,10 @@
 //! subset such files use, and hands anything else to the `toml` crate:
 //!
 //! - key/value lines with bare or quoted keys (no dotted keys);
-//! - `[table]` headers (dotted paths, each table defined once; no `[[array]]`);
-//! - basic, literal and multi-line strings, decimal integers, booleans,
+//! - `[table]` headers (dotted paths, each table defined once) and
+//!   `[[array of tables]]` headers (not nested in another array's element);
+//! - basic, literal and multi-line strings, integers (decimal, `0x`, `0o`,
+//!   `0b`), booleans,
 //!   arrays (over several lines, with comments and a trailing comma) and
 //!   one-line inline tables;
 //! - comments and blank lines.
@@ -31,6 +33,9 @@ use serde::de::{self, DeserializeOwned, IntoDeserializer, Visitor};
 pub enum Val {
     Str(String),
     Int(i64),
+    /// An integer written in base 16, 8 or 2 (`0x`, `0o`, `0b`): the node
+    /// config tells `0o644` from `644`.
+    Based(i64, u32),
     Bool(bool),
     Arr(Vec<Val>),
     /// Keys in document order, each once.
@@ -55,7 +60,7 @@ impl Val {
 
     pub fn as_integer(&self) -> Option<i64> {
         match self {
-            Val::Int(i) => Some(*i),
+            Val::Int(i) | Val::Based(i, _) => Some(*i),
             _ => None,
         }
     }
@@ -129,14 +134,17 @@ pub fn parse(text: &str) -> Option<Val> {
     // Table paths that headers defined or created on the way (they take
     // more headers below them); inline tables are not in it.
     let mut header_tables: Vec<Vec<String>> = vec![Vec::new()];
+    // Paths of `[[arrays of tables]]`: only they take another `[[...]]`.
+    let mut arrays: Vec<Vec<String>> = Vec::new();
     let mut current: Vec<String> = Vec::new();
     loop {
         r.blank_lines()?;
         let Some(c) = r.peek() else { break };
         if c == b'[' {
             r.i += 1;
-            if r.peek() == Some(b'[') {
-                return None;
+            let array = r.peek() == Some(b'[');
+            if array {
+                r.i += 1;
             }
             let mut path = Vec::new();
             loop {
@@ -145,7 +153,8 @@ pub fn parse(text: &str) -> Option<Val> {
                 r.ws();
                 match r.next()? {
                     b'.' => {}
-                    b']' => break,
+                    b']' if !array => break,
+                    b']' if r.next()? == b']' => break,
                     _ => return None,
                 }
                 if path.len() > MAX_DEPTH {
@@ -153,7 +162,11 @@ pub fn parse(text: &str) -> Option<Val> {
                 }
             }
             r.line_end()?;
-            define_table(&mut root, &mut header_tables, &path)?;
+            if array {
+                append_table(&mut root, &header_tables, &mut arrays, &path)?;
+            } else {
+                define_table(&mut root, &mut header_tables, &path)?;
+            }
             current = path;
         } else {
             let key = r.key()?;
@@ -207,16 +220,63 @@ fn define_table(
     Some(())
 }
 
+/// A `[[path]]` header: a new table at the end of the array of tables at
+/// `path`, made by the first such header. Every table on the way must be
+/// one headers made (tables inside an array's elements — `[a.b]` or
+/// `[[a.b]]` after `[[a]]` — are the `toml` crate's); the array must not be
+/// anything else (a key's array, a table).
+fn append_table(
+    root: &mut Vec<(String, Val)>,
+    header_tables: &[Vec<String>],
+    arrays: &mut Vec<Vec<String>>,
+    path: &[String],
+) -> Option<()> {
+    let (last, parents) = path.split_last()?;
+    let mut t = root;
+    for n in 0..parents.len() {
+        if !header_tables.iter().any(|h| h == &path[..=n]) {
+            return None;
+        }
+        match &mut t.iter_mut().find(|(k, _)| *k == path[n])?.1 {
+            Val::Table(inner) => t = inner,
+            _ => return None,
+        }
+    }
+    match t.iter_mut().find(|(k, _)| k == last) {
+        Some((_, Val::Arr(items))) if arrays.iter().any(|a| a == path) => {
+            if items.len() >= MAX_KEYS {
+                return None;
+            }
+            items.push(Val::Table(Vec::new()));
+        }
+        Some(_) => return None,
+        None => {
+            if t.len() >= MAX_KEYS || arrays.len() >= MAX_KEYS {
+                return None;
+            }
+            t.push((last.clone(), Val::Arr(vec![Val::Table(Vec::new())])));
+            arrays.push(path.to_vec());
+        }
+    }
+    Some(())
+}
+
+/// The table keys go into: the one at `path`, or for an array of tables
+/// its last element.
 fn table_at<'a>(
     root: &'a mut Vec<(String, Val)>,
     path: &[String],
 ) -> Option<&'a mut Vec<(String, Val)>> {
     let mut t = root;
     for name in path {
-        match &mut t.iter_mut().find(|(k, _)| k == name)?.1 {
-            Val::Table(inner) => t = inner,
+        t = match &mut t.iter_mut().find(|(k, _)| k == name)?.1 {
+            Val::Table(inner) => inner,
+            Val::Arr(items) => match items.last_mut()? {
+                Val::Table(inner) => inner,
+                _ => return None,
+            },
             _ => return None,
-        }
+        };
     }
     Some(t)
 }
@@ -417,9 +477,36 @@ impl Reader<'_> {
         }
     }
 
-    /// A decimal integer: optional sign, no leading zero, `_` only between
-    /// digits, within i64.
+    /// An integer within i64: decimal (optional sign, no leading zero) or
+    /// `0x`/`0o`/`0b` (no sign), `_` only between digits.
     fn integer(&mut self) -> Option<Val> {
+        let radix = match (self.peek()?, self.s.get(self.i + 1)) {
+            (b'0', Some(b'x')) => 16,
+            (b'0', Some(b'o')) => 8,
+            (b'0', Some(b'b')) => 2,
+            _ => 10,
+        };
+        if radix != 10 {
+            self.i += 2;
+            let mut n: i64 = 0;
+            let mut last_digit = false;
+            while let Some(c) = self.peek() {
+                match (c as char).to_digit(radix) {
+                    Some(d) => {
+                        n = n.checked_mul(i64::from(radix))?.checked_add(i64::from(d))?;
+                        last_digit = true;
+                    }
+                    None if c == b'_' && last_digit => last_digit = false,
+                    None => break,
+                }
+                self.i += 1;
+            }
+            return if last_digit {
+                self.delimited(Val::Based(n, radix))
+            } else {
+                None
+            };
+        }
         let negative = match self.peek()? {
             b'-' => {
                 self.i += 1;
@@ -624,7 +711,7 @@ impl<'de> de::Deserializer<'de> for De {
     fn deserialize_any<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Declined> {
         match self.0 {
             Val::Str(s) => visitor.visit_string(s),
-            Val::Int(i) => visitor.visit_i64(i),
+            Val::Int(i) | Val::Based(i, _) => visitor.visit_i64(i),
             Val::Bool(b) => visitor.visit_bool(b),
             Val::Arr(a) => {
                 let mut seq = de::value::SeqDeserializer::new(a.into_iter().map(De));
@@ -797,6 +884,8 @@ mod tests {
                 Val::Table(t.into_iter().map(|(k, v)| (k, sorted(v))).collect())
             }
             Val::Arr(a) => Val::Arr(a.into_iter().map(sorted).collect()),
+            // `toml::Value` does not keep the base.
+            Val::Based(i, _) => Val::Int(i),
             v => v,
         }
     }
@@ -857,6 +946,55 @@ x = 1
                 Val::Str("esc \"q\" é 😀 joined".into()),
             ])
         );
+        // Node configs: arrays of tables, modes in octal.
+        let node = r#"hostname = "edge-1"
+[[users]]
+name = "ops"
+ssh_authorized_keys = ["ssh-ed25519 AAAA ops@laptop"]
+[[users]]
+name = "backup"
+[kernel.sysctl]
+"net.ipv4.ip_forward" = 1
+[[files]]
+path = "/etc/motd"
+mode = 0o644
+content = "hello\n"
+[[files]]
+path = "/etc/x"
+mode = 0o0600
+[kubernetes]
+labels = { "zone" = "north" }
+[[kubernetes.extra]]
+a = 1
+[[kubernetes.extra]]
+[[files]]
+path = "/etc/y"
+"#;
+        assert!(agrees(node), "{node}");
+        let v = parse(node).unwrap();
+        match v.get("files") {
+            Some(Val::Arr(f)) => {
+                assert_eq!(f.len(), 3);
+                assert_eq!(f[0].get("mode"), Some(&Val::Based(0o644, 8)));
+                assert_eq!(f[2].get("path").and_then(Val::as_str), Some("/etc/y"));
+            }
+            other => panic!("{other:?}"),
+        }
+        for text in [
+            "a = 0x7fff_FFFF_ffff_ffff",
+            "a = 0xdead_beef",
+            "a = 0o755",
+            "a = 0b1010",
+            "a = 0x0",
+            "a = [0x1, 0o2, 0b11]",
+            "[[a]]",
+            "[[a]]\n[[a]]\n[[a]]\nb = 2",
+            "[t]\n[[t.a]]\nx = 1\n[[t.a]]\nx = 2\n[u]",
+            "[[ a ]]\nb = 1",
+            "[[\"q k\"]]\nb = 1",
+        ] {
+            assert!(agrees(text), "{text:?}");
+        }
     }
 
     #[test]
@@ -864,8 +1002,18 @@ x = 1
         for text in [
             "a = 1.5",
             "a = 1e3",
-            "a = 0x10",
-            "a = 0o7",
+            "a = +0x10",
+            "a = -0o7",
+            "a = 0x",
+            "a = 0x_1",
+            "a = 0x1_",
+            "a = 0x1__2",
+            "a = 0xg",
+            "a = 0o8",
+            "a = 0b2",
+            "a = 0X10",
+            "a = 0x8000000000000000",
+            "a = 0x1.5",
             "a = 012",
             "a = 1__0",
             "a = 1_",
@@ -876,7 +1024,18 @@ x = 1
             "a = 07:32:00",
             "a = 99999999999999999999",
             "a.b = 1",
-            "[[t]]\na = 1",
+            "[a]\n[[a]]",
+            "a = [1]\n[[a]]",
+            "a = []\n[[a]]",
+            "[[a]]\n[a]",
+            "[[a]]\n[a.b]",
+            "[[a]]\n[[a.b]]",
+            "[a.b]\n[[a]]",
+            "[[a.b]]",
+            "[[a]",
+            "[[a] ]",
+            "[[a]]]",
+            "[[a]]\nb = 1\nb = 2",
             "a = 1\na = 2",
             "[t]\n[t]",
             "t = 1\n[t]",

@@ -340,9 +340,37 @@ channel = "stable"
         assert_eq!(fast, load_toml_full(p, subset));
         assert_eq!(fast.unwrap().hostname.as_deref(), Some("edge-7"));
 
-        let outside = format!("{subset}[[users]]\nname = \"ops\"\n");
+        let outside = subset.replace(
+            "labels = { \"zone\" = \"north\", rack = \"r2\" }",
+            "labels.zone = \"north\"\nlabels.rack = \"r2\"",
+        );
         assert!(toml::parse_subset(&outside).is_none());
         assert_eq!(load_toml(p, &outside), load_toml_full(p, &outside));
+
+        // Users and files: arrays of tables, modes in octal, on the fast
+        // path too (the tree decodes without a problem), with the base kept:
+        // a decimal mode is a problem, reported as the toml crate reads it.
+        let users = format!(
+            "{subset}[[users]]\nname = \"ops\"\nssh_authorized_keys = [\"ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl ops@laptop\"]\n[[files]]\npath = \"/etc/motd\"\ncontent = \"hi\\n\"\nmode = 0o640\n[[files]]\npath = \"/etc/issue\"\ncontent = \"x\"\n"
+        );
+        let root = toml::parse_subset(&users).expect("in the subset");
+        let mut ctx = decode::Ctx::new(p);
+        let cfg = decode::node_config(&mut ctx, &root, "", decode::ROOT_KEYS);
+        assert!(ctx.diags.is_empty(), "{:?}", ctx.diags);
+        assert_eq!(Ok(cfg.clone()), load_toml_full(p, &users));
+        assert_eq!(cfg.files.len(), 2);
+        let motd = cfg.files.iter().find(|f| f.path == "/etc/motd");
+        assert_eq!(motd.map(|f| f.mode), Some(0o640));
+        assert_eq!(cfg.users[0].name, "ops");
+        for mode in ["420", "0x1a0", "0b110100000", "0o17777"] {
+            let bad = users.replace("mode = 0o640", &format!("mode = {mode}"));
+            let d = load_toml(p, &bad).unwrap_err();
+            assert_eq!(Err(d.clone()), load_toml_full(p, &bad), "{mode}");
+            assert!(
+                d.iter().any(|d| d.message.contains("octal")),
+                "{mode}: {d:?}"
+            );
+        }
 
         // In the subset but wrong: the diagnostics (with their positions)
         // are the toml crate's.

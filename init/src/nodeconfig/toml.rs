@@ -30,7 +30,7 @@ pub fn parse(text: &str) -> Result<Value, (Pos, String)> {
 }
 
 /// The document through `tomlfast` (the subset of TOML that tools write:
-/// no dotted keys, arrays of tables, floats, dates, octal), every position
+/// no dotted keys, floats or dates), every position
 /// the start of the file: `None` outside the subset. Used only when the
 /// config then decodes without a single problem (`load_toml`), so none of
 /// these positions is ever shown: a config with a problem is read again by
@@ -46,6 +46,10 @@ fn subset_value(v: crate::tomlfast::Val) -> Value {
         Val::Int(value) => Kind::Int {
             value: i128::from(value),
             radix: 10,
+        },
+        Val::Based(value, radix) => Kind::Int {
+            value: i128::from(value),
+            radix,
         },
         Val::Bool(b) => Kind::Bool(b),
         Val::Arr(items) => Kind::Seq(items.into_iter().map(subset_value).collect()),
