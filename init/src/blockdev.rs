@@ -178,15 +178,17 @@ impl Lookup<'_> {
     }
 }
 
-/// Poll `class_block` every `every` until all `names` are present or
-/// `timeout` passes. Devices appear asynchronously after their driver loads.
+/// Look in `class_block` until all `names` are present or `timeout`
+/// passes, calling `pause` with the time left between two looks (it sleeps,
+/// or waits for the kernel's next device event). Devices appear
+/// asynchronously after their driver loads.
 pub fn wait_for(
     class_block: &Path,
     names: &[&str],
     timeout: Duration,
-    every: Duration,
+    pause: &mut dyn FnMut(Duration),
 ) -> Result<BTreeMap<String, Partition>, BlockError> {
-    wait_for_lookup(class_block, Lookup::Names(names), timeout, every)
+    wait_for_lookup(class_block, Lookup::Names(names), timeout, pause)
 }
 
 /// `wait_for` for either kind of partition table.
@@ -194,7 +196,7 @@ pub fn wait_for_lookup(
     class_block: &Path,
     lookup: Lookup<'_>,
     timeout: Duration,
-    every: Duration,
+    pause: &mut dyn FnMut(Duration),
 ) -> Result<BTreeMap<String, Partition>, BlockError> {
     let start = Instant::now();
     let roles = lookup.roles();
@@ -214,7 +216,7 @@ pub fn wait_for_lookup(
                 waited_ms: start.elapsed().as_millis(),
             });
         }
-        std::thread::sleep(every);
+        pause(timeout.saturating_sub(start.elapsed()));
     }
 }
 
@@ -379,7 +381,7 @@ mod tests {
             &t.path().join("class/block"),
             &["root-a", "data"],
             Duration::from_millis(60),
-            Duration::from_millis(20),
+            &mut |left| std::thread::sleep(left.min(Duration::from_millis(20))),
         )
         .unwrap_err();
         match err {
@@ -409,7 +411,7 @@ mod tests {
             &class,
             &["root-a", "data"],
             Duration::from_secs(5),
-            Duration::from_millis(20),
+            &mut |left| std::thread::sleep(left.min(Duration::from_millis(20))),
         )
         .unwrap();
         h.join().unwrap();
@@ -431,7 +433,7 @@ mod tests {
             &class,
             Lookup::Numbered(&wanted),
             Duration::from_millis(10),
-            Duration::from_millis(1),
+            &mut |_| std::thread::sleep(Duration::from_millis(1)),
         )
         .unwrap();
         assert_eq!(got["root-a"].devname, "mmcblk0p5");

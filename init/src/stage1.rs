@@ -130,6 +130,9 @@ pub enum Stage1Error {
 
 const WAIT_DEVICES: Duration = Duration::from_secs(10);
 const WAIT_POLL: Duration = Duration::from_millis(20);
+/// With the kernel's device events, the longest wait between two looks
+/// (a safety net: every new partition comes with an event).
+const WAIT_EVENTS_CAP: Duration = Duration::from_millis(200);
 
 /// The watchdog a trial boot (`basalt.trial=1`) arms right after the modules
 /// (softdog on x86_64): a hang anywhere between here and stage 2's
@@ -730,13 +733,29 @@ fn wait_for_partitions(
             blockdev::Lookup::Numbered(&numbered)
         }
     };
+    // Woken by the kernel's device events (opened before the first look, so
+    // none is missed), every WAIT_EVENTS_CAP at the latest; polled every
+    // WAIT_POLL without them.
+    let events = match crate::sys::Uevents::open() {
+        Ok(u) => Some(u),
+        Err(e) => {
+            say!("warning wait-devices: no uevent socket ({e}), looking every {WAIT_POLL:?}");
+            None
+        }
+    };
+    let mut pause = |left: Duration| match &events {
+        Some(u) => {
+            u.wait(left.min(WAIT_EVENTS_CAP));
+        }
+        None => std::thread::sleep(left.min(WAIT_POLL)),
+    };
     let start = Instant::now();
     loop {
         let wait = match persist {
             Persist::Forever => WAIT_DEVICES,
             Persist::Trial(l) => WAIT_DEVICES.min(l.devices.saturating_sub(start.elapsed())),
         };
-        match blockdev::wait_for_lookup(class_block, lookup, wait, WAIT_POLL) {
+        match blockdev::wait_for_lookup(class_block, lookup, wait, &mut pause) {
             Ok(found) => return Ok(found),
             Err(e) => {
                 console::error("wait-devices", &e);

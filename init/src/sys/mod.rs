@@ -434,6 +434,75 @@ pub fn console_session(cmd: &mut std::process::Command) {
     }
 }
 
+/// The kernel's device events (a `NETLINK_KOBJECT_UEVENT` socket): a wait
+/// for a device wakes when the kernel announces one instead of on a
+/// polling tick. Only the wake-up is used: the waiter looks at sysfs again.
+#[derive(Debug)]
+pub struct Uevents {
+    fd: std::os::fd::OwnedFd,
+}
+
+impl Uevents {
+    /// Listen to the kernel's uevent broadcast (group 1).
+    pub fn open() -> Result<Uevents, Errno> {
+        use std::os::fd::FromRawFd;
+        // SAFETY: socket(2) with constant arguments; a new descriptor or -1.
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_NETLINK,
+                libc::SOCK_DGRAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+                libc::NETLINK_KOBJECT_UEVENT,
+            )
+        };
+        if fd < 0 {
+            return Err(Errno::last());
+        }
+        // SAFETY: a fresh descriptor that nothing else owns.
+        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+        // SAFETY: sockaddr_nl is plain data; all-zero is a valid value.
+        let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+        addr.nl_family = libc::AF_NETLINK as libc::sa_family_t;
+        addr.nl_groups = 1;
+        use std::os::fd::AsRawFd;
+        // SAFETY: bind reads `addr` of the size given.
+        let r = unsafe {
+            libc::bind(
+                fd.as_raw_fd(),
+                (&raw const addr).cast::<libc::sockaddr>(),
+                std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
+            )
+        };
+        if r != 0 {
+            return Err(Errno::last());
+        }
+        Ok(Uevents { fd })
+    }
+
+    /// Wait until the kernel sends an event, at most `timeout`; read (and
+    /// drop) every event queued. Whether one came.
+    pub fn wait(&self, timeout: std::time::Duration) -> bool {
+        use std::os::fd::{AsFd, AsRawFd};
+        let ms = u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX);
+        let ready = poll_readable(&[self.fd.as_fd()], Some(ms))
+            .is_ok_and(|r| r.first().copied().unwrap_or(false));
+        if ready {
+            let mut buf = [0u8; 2048];
+            // SAFETY: recv writes at most buf.len() bytes into buf; the
+            // socket is non-blocking, so this ends at EAGAIN.
+            while unsafe {
+                libc::recv(
+                    self.fd.as_raw_fd(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    libc::MSG_DONTWAIT,
+                )
+            } >= 0
+            {}
+        }
+        ready
+    }
+}
+
 /// Run `f` in a forked copy of this process and return the copy's pid, for
 /// work whose memory must never be this process's (PID 1's node config
 /// child). No exec: the copy runs the code already loaded (and, under
@@ -718,6 +787,22 @@ pub fn disable_fault_around() -> Result<(), Errno> {
 #[cfg(test)]
 mod code_tests {
     use super::*;
+
+    /// A device event wakes the wait (the kernel's own: a synthetic
+    /// `change` of /dev/null's device, as `udevadm trigger` makes), and the
+    /// queue is drained by it.
+    #[test]
+    fn uevents_wake_the_wait() {
+        let u = Uevents::open().expect("uevent socket");
+        let t0 = std::time::Instant::now();
+        if let Err(e) = std::fs::write("/sys/devices/virtual/mem/null/uevent", "change") {
+            // Not root, or a read-only /sys: no way to make an event here.
+            eprintln!("skipped: cannot trigger a uevent ({e})");
+            return;
+        }
+        assert!(u.wait(std::time::Duration::from_secs(5)), "no event");
+        assert!(t0.elapsed() < std::time::Duration::from_secs(5));
+    }
 
     #[test]
     fn code_ranges_of_the_binary_only() {
