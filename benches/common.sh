@@ -43,6 +43,17 @@ j = json.load(sys.stdin); t = j["timings_ms"]; c = j.get("init_cpu_ms") or {}
 print(t["kubernetes_exec"] - t["stage1_start"], c.get("user", -1), c.get("system", -1))'
 }
 
+# phases_ms <console log> -> "<stage 1> <after stage 1>": stage 1's time and
+# from its end to the Kubernetes exec (ms), from the ready report. Stage 1
+# is mostly module loading (the kernel's); a change to what runs after it
+# shows in the second figure without stage 1's spread.
+phases_ms() {
+  grep -a "basalt: ready" "$1" | sed 's/.*basalt: ready //' | python3 -c '
+import json, sys
+t = json.load(sys.stdin)["timings_ms"]
+print(t["stage1"] - t["stage1_start"], t["kubernetes_exec"] - t["stage1"])'
+}
+
 off() { sfdisk -J "$1" | python3 -c "import json,sys; t=json.load(sys.stdin)['partitiontable']; print([p for p in t['partitions'] if p.get('name')==sys.argv[1]][0]['start']*512)" "$2"; }
 
 # initramfs_open <src.img> <dst.img>: copy the image and unpack slot a's

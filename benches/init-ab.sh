@@ -4,7 +4,9 @@
 # builder, stand-in, assets, image definition), booted alternately N times
 # from fresh copies (first boots, one CPU unless SMP=<n>); medians of PID 1
 # start -> Kubernetes exec and of init's user and system CPU (the ready
-# report), and the ratios <rev>/<base rev>.
+# report), and the ratios <rev>/<base rev>; the same for stage 1 and for
+# what follows it until the exec (stage 1's module loading spreads the most
+# between boots, and a change after it shows better without it).
 #
 #   BASALT_ASSETS=$PWD/.cache/assets N=8 benches/init-ab.sh <base rev> [<rev>, default HEAD]
 source "$(dirname "$0")/common.sh"
@@ -30,19 +32,20 @@ for r in "${revs[@]}"; do
   img+=("$(ls "$A/out-$sha"/*.img)")
 done
 
-declare -a w0 u0 s0 w1 u1 s1
+declare -a w0 u0 s0 p0 q0 w1 u1 s1 p1 q1
 for i in $(seq 1 "$N"); do
   for k in 0 1; do
     cp --sparse=always "${img[$k]}" "$OUT/run.img"
     log="$A/boot-$k-$i.log"
     boot_until "$OUT/run.img" "$log" "basalt: ready" || { echo "boot $i of ${revs[$k]} failed (log $log)"; exit 1; }
     read -r w u s < <(basalt_ms "$log")
-    eval "w$k+=($w); u$k+=($u); s$k+=($s)"
-    echo "${revs[$k]} boot $i: PID 1 start -> kubernetes exec $w ms (init user CPU $u ms, system $s ms)"
+    read -r p q < <(phases_ms "$log")
+    eval "w$k+=($w); u$k+=($u); s$k+=($s); p$k+=($p); q$k+=($q)"
+    echo "${revs[$k]} boot $i: PID 1 start -> kubernetes exec $w ms (stage 1 $p, then $q; init user CPU $u ms, system $s ms)"
   done
 done
 med() { printf '%s\n' "$@" | median; }
 for k in 0 1; do
-  eval 'echo "median ${revs[$k]}: $(med "${w'$k'[@]}") ms (init user CPU $(med "${u'$k'[@]}") ms, system $(med "${s'$k'[@]}") ms; N=$N)"'
+  eval 'echo "median ${revs[$k]}: $(med "${w'$k'[@]}") ms (stage 1 $(med "${p'$k'[@]}"), then $(med "${q'$k'[@]}") ms; init user CPU $(med "${u'$k'[@]}") ms, system $(med "${s'$k'[@]}") ms; N=$N)"'
 done
-python3 -c "print('ratio ${revs[1]}/${revs[0]}: PID 1 start -> kubernetes exec %.2f, init user CPU %.2f' % ($(med "${w1[@]}")/$(med "${w0[@]}"), $(med "${u1[@]}")/$(med "${u0[@]}")))"
+python3 -c "print('ratio ${revs[1]}/${revs[0]}: PID 1 start -> kubernetes exec %.2f (stage 1 %.2f, after it %.2f), init user CPU %.2f' % ($(med "${w1[@]}")/$(med "${w0[@]}"), $(med "${p1[@]}")/$(med "${p0[@]}"), $(med "${q1[@]}")/$(med "${q0[@]}"), $(med "${u1[@]}")/$(med "${u0[@]}")))"
