@@ -462,6 +462,12 @@ impl Log {
         }
     }
 
+    /// Whether lines go to the persistent file (the node config opted in
+    /// and the file could be opened).
+    pub fn is_persistent(&self) -> bool {
+        self.persistent.is_some()
+    }
+
     /// Write what is buffered. Returns a failure to report, if any.
     pub fn flush(&mut self) -> Option<String> {
         if let Some(p) = &mut self.persistent
@@ -567,8 +573,16 @@ fn with_log(f: impl FnOnce(&mut Log) -> Option<String>) {
     }
 }
 
+/// Whether the log writes to its persistent file ([`Log::is_persistent`]):
+/// the supervisor's periodic [`flush`] is only scheduled then.
+pub fn is_persistent() -> bool {
+    LOG.lock()
+        .is_ok_and(|g| g.as_ref().is_some_and(Log::is_persistent))
+}
+
 /// Write buffered persistent lines (the supervisor calls this every
-/// [`BATCH_AGE`], so a quiet node's last lines do not wait for the next one).
+/// [`BATCH_AGE`] when logs are persistent, so a quiet node's last lines do
+/// not wait for the next one).
 pub fn flush() {
     with_log(Log::flush);
 }
@@ -778,6 +792,7 @@ mod tests {
         log.record(later + 1, "k3s", "quiet");
         assert!(!read(&path).contains("quiet"));
         // ...or flushed (the supervisor's periodic task), and written once.
+        assert!(log.is_persistent());
         assert_eq!(log.flush(), None);
         assert_eq!(log.flush(), None);
         assert_eq!(read(&path).matches("quiet").count(), 1);
@@ -786,6 +801,7 @@ mod tests {
         assert_eq!(read(&path).matches("stage2 start").count(), 1);
         // Opting out stops writing.
         log.configure(Settings::default(), &dir).unwrap();
+        assert!(!log.is_persistent());
         log.record(9000, "k3s", "after opt-out");
         log.flush();
         assert!(!read(&path).contains("after opt-out"));

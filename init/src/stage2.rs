@@ -289,8 +289,13 @@ fn supervise(mut ctx: Context) -> Option<ShutdownKind> {
             }
         }),
     );
-    // Batched persistent log lines reach the file even when the node is quiet.
-    sup.every(crate::logs::BATCH_AGE, Box::new(crate::logs::flush));
+    // Batched persistent log lines reach the file even when the node is
+    // quiet. Only when logs are persistent (the node config is applied by
+    // now, and it is read once per boot): otherwise the loop would wake
+    // every few seconds for nothing on an idle node.
+    if crate::logs::is_persistent() {
+        sup.every(crate::logs::BATCH_AGE, Box::new(crate::logs::flush));
+    }
     sup.on_all_ready(Box::new(move |s: &Supervisor| {
         // The boot's code (phases, service start-up, the node config
         // results) is not run again: drop it from PID 1's page tables, so
