@@ -733,21 +733,22 @@ fn wait_for_partitions(
             blockdev::Lookup::Numbered(&numbered)
         }
     };
-    // Woken by the kernel's device events (opened before the first look, so
-    // none is missed), every WAIT_EVENTS_CAP at the latest; polled every
-    // WAIT_POLL without them.
-    let events = match crate::sys::Uevents::open() {
-        Ok(u) => Some(u),
-        Err(e) => {
-            say!("warning wait-devices: no uevent socket ({e}), looking every {WAIT_POLL:?}");
-            None
-        }
-    };
+    // When the first look does not find them all: woken by the kernel's
+    // device events from then on (the socket is opened, then a look again
+    // at once, so no event is missed), every WAIT_EVENTS_CAP at the latest;
+    // polled every WAIT_POLL without them. A boot whose partitions are there
+    // at the first look (the usual case) opens nothing.
+    let mut events: Option<Option<crate::sys::Uevents>> = None;
     let mut pause = |left: Duration| match &events {
-        Some(u) => {
+        None => {
+            events = Some(crate::sys::Uevents::open().map_err(|e| {
+                say!("warning wait-devices: no uevent socket ({e}), looking every {WAIT_POLL:?}");
+            }).ok());
+        }
+        Some(Some(u)) => {
             u.wait(left.min(WAIT_EVENTS_CAP));
         }
-        None => std::thread::sleep(left.min(WAIT_POLL)),
+        Some(None) => std::thread::sleep(left.min(WAIT_POLL)),
     };
     let start = Instant::now();
     loop {

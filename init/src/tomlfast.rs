@@ -232,16 +232,11 @@ fn append_table(
     path: &[String],
 ) -> Option<()> {
     let (last, parents) = path.split_last()?;
-    let mut t = root;
-    for n in 0..parents.len() {
-        if !header_tables.iter().any(|h| h == &path[..=n]) {
-            return None;
-        }
-        match &mut t.iter_mut().find(|(k, _)| *k == path[n])?.1 {
-            Val::Table(inner) => t = inner,
-            _ => return None,
-        }
+    // Each parent a table a header made (never an array's element).
+    if !(1..=parents.len()).all(|n| header_tables.iter().any(|h| h == &path[..n])) {
+        return None;
     }
+    let t = table_at(root, parents)?;
     match t.iter_mut().find(|(k, _)| k == last) {
         Some((_, Val::Arr(items))) if arrays.iter().any(|a| a == path) => {
             if items.len() >= MAX_KEYS {
@@ -486,58 +481,46 @@ impl Reader<'_> {
             (b'0', Some(b'b')) => 2,
             _ => 10,
         };
-        if radix != 10 {
-            self.i += 2;
-            let mut n: i64 = 0;
-            let mut last_digit = false;
-            while let Some(c) = self.peek() {
-                match (c as char).to_digit(radix) {
-                    Some(d) => {
-                        n = n.checked_mul(i64::from(radix))?.checked_add(i64::from(d))?;
-                        last_digit = true;
-                    }
-                    None if c == b'_' && last_digit => last_digit = false,
-                    None => break,
-                }
-                self.i += 1;
-            }
-            return if last_digit {
-                self.delimited(Val::Based(n, radix))
-            } else {
-                None
-            };
-        }
-        let negative = match self.peek()? {
-            b'-' => {
+        let negative = match (radix, self.peek()?) {
+            (10, b'-') => {
                 self.i += 1;
                 true
             }
-            b'+' => {
+            (10, b'+') => {
                 self.i += 1;
                 false
             }
-            _ => false,
+            (10, _) => false,
+            _ => {
+                self.i += 2;
+                false
+            }
         };
         let start = self.i;
         // Accumulated negatively: i64::MIN has no positive counterpart.
         let mut n: i64 = 0;
         let mut last_digit = false;
         while let Some(c) = self.peek() {
-            match c {
-                b'0'..=b'9' => {
-                    n = n.checked_mul(10)?.checked_sub(i64::from(c - b'0'))?;
+            match (c as char).to_digit(radix) {
+                Some(d) => {
+                    n = n.checked_mul(i64::from(radix))?.checked_sub(i64::from(d))?;
                     last_digit = true;
                 }
-                b'_' if last_digit => last_digit = false,
-                _ => break,
+                None if c == b'_' && last_digit => last_digit = false,
+                None => break,
             }
             self.i += 1;
         }
-        if !last_digit || (self.s[start] == b'0' && self.i - start > 1) {
+        // No leading zero in a decimal.
+        if !last_digit || (radix == 10 && self.s[start] == b'0' && self.i - start > 1) {
             return None;
         }
         let n = if negative { n } else { n.checked_neg()? };
-        self.delimited(Val::Int(n))
+        self.delimited(if radix == 10 {
+            Val::Int(n)
+        } else {
+            Val::Based(n, radix)
+        })
     }
 
     /// After the opening `"`.

@@ -131,10 +131,8 @@ pub struct Started {
 }
 
 /// Start the node config's child: PID 1 forked (no exec: the code is loaded
-/// and, under QEMU, translated already: `basaltctl boot-time`'s
-/// `config-start` was 16 ms with an exec on one CPU, 6 ms forked on two),
-/// which
-/// becomes what a fresh `basalt-node-config` process would be — no log ring
+/// and, under QEMU, translated already; docs/performance.md), which becomes
+/// what a fresh `basalt-node-config` process would be — no log ring
 /// of PID 1's, a clean environment, its own name — and runs
 /// [`super::child_main`]. Its memory (the parser's) is its own, gone when it
 /// exits. Called while PID 1 has one thread (stage 2, before the supervisor).
