@@ -32,7 +32,7 @@ for i in $(seq 1 "$N"); do
   veritysetup format "$w/root.sqfs" "$w/root.sqfs" --hash-offset=$hoff --data-blocks=$((hoff / 4096)) >"$w/verity.txt"
   mkfs.vfat -C -F 32 -n BASALT "$w/esp.img" $((128 * 1024)) >/dev/null
   mcopy -s -i "$w/esp.img" "$in/esp/EFI" "$in/esp/loader" "$in/esp/a" ::
-  mke2fs -q -t ext4 -L basalt-data "$w/data.img" 64M
+  mke2fs -q -t ext4 -b 4096 -N 8192 -J size=16 -L basalt-data "$w/data.img" 64M
   truncate -s $(( (1 + 128 + 512 + 512 + 64 + 1) * 1024 * 1024 )) "$w/disk.img"
   printf 'label: gpt\nsize=128MiB, type=U, name="esp"\nsize=512MiB, name="root-a"\nsize=512MiB, name="root-b"\nsize=64MiB, name="data"\n' | sfdisk -q "$w/disk.img"
   dd if="$w/esp.img" of="$w/disk.img" bs=1M seek=1 conv=notrunc,sparse status=none

@@ -234,8 +234,14 @@ impl Board {
                 return bad(key, "must be at least 1");
             }
         }
-        if p.data_mib < 2 {
-            return bad("partitions.data_mib", "ext4 needs at least 2 MiB");
+        if p.data_mib < crate::data::MIN_MIB {
+            return bad(
+                "partitions.data_mib",
+                &format!(
+                    "must be at least {} (the ext4's journal and inode table)",
+                    crate::data::MIN_MIB
+                ),
+            );
         }
         let path_ok = |v: &str| !v.is_empty() && !v.split('/').any(|c| c == "..");
         for (key, v) in [
@@ -436,6 +442,15 @@ mod tests {
         let text = GOOD.replace("esp_mib = 128", "esp_mib = 8");
         let e = Board::parse(&text, "b.toml").unwrap_err().to_string();
         assert!(e.contains("partitions.esp_mib"), "{e}");
+
+        let text = GOOD.replace("data_mib = 64", "data_mib = 8");
+        let e = Board::parse(&text, "b.toml").unwrap_err().to_string();
+        assert!(
+            e.contains("partitions.data_mib") && e.contains("at least 16"),
+            "{e}"
+        );
+        let text = GOOD.replace("data_mib = 64", "data_mib = 16");
+        Board::parse(&text, "b.toml").unwrap();
 
         let text = GOOD.replace("\"virtio_ring\"", "\"kernel/virtio_ring.ko\"");
         let e = Board::parse(&text, "b.toml").unwrap_err().to_string();

@@ -248,6 +248,8 @@ pub fn copy_sparse(from: &Path, to: &Path) -> Result<(), DiskError> {
 pub struct Ext4Facts {
     pub block_count: u64,
     pub block_size: u64,
+    pub inode_count: u64,
+    pub inode_size: u64,
     pub volume_name: String,
 }
 
@@ -289,6 +291,8 @@ pub fn ext4_facts(image: &Path, name: &str) -> Result<Ext4Facts, DiskError> {
     Ok(Ext4Facts {
         block_count: num("Block count:", "Block count")?,
         block_size: num("Block size:", "Block size")?,
+        inode_count: num("Inode count:", "Inode count")?,
+        inode_size: num("Inode size:", "Inode size")?,
         volume_name: field("Filesystem volume name:").unwrap_or_default(),
     })
 }

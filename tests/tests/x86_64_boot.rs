@@ -271,6 +271,19 @@ fn x86_64_image_boots_twice_and_keeps_its_data() -> Result<()> {
         "ext4 is {} bytes in a {part_bytes}-byte partition",
         fs.bytes()
     );
+    // The grown filesystem keeps the inode density the builder chose for it
+    // (one 256-byte inode per 16 KiB, imagebuild/src/data.rs), not the one
+    // mke2fs picks for a 64 MiB filesystem (which doubled it).
+    // Every 128 MiB block group has 8192 inodes, the last one too.
+    let groups = fs.bytes().div_ceil(128 << 20);
+    ensure!(
+        fs.inode_size == 256 && fs.inode_count == groups * 8192,
+        "grown data filesystem: {} inodes of {} bytes in {} bytes ({groups} groups; \
+         want 8192 inodes of 256 bytes per 128 MiB group)",
+        fs.inode_count,
+        fs.inode_size,
+        fs.bytes()
+    );
     disk::fsck_ext4(&img, "data")?;
     let mid = disk::read_from_ext4(&img, "data", "/lib/basalt/machine-id")?;
     ensure!(
