@@ -251,6 +251,8 @@ pub struct Ext4Facts {
     pub inode_count: u64,
     pub inode_size: u64,
     pub volume_name: String,
+    /// "Filesystem features:", space-separated.
+    pub features: String,
 }
 
 impl Ext4Facts {
@@ -294,6 +296,7 @@ pub fn ext4_facts(image: &Path, name: &str) -> Result<Ext4Facts, DiskError> {
         inode_count: num("Inode count:", "Inode count")?,
         inode_size: num("Inode size:", "Inode size")?,
         volume_name: field("Filesystem volume name:").unwrap_or_default(),
+        features: field("Filesystem features:").unwrap_or_default(),
     })
 }
 
