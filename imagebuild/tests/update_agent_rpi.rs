@@ -312,9 +312,9 @@ struct Seen {
 }
 
 impl rpi::Watchdog for Seen {
-    fn arm(&self, secs: u32) -> std::io::Result<()> {
+    fn arm(&self, secs: u32) -> std::io::Result<u32> {
         self.armed.borrow_mut().push(secs);
-        Ok(())
+        Ok(secs)
     }
 }
 

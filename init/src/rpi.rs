@@ -491,7 +491,9 @@ pub trait RebootWithArg {
 /// The hardware watchdog (`bcm2835_wdt` via `/dev/watchdog`). Implemented by init's
 /// sys module; faked in tests. Once armed it must be pinged or the SoC resets.
 pub trait Watchdog {
-    fn arm(&self, timeout_secs: u32) -> io::Result<()>;
+    /// Arms it asking for `timeout_secs`; returns the timeout in effect
+    /// (the driver may round it or keep its own).
+    fn arm(&self, timeout_secs: u32) -> io::Result<u32>;
 }
 
 /// How a board's firmware is asked to boot the trial slot once.
@@ -1374,9 +1376,9 @@ mod tests {
     #[derive(Default)]
     struct FakeWatchdog(RefCell<Vec<u32>>);
     impl Watchdog for FakeWatchdog {
-        fn arm(&self, secs: u32) -> io::Result<()> {
+        fn arm(&self, secs: u32) -> io::Result<u32> {
             self.0.borrow_mut().push(secs);
-            Ok(())
+            Ok(secs)
         }
     }
 

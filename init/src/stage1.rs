@@ -134,10 +134,11 @@ const WAIT_POLL: Duration = Duration::from_millis(20);
 /// (a safety net: every new partition comes with an event).
 const WAIT_EVENTS_CAP: Duration = Duration::from_millis(200);
 
-/// The watchdog a trial boot (`basalt.trial=1`) arms right after the modules
-/// (softdog on x86_64): a hang anywhere between here and stage 2's
-/// supervision loop, which reopens and pets it, resets the machine. Generous:
-/// stage 1 and stage 2 up to the loop take about 1 s under QEMU TCG.
+/// The watchdog a trial boot (`basalt.trial=1`, or a Pi 4/5's tryboot) arms
+/// right after the modules (softdog on x86_64; a Pi's bcm2835_wdt keeps its
+/// 15 s maximum): a hang anywhere between here and stage 2's supervision
+/// loop, which reopens and pets it, resets the machine. Generous: stage 1
+/// and stage 2 up to the loop take about 1 s under QEMU TCG.
 pub const TRIAL_WATCHDOG_SECS: u32 = 60;
 
 /// How long a trial boot's stage 1 keeps trying before it gives up.
@@ -200,9 +201,9 @@ pub struct Env<'a> {
 pub struct KernelWatchdog(pub PathBuf);
 
 impl crate::rpi::Watchdog for KernelWatchdog {
-    fn arm(&self, timeout_secs: u32) -> std::io::Result<()> {
+    fn arm(&self, timeout_secs: u32) -> std::io::Result<u32> {
         crate::sys::watchdog::Watchdog::open(&self.0, timeout_secs)
-            .map(drop)
+            .map(|w| w.timeout_secs)
             .map_err(std::io::Error::from)
     }
 }
@@ -294,8 +295,9 @@ pub fn run() -> ! {
 
 /// A trial boot cannot reach its root: say so, `sync`, `reboot(2)`. The
 /// trial's counted loader entry has no tries left (systemd-boot counted this
-/// boot before starting it), so the firmware boots the primary, whose stage 2
-/// records the slot bad (docs/updates.md). Stays alive if the reboot fails;
+/// boot before starting it) — on a Pi 4/5 the firmware's tryboot flag was
+/// one-shot — so the firmware boots the primary, whose stage 2 records the
+/// slot bad (docs/updates.md). Stays alive if the reboot fails;
 /// the trial's watchdog then resets the machine.
 fn give_up_trial(failed: &TrialFailed) -> ! {
     console::error(
@@ -309,8 +311,9 @@ fn give_up_trial(failed: &TrialFailed) -> ! {
 
 /// Steps 1 to 7 of docs/boot-protocol.md "Stage 1": everything up to the
 /// handoff, leaving the real root assembled at `<root>/newroot`. Only a trial
-/// boot (`basalt.trial=1`) returns an error: its root did not appear or
-/// could not be mounted within `env.trial_limits`.
+/// boot (`basalt.trial=1`, or a tryboot board's firmware tryboot) returns an
+/// error: its root did not appear or could not be mounted within
+/// `env.trial_limits`.
 pub fn prepare_root(env: &mut Env<'_>) -> Result<Handoff, TrialFailed> {
     let mut steps = Steps {
         at: Instant::now(),
@@ -359,8 +362,9 @@ pub fn prepare_root(env: &mut Env<'_>) -> Result<Handoff, TrialFailed> {
     let args = boot_args(&env.path("/proc/cmdline"));
     let slot = args.slot.unwrap_or(Slot::A);
     handoff.slot = slot.name().to_string();
-    let reboot_partition =
-        settings.as_ref().and_then(|s| s.boot_method.as_deref()) == Some("reboot-partition");
+    let boot_method = settings.as_ref().and_then(|s| s.boot_method.as_deref());
+    let reboot_partition = boot_method == Some("reboot-partition");
+    let trial = trial_reason(&args, boot_method, &env.path(crate::rpi::BOOTLOADER_DT_DIR));
     // 2c. The late modules (the board's `late_modules`: a watchdog driver,
     // efivarfs) are not needed on the path to Kubernetes: PID 1 loads them
     // right after it started Kubernetes (opened below, before switch_root).
@@ -370,7 +374,7 @@ pub fn prepare_root(env: &mut Env<'_>) -> Result<Handoff, TrialFailed> {
         .as_ref()
         .map(|s| s.late_module_paths(&env.root))
         .unwrap_or_default();
-    if args.trial || reboot_partition {
+    if trial.is_some() || reboot_partition {
         let deps = settings
             .as_ref()
             .and_then(|s| s.dependencies(&s.late_modules));
@@ -389,8 +393,8 @@ pub fn prepare_root(env: &mut Env<'_>) -> Result<Handoff, TrialFailed> {
         handoff.late_modules = late;
     }
     // `reboot-partition` boards keep their own trial rules (3b).
-    let persist = if args.trial && !reboot_partition {
-        say!("trial of slot {} (basalt.trial=1)", slot.name());
+    let persist = if let (Some(why), false) = (trial, reboot_partition) {
+        say!("trial of slot {} ({why})", slot.name());
         arm_trial_watchdog(env.watchdog, args.watchdog != Some(false));
         steps.done("trial");
         Persist::Trial(env.trial_limits)
@@ -569,6 +573,39 @@ pub fn prepare_root(env: &mut Env<'_>) -> Result<Handoff, TrialFailed> {
     Ok(handoff)
 }
 
+/// Why this boot is a trial that stage 1 watches (watchdog, limits), if it
+/// is: `basalt.trial=1` on the command line (systemd-boot's counted trial
+/// entry), or, on a tryboot board (Pi 4/5), the firmware's word (`dt`, its
+/// `/chosen/bootloader`) that it booted its one-shot tryboot, which Basalt
+/// asks for only to start a trial (the slot's `cmdline.txt` is the same for
+/// a trial and a committed slot). `reboot-partition` boards decide later,
+/// from their marker (3b).
+fn trial_reason(
+    args: &cmdline::BootArgs,
+    boot_method: Option<&str>,
+    dt: &Path,
+) -> Option<&'static str> {
+    if args.trial {
+        Some("basalt.trial=1")
+    } else if boot_method == Some("tryboot") && tryboot_flag(dt) {
+        Some("the firmware's tryboot")
+    } else {
+        None
+    }
+}
+
+/// Whether the firmware's `/chosen/bootloader/tryboot` under `dir` says this
+/// boot is its one-shot tryboot; unreadable is "no", reported.
+fn tryboot_flag(dir: &Path) -> bool {
+    match crate::rpi::BootloaderInfo::read(dir) {
+        Ok(info) => info.is_tryboot() == Some(true),
+        Err(e) => {
+            console::error("trial", format_args!("{e}: not taken for a tryboot trial"));
+            false
+        }
+    }
+}
+
 /// A trial boot's watchdog: armed with [`TRIAL_WATCHDOG_SECS`] and closed
 /// without the magic `V`, so it keeps counting until stage 2 reopens and
 /// pets it. `basalt.watchdog=0` leaves it alone (reported: a hang then stays).
@@ -581,7 +618,7 @@ fn arm_trial_watchdog(watchdog: &dyn crate::rpi::Watchdog, wanted: bool) {
         return;
     }
     match watchdog.arm(TRIAL_WATCHDOG_SECS) {
-        Ok(()) => say!("trial watchdog armed: {TRIAL_WATCHDOG_SECS} s until stage 2 takes it over"),
+        Ok(secs) => say!("trial watchdog armed: {secs} s until stage 2 takes it over"),
         Err(e) => console::error(
             "trial",
             format_args!("arming /dev/watchdog: {e}; a hang is not recovered"),
@@ -1311,7 +1348,7 @@ mod tests {
     #[derive(Default)]
     struct NoWatchdog;
     impl crate::rpi::Watchdog for NoWatchdog {
-        fn arm(&self, _: u32) -> std::io::Result<()> {
+        fn arm(&self, _: u32) -> std::io::Result<u32> {
             panic!("unexpected watchdog arm")
         }
     }
@@ -1324,9 +1361,9 @@ mod tests {
     #[derive(Default)]
     struct SeenWatchdog(std::cell::RefCell<Vec<u32>>);
     impl crate::rpi::Watchdog for SeenWatchdog {
-        fn arm(&self, secs: u32) -> std::io::Result<()> {
+        fn arm(&self, secs: u32) -> std::io::Result<u32> {
             self.0.borrow_mut().push(secs);
-            Ok(())
+            Ok(secs)
         }
     }
     #[derive(Default)]
@@ -1677,6 +1714,69 @@ mod tests {
         assert!(t0.elapsed() < WAIT_DEVICES, "{:?}", t0.elapsed());
         assert_eq!(*wd.0.borrow(), [TRIAL_WATCHDOG_SECS]);
         assert!(!calls.iter().any(|c| c.ends_with("/newroot")), "{calls:?}");
+    }
+
+    /// A Pi 4/5 (`boot_method = "tryboot"`) whose firmware booted its
+    /// one-shot tryboot is a trial without `basalt.trial=1`: its watchdog
+    /// driver loaded and the watchdog armed at once, and it gives up (to
+    /// reboot into the primary) instead of retrying forever. The same board
+    /// booted normally, or another board with the flag, is not a trial.
+    #[test]
+    fn a_tryboot_boot_is_a_trial() {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path().join("initramfs");
+        fixture_root(&root);
+        let settings = root.join("etc/basalt/initramfs.toml");
+        let mut text = std::fs::read_to_string(&settings).unwrap();
+        text.push_str("boot_method = \"tryboot\"\n");
+        std::fs::write(&settings, text).unwrap();
+        let dt = root.join(crate::rpi::BOOTLOADER_DT_DIR.trim_start_matches('/'));
+        std::fs::create_dir_all(&dt).unwrap();
+        std::fs::write(dt.join("tryboot"), 1u32.to_be_bytes()).unwrap();
+        std::fs::write(dt.join("partition"), 3u32.to_be_bytes()).unwrap();
+
+        // What decides it.
+        let args = |line: &str| crate::cmdline::parse(line);
+        let plain = args("basalt.slot=b");
+        assert_eq!(
+            trial_reason(&plain, Some("tryboot"), &dt),
+            Some("the firmware's tryboot")
+        );
+        assert_eq!(trial_reason(&plain, Some("reboot-partition"), &dt), None);
+        assert_eq!(trial_reason(&plain, Some("systemd-boot"), &dt), None);
+        assert_eq!(trial_reason(&plain, None, &dt), None);
+        assert_eq!(
+            trial_reason(&args("basalt.trial=1"), Some("systemd-boot"), &dt),
+            Some("basalt.trial=1")
+        );
+        std::fs::write(dt.join("tryboot"), 0u32.to_be_bytes()).unwrap();
+        assert_eq!(trial_reason(&plain, Some("tryboot"), &dt), None);
+        // Unreadable (a property of the wrong length) or absent (no Pi
+        // firmware, QEMU): not a trial.
+        std::fs::write(dt.join("tryboot"), [1u8]).unwrap();
+        assert_eq!(trial_reason(&plain, Some("tryboot"), &dt), None);
+        std::fs::remove_file(dt.join("tryboot")).unwrap();
+        assert_eq!(trial_reason(&plain, Some("tryboot"), &dt), None);
+
+        // The whole stage 1, on a thread: a boot not taken for a trial
+        // would retry its root forever.
+        std::fs::write(dt.join("tryboot"), 1u32.to_be_bytes()).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let r2 = root.clone();
+        std::thread::spawn(move || {
+            let wd = SeenWatchdog::default();
+            let out = trial_boot(&r2, "console=ttyAMA0,115200 basalt.slot=b\n", &wd);
+            let _ = tx.send((out, wd.0.into_inner()));
+        });
+        let ((r, calls, loaded), armed) = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the tryboot boot was not taken for a trial: stage 1 kept retrying its root");
+        let failed = r.unwrap_err();
+        assert!(failed.why.contains("could not be mounted"), "{failed}");
+        assert_eq!(armed, [TRIAL_WATCHDOG_SECS]);
+        assert_eq!(loaded, ["virtio_blk.ko", "squashfs.ko", "softdog.ko"]);
+        let root_mounts = calls.iter().filter(|c| c.ends_with("/newroot")).count();
+        assert_eq!(root_mounts, FAST.attempts as usize, "{calls:?}");
     }
 
     #[test]
