@@ -776,8 +776,20 @@ fn wait_for_partitions(
     // polled every WAIT_POLL without them. A boot whose partitions are there
     // at the first look (the usual case) opens nothing.
     let mut events: Option<Option<crate::sys::Uevents>> = None;
+    let waited = std::cell::Cell::new(false);
     let mut pause = |left: Duration| match &events {
         None => {
+            waited.set(true);
+            let found = lookup.find(class_block).unwrap_or_default();
+            let missing: Vec<&str> = lookup
+                .roles()
+                .into_iter()
+                .filter(|r| !found.contains_key(*r))
+                .collect();
+            say!(
+                "waiting for partitions: {} not there yet",
+                missing.join(", ")
+            );
             events = Some(crate::sys::Uevents::open().map_err(|e| {
                 say!("warning wait-devices: no uevent socket ({e}), looking every {WAIT_POLL:?}");
             }).ok());
@@ -794,7 +806,17 @@ fn wait_for_partitions(
             Persist::Trial(l) => WAIT_DEVICES.min(l.devices.saturating_sub(start.elapsed())),
         };
         match blockdev::wait_for_lookup(class_block, lookup, wait, &mut pause) {
-            Ok(found) => return Ok(found),
+            Ok(found) => {
+                // Only when the first look missed: disks that appear after
+                // their driver loaded (SCSI and USB scan asynchronously).
+                if waited.get() {
+                    say!(
+                        "partitions appeared after {} ms of waiting",
+                        start.elapsed().as_millis()
+                    );
+                }
+                return Ok(found);
+            }
             Err(e) => {
                 console::error("wait-devices", &e);
                 let found = lookup.find(class_block).unwrap_or_default();

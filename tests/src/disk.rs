@@ -199,6 +199,20 @@ pub fn read_from_esp(image: &Path, path: &str) -> Result<String, DiskError> {
     Ok(String::from_utf8_lossy(&out).into_owned())
 }
 
+/// Copies a file from the ESP to `local`, bytes as they are.
+pub fn copy_from_esp(image: &Path, path: &str, local: &Path) -> Result<(), DiskError> {
+    let spec = esp_spec(image)?;
+    run(
+        "mcopy",
+        image,
+        Command::new("mcopy")
+            .args(["-o", "-n", "-i", &spec])
+            .arg(format!("::/{path}"))
+            .arg(local),
+    )?;
+    Ok(())
+}
+
 /// Lists a directory of the ESP (`mdir -b`: one path per line).
 pub fn list_esp(image: &Path, dir: &str) -> Result<Vec<String>, DiskError> {
     let spec = esp_spec(image)?;

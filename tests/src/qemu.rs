@@ -65,6 +65,8 @@ pub struct VmConfig {
     pub smp: u32,
     /// Adds `-device i6300esb` (a watchdog the guest can arm).
     pub watchdog: bool,
+    /// How the disk is attached.
+    pub disk_bus: DiskBus,
     pub extra_args: Vec<String>,
     /// Hard limit on the VM's whole life: past it, QEMU is killed.
     pub lifetime: Duration,
@@ -80,11 +82,27 @@ impl VmConfig {
             memory_mib: 1024,
             smp: 1,
             watchdog: false,
+            disk_bus: DiskBus::VirtioBlk,
             extra_args: Vec::new(),
             lifetime: Duration::from_secs(600),
         }
     }
 }
+
+/// The disk's attachment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiskBus {
+    /// `virtio-blk-pci`: the disk is there when its driver has loaded.
+    VirtioBlk,
+    /// A `virtio-scsi-pci` host with no disk on it: the disk file is opened
+    /// (drive `disk0`) and [`Vm::attach_scsi_disk`] plugs it in, when the
+    /// test says. The firmware has no disk to boot from: give the kernel
+    /// with `-kernel`, `-initrd`, `-append` in `extra_args`.
+    ScsiHotplug,
+}
+
+/// The `device_add` that plugs [`DiskBus::ScsiHotplug`]'s disk in.
+const SCSI_HOTPLUG: &str = "device_add scsi-hd,drive=disk0,bus=scsi0.0";
 
 /// The QEMU program, `QEMU_SYSTEM_X86_64` overriding.
 pub fn qemu_program() -> String {
@@ -131,9 +149,19 @@ impl Vm {
             .arg(format!(
                 "if=pflash,format=raw,unit=1,file={}",
                 vars.display()
-            ))
-            .arg("-drive")
-            .arg(format!("if=virtio,format=raw,file={}", cfg.disk.display()));
+            ));
+        match cfg.disk_bus {
+            DiskBus::VirtioBlk => cmd
+                .arg("-drive")
+                .arg(format!("if=virtio,format=raw,file={}", cfg.disk.display())),
+            DiskBus::ScsiHotplug => cmd
+                .args(["-device", "virtio-scsi-pci,id=scsi0"])
+                .arg("-drive")
+                .arg(format!(
+                    "if=none,id=disk0,format=raw,file={}",
+                    cfg.disk.display()
+                )),
+        };
         if cfg.watchdog {
             cmd.args(["-device", "i6300esb"]);
         }
@@ -296,6 +324,20 @@ impl Vm {
             }
         }
         Ok(String::from_utf8_lossy(&out).into_owned())
+    }
+
+    /// Plugs the disk of a [`DiskBus::ScsiHotplug`] VM into its SCSI host
+    /// (the guest sees a new disk, as when a USB disk is plugged in).
+    pub fn attach_scsi_disk(&self) -> Result<(), QemuError> {
+        let out = self.monitor(SCSI_HOTPLUG)?;
+        // The monitor echoes the command and says nothing more on success.
+        match out.lines().map(str::trim).find(|l| l.starts_with("Error")) {
+            Some(complaint) => Err(QemuError::Monitor {
+                path: self.monitor.clone(),
+                source: std::io::Error::other(format!("{SCSI_HOTPLUG}: {complaint}")),
+            }),
+            None => Ok(()),
+        }
     }
 
     /// Waits for QEMU to exit by itself (the guest powered off or rebooted
