@@ -1,5 +1,6 @@
 //! The disk: partition layout, GPT (gptman), identifiers derived from the
-//! image's inputs, and sparse writes of partition payloads into the image file.
+//! image's inputs, and writes of partition payloads into the (sparse) image file:
+//! each payload whole, zeros included; what lies past it stays a hole.
 //!
 //! Layout (docs/boot-protocol.md, "Disk"): 1 MiB for the protective MBR and
 //! primary GPT, then esp, root-a, root-b, data, each 1 MiB aligned, then
@@ -171,8 +172,12 @@ pub fn create(path: &std::path::Path, layout: &Layout, seed: &[u8]) -> Result<Fi
     Ok(f)
 }
 
-/// Write `data` into `part`, seeking over all-zero 64 KiB blocks so the image
-/// file stays sparse.
+/// Write `data` into `part`, every byte of it, zeros included: the image's
+/// block map then maps all of it and a flasher writes all of it, so nothing
+/// of a partition's content is left to what the card held before (see
+/// [`copy_part`]; the root's squashfs and hash tree are all read through
+/// dm-verity, which fails a block that is not as built). Only the rest of
+/// the partition, past `data`, stays a hole.
 pub fn write_part(
     f: &mut File,
     part: &Part,
@@ -188,20 +193,24 @@ pub fn write_part(
             cap: part.len,
         });
     }
-    let io = |what: String| move |err| DiskError::Io { what, err };
-    const BLOCK: usize = 64 * 1024;
-    for (i, chunk) in data.chunks(BLOCK).enumerate() {
-        if chunk.iter().all(|&b| b == 0) {
-            continue;
-        }
-        f.seek(SeekFrom::Start(part.start + (i * BLOCK) as u64))
-            .and_then(|_| f.write_all(chunk))
-            .map_err(io(format!("writing partition {}", part.name)))?;
-    }
-    Ok(())
+    f.seek(SeekFrom::Start(part.start))
+        .and_then(|_| f.write_all(data))
+        .map_err(|err| DiskError::Io {
+            what: format!("writing partition {}", part.name),
+            err,
+        })
 }
 
-/// Copy the file at `src` into `part` in 1 MiB pieces, sparse like [`write_part`].
+/// Copy the file at `src` into `part` in 1 MiB pieces, every byte of it,
+/// zeros included, as [`write_part`] does. The data partition's ext4 needs
+/// that: mke2fs
+/// leaves its journal and its inode tables as zeros (holes in its file, which
+/// it says are zeroed: `ITABLE_ZEROED`), and a card that held a filesystem
+/// before would keep those bytes where the image had a hole — a stale
+/// journal that a recovery after a power cut may replay (the same image
+/// flashed again has the same filesystem UUID, so the old transactions'
+/// checksums hold), stale inodes in tables said to be zero. The rest of the
+/// partition, past the file, stays a hole.
 pub fn copy_part(
     f: &mut File,
     part: &Part,
