@@ -219,13 +219,6 @@ fn make_uncached(
 mod tests {
     use super::*;
 
-    fn tmpdir(name: &str) -> PathBuf {
-        let d = std::env::temp_dir().join(format!("basalt-data-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        d
-    }
-
     /// `dumpe2fs -h`'s value for `key`.
     fn field(img: &Path, key: &str) -> String {
         let out = Command::new("dumpe2fs")
@@ -275,9 +268,9 @@ mod tests {
             eprintln!("skipped: no e2fsprogs on this host");
             return;
         }
-        let dir = tmpdir("pinned");
+        let dir = tempfile::tempdir().unwrap();
         for mib in [MIN_MIB, 64, 200] {
-            let work = dir.join(mib.to_string());
+            let work = dir.path().join(mib.to_string());
             std::fs::create_dir_all(&work).unwrap();
             let img = make_uncached(
                 &work,
@@ -321,6 +314,5 @@ mod tests {
             assert_eq!(bytes / inodes, 16384, "{mib} MiB grown");
             assert_eq!(journal_kib(&img), journal);
         }
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -203,14 +203,13 @@ pub fn write_part(
 
 /// Copy the file at `src` into `part` in 1 MiB pieces, every byte of it,
 /// zeros included, as [`write_part`] does. The data partition's ext4 needs
-/// that: mke2fs
-/// leaves its journal and its inode tables as zeros (holes in its file, which
-/// it says are zeroed: `ITABLE_ZEROED`), and a card that held a filesystem
-/// before would keep those bytes where the image had a hole — a stale
-/// journal that a recovery after a power cut may replay (the same image
-/// flashed again has the same filesystem UUID, so the old transactions'
-/// checksums hold), stale inodes in tables said to be zero. The rest of the
-/// partition, past the file, stays a hole.
+/// that: mke2fs leaves its journal and its inode tables as zeros (holes in
+/// its file, which it says are zeroed: `ITABLE_ZEROED`), and a card that
+/// held a filesystem before would keep those bytes where the image had a
+/// hole — a stale journal that a recovery after a power cut may replay (the
+/// same image flashed again has the same filesystem UUID, so the old
+/// transactions' checksums hold), stale inodes in tables said to be zero.
+/// The rest of the partition, past the file, stays a hole.
 pub fn copy_part(
     f: &mut File,
     part: &Part,

@@ -165,13 +165,7 @@ fn build_test_image_and_check_with_standard_tools() {
     // ESP: FAT32 accepted by fsck, files per the contract.
     let (esp_start, esp_len) = range(0);
     let esp = tmp.join("esp.img");
-    run(Command::new("dd")
-        .arg(format!("if={}", img.display()))
-        .arg(format!("of={}", esp.display()))
-        .arg("bs=1M")
-        .arg(format!("skip={}", esp_start / MIB))
-        .arg(format!("count={}", esp_len / MIB))
-        .arg("status=none"));
+    extract(&img, esp_start, esp_len, &esp);
     let fsck = text(&run(Command::new("fsck.vfat").arg("-n").arg(&esp)));
     assert!(!fsck.contains("differences"), "{fsck}");
     let mt = |p: &str| {
@@ -329,13 +323,7 @@ print(len(deps))
     // data: ext4 that e2fsck accepts, labelled per the contract.
     let (data_start, data_len) = range(3);
     let data = tmp.join("data.img");
-    run(Command::new("dd")
-        .arg(format!("if={}", img.display()))
-        .arg(format!("of={}", data.display()))
-        .arg("bs=1M")
-        .arg(format!("skip={}", data_start / MIB))
-        .arg(format!("count={}", data_len / MIB))
-        .arg("status=none"));
+    extract(&img, data_start, data_len, &data);
     run(Command::new("e2fsck").arg("-fn").arg(&data));
     let label = text(&run(Command::new("e2label").arg(&data)));
     assert_eq!(label.trim(), "basalt-data");
@@ -365,13 +353,7 @@ print(len(deps))
                 .arg(&card));
         }
         let card_esp = tmp.join("card-esp.img");
-        run(Command::new("dd")
-            .arg(format!("if={}", card.display()))
-            .arg(format!("of={}", card_esp.display()))
-            .arg("bs=1M")
-            .arg(format!("skip={}", esp_start / MIB))
-            .arg(format!("count={}", esp_len / MIB))
-            .arg("status=none"));
+        extract(&card, esp_start, esp_len, &card_esp);
         run(Command::new("fsck.vfat").arg("-n").arg(&card_esp));
         let list = |esp: &Path| {
             text(&run(Command::new("mdir")
@@ -385,6 +367,55 @@ print(len(deps))
     }
 
     let _ = std::fs::remove_dir_all(&tmp);
+}
+
+#[test]
+fn embedded_default_builds_without_a_definition() {
+    let Some(assets) = assets() else { return };
+    let busybox = assets.join("amd64/busybox/bin/busybox");
+    let env = Env {
+        init: binary("BASALT_INIT", "init", &busybox),
+        standin: binary("BASALT_STANDIN", "k8s-standin", &busybox),
+        assets,
+    };
+    let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("build_default");
+    let _ = std::fs::remove_dir_all(&out);
+    run(&mut basalt(
+        &env,
+        &["build", "--out", out.to_str().unwrap()],
+        "1700000000",
+    ));
+    let img = out.join("basalt-x86_64-0.1.0.img");
+    let dump = text(&run(Command::new("sfdisk").arg("-d").arg(&img)));
+    assert_eq!(dump.lines().filter(|l| l.contains(" : start=")).count(), 4);
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+#[test]
+fn unset_variable_is_reported_with_its_key() {
+    let out = Command::new(env!("CARGO_BIN_EXE_basalt"))
+        .arg("build")
+        .arg(repo().join("tests/images/x86_64.toml"))
+        .args(["--out", "/nonexistent", "--init", "/bin/true"])
+        .env_remove("BASALT_STANDIN")
+        .env("BASALT_ASSETS", "/nonexistent")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("kubernetes.source"), "{err}");
+    assert!(err.contains("BASALT_STANDIN is not set"), "{err}");
+}
+
+/// Copies `len` bytes at `start` of `img` (a partition: MiB-aligned) to `to` with dd.
+fn extract(img: &Path, start: u64, len: u64, to: &Path) {
+    run(Command::new("dd")
+        .arg(format!("if={}", img.display()))
+        .arg(format!("of={}", to.display()))
+        .arg("bs=1M")
+        .arg(format!("skip={}", start / MIB))
+        .arg(format!("count={}", len / MIB))
+        .arg("status=none"));
 }
 
 /// Where root-a's content ends: the squashfs's `basalt.verity_data_blocks`

@@ -776,10 +776,8 @@ fn wait_for_partitions(
     // polled every WAIT_POLL without them. A boot whose partitions are there
     // at the first look (the usual case) opens nothing.
     let mut events: Option<Option<crate::sys::Uevents>> = None;
-    let waited = std::cell::Cell::new(false);
     let mut pause = |left: Duration| match &events {
         None => {
-            waited.set(true);
             let found = lookup.find(class_block).unwrap_or_default();
             let missing: Vec<&str> = lookup
                 .roles()
@@ -809,7 +807,7 @@ fn wait_for_partitions(
             Ok(found) => {
                 // Only when the first look missed: disks that appear after
                 // their driver loaded (SCSI and USB scan asynchronously).
-                if waited.get() {
+                if events.is_some() {
                     say!(
                         "partitions appeared after {} ms of waiting",
                         start.elapsed().as_millis()
