@@ -35,6 +35,7 @@ pub mod service;
 pub mod slot;
 pub mod stage1;
 pub mod stage2;
+pub mod storage;
 pub mod supervisor;
 #[allow(unsafe_code)]
 pub mod sys;

@@ -239,6 +239,16 @@ fn supervise(mut ctx: Context) -> Option<ShutdownKind> {
             return None;
         }
     };
+    // The node's own partitions: their removal reboots the node
+    // (crate::storage); watched from the after-first-start hook, off the path.
+    let watched: Vec<_> = [
+        (&ctx.handoff.root_device, "the slot's root"),
+        (&ctx.handoff.data_device, "the data partition, /var"),
+        (&ctx.handoff.boot_device, "the boot partition, /boot"),
+    ]
+    .into_iter()
+    .filter_map(|(dev, role)| crate::storage::Watched::from_dev_path(dev, role))
+    .collect();
     sup.set_emergency_shell(
         ctx.emergency_shell
             .then(|| PathBuf::from(EMERGENCY_SHELL))
@@ -251,6 +261,14 @@ fn supervise(mut ctx: Context) -> Option<ShutdownKind> {
     sup.after_first_start(Box::new(move |s: &mut Supervisor| {
         if id_made && let Err(e) = make_durable(Path::new(MACHINE_ID_PATH)) {
             console::error("machine-id", e);
+        }
+        match crate::storage::StorageWatch::open(watched, Path::new("/sys/class/block")) {
+            Ok(Some(w)) => s.watch_storage(w),
+            Ok(None) => {}
+            Err(e) => console::error(
+                "storage",
+                format_args!("device events: {e}; a removed disk is not noticed"),
+            ),
         }
         update_after_services(s, &booted, version.as_deref(), update_lock);
         if let Some(dir) = initramfs {

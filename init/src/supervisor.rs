@@ -231,6 +231,8 @@ pub struct Supervisor {
     shutdown: Option<Shutdown>,
     /// Tasks run every period from the loop (`every`): (period, last run, task).
     periodic: Vec<(Duration, Instant, PeriodicTask)>,
+    /// The node's own partitions, watched for their removal (`watch_storage`).
+    storage: Option<crate::storage::StorageWatch>,
 }
 
 impl std::fmt::Debug for Supervisor {
@@ -302,6 +304,7 @@ impl Supervisor {
             on_ready: None,
             shutdown: None,
             periodic: Vec::new(),
+            storage: None,
         })
     }
 
@@ -483,34 +486,87 @@ impl Supervisor {
                 return sd.kind;
             }
             let wait = self.next_wake(Instant::now());
-            let readable = {
+            let (readable, control_at, storage_at) = {
                 let mut fds = vec![self.signals.as_fd()];
-                if let Some(l) = &self.control {
+                let control_at = self.control.as_ref().map(|l| {
                     fds.push(l.as_fd());
-                }
+                    fds.len() - 1
+                });
+                let storage_at = self.storage.as_ref().map(|w| {
+                    fds.push(w.as_fd());
+                    fds.len() - 1
+                });
                 for u in &self.units {
                     if let Some((r, _)) = &u.log_pipe {
                         fds.push(r.as_fd());
                     }
                 }
-                match sys::poll_readable(&fds, Some(wait.as_millis() as u32)) {
+                let r = match sys::poll_readable(&fds, Some(wait.as_millis() as u32)) {
                     Ok(r) => r,
                     Err(e) => {
                         console::error("poll", e);
                         std::thread::sleep(Duration::from_millis(100));
                         Vec::new()
                     }
-                }
+                };
+                (r, control_at, storage_at)
             };
+            let is_readable =
+                |at: Option<usize>| at.and_then(|i| readable.get(i).copied()).unwrap_or(false);
             guarded("supervisor signals", || self.handle_signals());
             guarded("supervisor reaping", || self.reap_all());
-            let first_log = if self.control.is_some() { 2 } else { 1 };
-            if self.control.is_some() && readable.get(1).copied().unwrap_or(false) {
+            if is_readable(storage_at) {
+                guarded("storage watch", || self.check_storage());
+            }
+            let first_log =
+                1 + usize::from(control_at.is_some()) + usize::from(storage_at.is_some());
+            if is_readable(control_at) {
                 guarded("control socket", || self.serve_control());
             }
             if readable.iter().skip(first_log).any(|r| *r) {
                 guarded("service logs", || self.drain_logs());
             }
+        }
+    }
+
+    /// Watch the node's own partitions (crate::storage): when one is removed,
+    /// say so and reboot in order.
+    pub fn watch_storage(&mut self, watch: crate::storage::StorageWatch) {
+        self.storage = Some(watch);
+    }
+
+    fn check_storage(&mut self) {
+        let Some(w) = &mut self.storage else { return };
+        let lost = match w.take_lost() {
+            Ok(l) => l,
+            Err(e) => {
+                // A socket that keeps failing would wake the loop for nothing.
+                console::error(
+                    "storage",
+                    format_args!("device events: {e}; no longer watched"),
+                );
+                self.storage = None;
+                return;
+            }
+        };
+        if lost.is_empty() {
+            return;
+        }
+        for l in &lost {
+            console::error(
+                "storage",
+                format_args!(
+                    "/dev/{} ({}) was removed: the node cannot run without it",
+                    l.name, l.role
+                ),
+            );
+        }
+        if self.shutdown.is_none() {
+            console::error(
+                "storage",
+                "rebooting: a fresh boot finds the disk again, if it is back",
+            );
+            self.request_shutdown(ShutdownKind::Reboot);
         }
     }
 

@@ -102,7 +102,9 @@ pub enum DiskBus {
 }
 
 /// The `device_add` that plugs [`DiskBus::ScsiHotplug`]'s disk in.
-const SCSI_HOTPLUG: &str = "device_add scsi-hd,drive=disk0,bus=scsi0.0";
+const SCSI_HOTPLUG: &str = "device_add scsi-hd,drive=disk0,bus=scsi0.0,id=scsidisk0";
+/// The `device_del` that pulls it out again.
+const SCSI_UNPLUG: &str = "device_del scsidisk0";
 
 /// The QEMU program, `QEMU_SYSTEM_X86_64` overriding.
 pub fn qemu_program() -> String {
@@ -329,12 +331,22 @@ impl Vm {
     /// Plugs the disk of a [`DiskBus::ScsiHotplug`] VM into its SCSI host
     /// (the guest sees a new disk, as when a USB disk is plugged in).
     pub fn attach_scsi_disk(&self) -> Result<(), QemuError> {
-        let out = self.monitor(SCSI_HOTPLUG)?;
-        // The monitor echoes the command and says nothing more on success.
+        self.monitor_ok(SCSI_HOTPLUG)
+    }
+
+    /// Pulls the plugged disk out of the SCSI host (the guest's disk goes,
+    /// as when a USB disk drops off the bus).
+    pub fn detach_scsi_disk(&self) -> Result<(), QemuError> {
+        self.monitor_ok(SCSI_UNPLUG)
+    }
+
+    /// A monitor command that answers nothing but its echo on success.
+    fn monitor_ok(&self, command: &str) -> Result<(), QemuError> {
+        let out = self.monitor(command)?;
         match out.lines().map(str::trim).find(|l| l.starts_with("Error")) {
             Some(complaint) => Err(QemuError::Monitor {
                 path: self.monitor.clone(),
-                source: std::io::Error::other(format!("{SCSI_HOTPLUG}: {complaint}")),
+                source: std::io::Error::other(format!("{command}: {complaint}")),
             }),
             None => Ok(()),
         }

@@ -501,6 +501,40 @@ impl Uevents {
         }
         ready
     }
+
+    /// The socket, for a caller's own `poll` set.
+    pub fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self.fd.as_fd()
+    }
+
+    /// Hand every queued event's bytes to `each`, without blocking. `Err`
+    /// is the socket's error: `ENOBUFS` means the kernel dropped events
+    /// (the queue overflowed), so a caller that needs them all must look at
+    /// sysfs instead.
+    pub fn drain(&self, mut each: impl FnMut(&[u8])) -> Result<(), Errno> {
+        use std::os::fd::AsRawFd;
+        let mut buf = [0u8; 8192];
+        loop {
+            // SAFETY: recv writes at most buf.len() bytes into buf.
+            let n = unsafe {
+                libc::recv(
+                    self.fd.as_raw_fd(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            match usize::try_from(n) {
+                Ok(n) => each(buf.get(..n).unwrap_or_default()),
+                Err(_) => match Errno::last() {
+                    Errno::EAGAIN => return Ok(()),
+                    Errno::EINTR => {}
+                    e => return Err(e),
+                },
+            }
+        }
+    }
 }
 
 /// Run `f` in a forked copy of this process and return the copy's pid, for
