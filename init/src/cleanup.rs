@@ -89,6 +89,43 @@ fn processes(proc_dir: &Path) -> Vec<(i32, i32, String)> {
     out
 }
 
+/// The kernel's flag for its own threads in `/proc/<pid>/stat` (`PF_KTHREAD`).
+const PF_KTHREAD: u64 = 0x0020_0000;
+
+/// Pids in `proc_dir` of the processes left besides PID 1 and the kernel's
+/// own threads (zombies included: they are gone only once reaped). What
+/// shutdown waits for: `kill(-1, 0)` cannot tell, it counts the kernel's
+/// threads too and so never says "none left".
+pub fn user_processes(proc_dir: &Path) -> Vec<i32> {
+    let Ok(rd) = std::fs::read_dir(proc_dir) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for e in rd.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        if pid <= 1 {
+            continue;
+        }
+        // Gone between the listing and the read: not left.
+        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
+            continue;
+        };
+        // `pid (comm) state ppid pgrp session tty_nr tpgid flags ...`
+        let flags = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(6))
+            .and_then(|s| s.parse::<u64>().ok());
+        // Unreadable flags: counted as left (waiting is the safe side).
+        if flags.is_none_or(|f| f & PF_KTHREAD == 0) {
+            out.push(pid);
+        }
+    }
+    out.sort_unstable();
+    out
+}
+
 /// Shim pids and all their descendants.
 pub fn shim_trees(proc_dir: &Path, data_dirs: &[PathBuf]) -> Vec<i32> {
     let procs = processes(proc_dir);
@@ -205,6 +242,57 @@ pub fn kubernetes_leftovers(root: &Path, proc_dir: &Path) -> Cleaned {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn user_processes_leave_out_pid_1_and_kernel_threads() {
+        let t = tempfile::tempdir().unwrap();
+        let proc = |pid: &str, stat: &str| {
+            std::fs::create_dir(t.path().join(pid)).unwrap();
+            std::fs::write(t.path().join(pid).join("stat"), stat).unwrap();
+        };
+        // Lines as Linux 6.1 writes them (flags: the ninth field).
+        proc(
+            "1",
+            "1 (init) S 0 1 1 0 -1 4194560 900 0 0 0 5 9 0 0 20 0 1 0 1 2621440 120 18446744073709551615",
+        );
+        proc(
+            "2",
+            "2 (kthreadd) S 0 0 0 0 -1 2129984 0 0 0 0 0 0 0 0 20 0 1 0 1 0 0 18446744073709551615",
+        );
+        proc(
+            "17",
+            "17 (kworker/0:1-events) I 2 0 0 0 -1 69238880 0 0 0 0 0 0 0 0 20 0 1 0 2 0 0",
+        );
+        proc(
+            "88",
+            "88 (k3s server) S 1 88 88 0 -1 4194560 50 0 0 0 1 1 0 0 20 0 3 0 300 1000 20",
+        );
+        proc(
+            "90",
+            "90 (a (weird) name) Z 88 88 88 0 -1 4227140 0 0 0 0 0 0 0 0 20 0 1 0 301 0 0",
+        );
+        proc("91", "91 (truncated");
+        std::fs::create_dir(t.path().join("self")).unwrap();
+        std::fs::write(t.path().join("uptime"), "1.0 1.0").unwrap();
+        assert_eq!(user_processes(t.path()), [88, 90, 91]);
+        for p in ["88", "90", "91"] {
+            std::fs::remove_dir_all(t.path().join(p)).unwrap();
+        }
+        assert_eq!(user_processes(t.path()), Vec::<i32>::new());
+        assert_eq!(user_processes(&t.path().join("absent")), Vec::<i32>::new());
+    }
+
+    #[test]
+    fn user_processes_of_this_machine_include_this_test() {
+        let me = i32::try_from(std::process::id()).unwrap();
+        let left = user_processes(Path::new("/proc"));
+        assert!(left.contains(&me), "{left:?}");
+        // The kernel's thread daemon, where this runs on a Linux host with a
+        // visible pid 2 (not in a pid namespace of its own).
+        if std::fs::read_to_string("/proc/2/comm").is_ok_and(|c| c.trim() == "kthreadd") {
+            assert!(!left.contains(&2), "{left:?}");
+        }
+    }
 
     #[test]
     fn shim_names() {

@@ -831,15 +831,17 @@ fn kill_everything() {
     reap_until_none(Duration::from_secs(2));
 }
 
+/// Reap until no process but us (and the kernel's threads) is left, at most `limit`.
 fn reap_until_none(limit: Duration) {
     let end = Instant::now() + limit;
+    // A stopped process acts on its SIGTERM only once continued.
+    let _ = sys::kill(-1, Signal::SIGCONT);
     while Instant::now() < end {
         while sys::reap_one().is_some() {}
-        // ESRCH from kill(-1, 0) means no process but us is left.
-        if sys::kill(-1, Signal::SIGCONT).is_err() {
+        if crate::cleanup::user_processes(Path::new("/proc")).is_empty() {
             return;
         }
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
