@@ -817,6 +817,33 @@ hostname = "n1"
         assert!(d.kubernetes.source.is_none() && d.overlays.is_empty());
     }
 
+    /// The x86_64 default's initramfs list is the one booted from SATA, NVMe
+    /// and USB disks by tests/tests/metal_disk_boot.rs (its image definition,
+    /// on Debian's generic kernel), and extends the board's own list.
+    #[test]
+    fn x86_64_default_initramfs_is_the_tested_metal_list() {
+        let parse = |text: &str, name: &str| {
+            ImageDefinition::parse(text, name, Path::new("/"), &|n| {
+                (n == "BASALT_SOURCE_DIR").then(|| "/src".to_string())
+            })
+            .unwrap()
+        };
+        let (_, text) = EMBEDDED_DEFAULTS[0];
+        let shipped = parse(text, "default").initramfs_modules.unwrap();
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/tests/images/metal.toml");
+        let tested = std::fs::read_to_string(&path).unwrap();
+        let tested = ImageDefinition::parse(&tested, "metal.toml", Path::new("/"), &|_| {
+            Some("/x".to_string())
+        })
+        .unwrap();
+        assert_eq!(Some(&shipped), tested.initramfs_modules.as_ref());
+        let board = crate::board::Board::embedded("x86_64").unwrap();
+        assert!(shipped.starts_with(&board.initramfs.modules), "{shipped:?}");
+        for m in ["ahci", "nvme", "sd_mod", "xhci-pci", "usb-storage", "uas"] {
+            assert!(shipped.iter().any(|s| s == m), "{m}");
+        }
+    }
+
     #[test]
     fn packages_section_errors_name_the_key() {
         let e = err(&format!("{MIN}[packages]\nworld = [\"busybox\"]\n"));

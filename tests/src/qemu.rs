@@ -99,12 +99,23 @@ pub enum DiskBus {
     /// test says. The firmware has no disk to boot from: give the kernel
     /// with `-kernel`, `-initrd`, `-append` in `extra_args`.
     ScsiHotplug,
+    /// SATA: a disk on q35's built-in AHCI controller (ICH9), port 0.
+    Ahci,
+    /// An NVMe controller with the disk as its namespace 1.
+    Nvme,
+    /// A USB mass-storage disk (Bulk-Only Transport) on an xHCI controller.
+    Usb,
 }
 
 /// The `device_add` that plugs [`DiskBus::ScsiHotplug`]'s disk in.
 const SCSI_HOTPLUG: &str = "device_add scsi-hd,drive=disk0,bus=scsi0.0,id=scsidisk0";
 /// The `device_del` that pulls it out again.
 const SCSI_UNPLUG: &str = "device_del scsidisk0";
+
+/// The disk file as drive `disk0`, for a `-device` to take.
+fn drive0(disk: &Path) -> String {
+    format!("if=none,id=disk0,format=raw,file={}", disk.display())
+}
 
 /// The QEMU program, `QEMU_SYSTEM_X86_64` overriding.
 pub fn qemu_program() -> String {
@@ -159,10 +170,20 @@ impl Vm {
             DiskBus::ScsiHotplug => cmd
                 .args(["-device", "virtio-scsi-pci,id=scsi0"])
                 .arg("-drive")
-                .arg(format!(
-                    "if=none,id=disk0,format=raw,file={}",
-                    cfg.disk.display()
-                )),
+                .arg(drive0(&cfg.disk)),
+            DiskBus::Ahci => cmd
+                .arg("-drive")
+                .arg(drive0(&cfg.disk))
+                .args(["-device", "ide-hd,drive=disk0,bus=ide.0"]),
+            DiskBus::Nvme => cmd
+                .arg("-drive")
+                .arg(drive0(&cfg.disk))
+                .args(["-device", "nvme,serial=basalt0,drive=disk0"]),
+            DiskBus::Usb => cmd
+                .arg("-drive")
+                .arg(drive0(&cfg.disk))
+                .args(["-device", "qemu-xhci,id=xhci"])
+                .args(["-device", "usb-storage,bus=xhci.0,drive=disk0"]),
         };
         if cfg.watchdog {
             cmd.args(["-device", "i6300esb"]);

@@ -1,0 +1,100 @@
+//! x86_64 machines' own disks: SATA, NVMe and USB. The virtio disk of every
+//! other test is what a VM has; a NUC, a mini PC or an old laptop boots from
+//! an AHCI SATA disk, an NVMe SSD or a USB stick, and the node must come up
+//! from each with the initramfs module list the product default ships
+//! (`imagebuild/defaults/x86_64.toml`; `tests/tests/images/metal.toml` has the
+//! same list, which imagebuild's tests check).
+//!
+//! Each test builds the image on Debian's generic amd64 kernel (the cloud
+//! kernel of the other tests has no AHCI, xHCI or USB storage drivers), puts
+//! the disk file on one bus of a q35 VM and boots it the whole way: OVMF
+//! finds the ESP on that disk, systemd-boot starts slot a, stage 1 loads the
+//! bus's drivers, finds the partitions on it (root under dm-verity, the data
+//! partition grown to the disk), and the Kubernetes stand-in becomes ready.
+//! The kernel's own lines say which disk the data filesystem was mounted
+//! from; afterwards e2fsck finds the data filesystem clean.
+
+use anyhow::{Context, Result, ensure};
+use basalt_tests::assets::Assets;
+use basalt_tests::console::Pattern;
+use basalt_tests::qemu::{DiskBus, Vm, VmConfig};
+use basalt_tests::report;
+use basalt_tests::{build, disk, repo_root, work_dir};
+use std::time::Duration;
+
+const DEFINITION: &str = "tests/tests/images/metal.toml";
+/// Firmware (reading the kernel and initramfs through its own disk driver),
+/// systemd-boot and the kernel under TCG on a loaded 2-core host.
+const TO_KERNEL: Duration = Duration::from_secs(300);
+const STEP: Duration = Duration::from_secs(120);
+
+/// Boots the metal test image from a disk on `bus`; `disk_seen` is the
+/// kernel's line for the disk's partitions, `data` the data partition's
+/// device name.
+fn boot_from(name: &str, bus: DiskBus, disk_seen: &str, data: &str) -> Result<()> {
+    let assets = Assets::locate("amd64").context("the metal disk tests need the test assets")?;
+    let dir = work_dir(name)?;
+    build::ensure_binaries(&dir)?;
+    let img = build::build_image(&repo_root().join(DEFINITION), &dir.join("out"))?;
+    disk::set_size(&img, 4 << 30)?;
+
+    let mut cfg = VmConfig::new(name, &dir, &img);
+    cfg.disk_bus = bus;
+    cfg.lifetime = Duration::from_secs(900);
+    let mut vm = Vm::start(&cfg, &assets)?;
+    vm.expect("basalt: stage1 start", TO_KERNEL)?;
+    vm.expect_anywhere(Pattern::regex(disk_seen), STEP)?;
+    vm.expect("basalt: stage2 start", STEP)?;
+    let line = vm.expect(report::READY_PREFIX, STEP)?;
+    let ready = report::parse_ready(&line)?;
+    ensure!(
+        ready.slot == "a" && ready.data_grown && ready.hostname == "basalt-metal",
+        "ready report: {line}"
+    );
+    // The data partition was mounted (and grown) from this disk.
+    let mounted = vm
+        .console
+        .seen(format!("EXT4-fs ({data}): mounted filesystem").as_str());
+    ensure!(
+        !mounted.is_empty(),
+        "no 'EXT4-fs ({data}): mounted filesystem' on the console:\n{}",
+        vm.console.tail()
+    );
+    vm.expect("basalt: shutdown poweroff", STEP)?;
+    vm.expect("basalt: shutdown complete", STEP)?;
+    let st = vm.wait_exit(Duration::from_secs(60))?;
+    ensure!(st.success(), "QEMU exited {st}");
+    vm.console.no_init_errors()?;
+    disk::fsck_ext4(&img, "data")?;
+    Ok(())
+}
+
+#[test]
+fn boots_from_a_sata_disk() -> Result<()> {
+    boot_from(
+        "metal_sata",
+        DiskBus::Ahci,
+        r"ata\d+\.00: ATA-\d+: QEMU HARDDISK",
+        "sda4",
+    )
+}
+
+#[test]
+fn boots_from_an_nvme_disk() -> Result<()> {
+    boot_from(
+        "metal_nvme",
+        DiskBus::Nvme,
+        r"nvme0n1: p1 p2 p3 p4",
+        "nvme0n1p4",
+    )
+}
+
+#[test]
+fn boots_from_a_usb_disk() -> Result<()> {
+    boot_from(
+        "metal_usb",
+        DiskBus::Usb,
+        r"usb-storage \S+: USB Mass Storage device detected",
+        "sda4",
+    )
+}
