@@ -375,6 +375,9 @@ fn prepare(opts: &BuildOptions, p: &mut Progress) -> Result<SlotContent, BuildEr
             .unwrap_or(&board.initramfs.modules),
         &board.initramfs.late_modules,
     )?;
+    for w in &mods.warnings {
+        eprintln!("warning: {w}");
+    }
     let kernel = read_data("reading the kernel", &boot.kernel)?;
     // Board-specific boot files are read before the builder empties /boot.
     let boot_extra = match board.partition_table {

@@ -8,6 +8,13 @@
 //! does; tokens outside a `pre:`/`post:` group are ignored, as kmod does).
 //! Built-in modules (`modules.builtin`) are satisfied without a file.
 //!
+//! A soft dependency may name an alias rather than a module (ext4's `pre:
+//! crc32c`, provided by `crc32c_generic` or an accelerated one): it is looked
+//! up in the aliases of `modules.alias` when the kernel package ships one and
+//! in those of the built-ins (`modules.builtin.modinfo`). One found nowhere is
+//! left out, as modprobe leaves it out, and said in [`Resolved::warnings`]:
+//! the module may fail at use without it (ext4 mounts fail with ENOENT).
+//!
 //! Never executes or loads anything: it only reads bytes.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -130,6 +137,9 @@ pub fn elf_section<'a>(data: &'a [u8], want: &str) -> Result<Option<&'a [u8]>, S
 pub struct ModInfo {
     pub depends: Vec<String>,
     pub softdep_pre: Vec<String>,
+    /// Its plain `alias=` names (canonical; patterns skipped): what a soft
+    /// dependency of another module may call it.
+    pub aliases: Vec<String>,
 }
 
 /// Parse `.modinfo` (NUL-separated `key=value` strings).
@@ -140,6 +150,10 @@ pub fn parse_modinfo(section: &[u8]) -> ModInfo {
         if let Some(v) = s.strip_prefix("depends=") {
             info.depends
                 .extend(v.split(',').filter(|x| !x.is_empty()).map(canonical_name));
+        } else if let Some(v) = s.strip_prefix("alias=") {
+            if !v.contains(['*', '?', '[']) {
+                info.aliases.push(canonical_name(v));
+            }
         } else if let Some(v) = s.strip_prefix("softdep=") {
             let mut in_pre = false;
             for tok in v.split_whitespace() {
@@ -168,6 +182,9 @@ pub struct Resolved {
     /// The board's late modules and those of their dependencies not in
     /// `order`, same form, in load order after `order` ([`with_late`]).
     pub late: Vec<PathBuf>,
+    /// Soft dependencies found nowhere (no module, alias or built-in), each
+    /// naming the module that wants it: for the build's output.
+    pub warnings: Vec<String>,
 }
 
 /// Pick the kernel version directory: the only one, or the one named in the
@@ -283,6 +300,7 @@ impl DepSource for DepFile {
                 .map(|v| v.iter().map(|p| module_name(p)).collect())
                 .unwrap_or_default(),
             softdep_pre: Vec::new(),
+            aliases: Vec::new(),
         })
     }
 }
@@ -364,6 +382,36 @@ pub fn order(
     deps: &dyn DepSource,
     dir_for_errors: &str,
 ) -> Result<Ordered, ModulesError> {
+    let w = order_with_aliases(
+        wanted,
+        index,
+        builtin,
+        &BTreeMap::new(),
+        deps,
+        dir_for_errors,
+    )?;
+    Ok((w.order, w.after))
+}
+
+/// [`order`]'s result with the soft dependencies found nowhere.
+#[derive(Debug)]
+pub struct Walked {
+    pub order: Vec<PathBuf>,
+    pub after: BTreeMap<PathBuf, Vec<PathBuf>>,
+    /// (soft dependency, the module that wants it), each once, sorted.
+    pub missing_soft: BTreeSet<(String, String)>,
+}
+
+/// [`order`], with `aliases` (canonical alias -> canonical module name) to
+/// look a soft dependency up in when it is no module's name.
+pub fn order_with_aliases(
+    wanted: &[String],
+    index: &BTreeMap<String, PathBuf>,
+    builtin: &BTreeSet<String>,
+    aliases: &BTreeMap<String, String>,
+    deps: &dyn DepSource,
+    dir_for_errors: &str,
+) -> Result<Walked, ModulesError> {
     #[derive(Clone, Copy, PartialEq)]
     enum Mark {
         Visiting,
@@ -372,8 +420,13 @@ pub fn order(
     struct Walk<'a> {
         index: &'a BTreeMap<String, PathBuf>,
         builtin: &'a BTreeSet<String>,
+        aliases: &'a BTreeMap<String, String>,
         deps: &'a dyn DepSource,
         dir: &'a str,
+        missing_soft: BTreeSet<(String, String)>,
+        /// Aliases of the modules taken: a soft dependency on one of them
+        /// is met, even if looked up before the module was reached.
+        provided: BTreeSet<String>,
         marks: BTreeMap<String, Mark>,
         out: Vec<PathBuf>,
         after: BTreeMap<PathBuf, Vec<PathBuf>>,
@@ -385,6 +438,11 @@ pub fn order(
             needed_by: &str,
             optional: bool,
         ) -> Result<(), ModulesError> {
+            // A soft dependency naming an alias: the module behind it.
+            let name = match self.aliases.get(name) {
+                Some(m) if optional && !self.index.contains_key(name) => m.as_str(),
+                _ => name,
+            };
             match self.marks.get(name) {
                 Some(Mark::Done) => return Ok(()),
                 Some(Mark::Visiting) => {
@@ -393,8 +451,13 @@ pub fn order(
                 None => {}
             }
             let Some(rel) = self.index.get(name).cloned() else {
-                if self.builtin.contains(name) || optional {
+                if self.builtin.contains(name) {
                     self.marks.insert(name.into(), Mark::Done);
+                    return Ok(());
+                }
+                if optional {
+                    // Not marked: a later hard dependency on it still fails.
+                    self.missing_soft.insert((name.into(), needed_by.into()));
                     return Ok(());
                 }
                 return Err(ModulesError::NotFound {
@@ -405,6 +468,7 @@ pub fn order(
             };
             self.marks.insert(name.into(), Mark::Visiting);
             let info = self.deps.deps(&rel)?;
+            self.provided.extend(info.aliases.iter().cloned());
             for d in &info.softdep_pre {
                 self.visit(d, name, true)?;
             }
@@ -414,7 +478,11 @@ pub fn order(
             // The ones that are module files (not built in, not an absent
             // soft dependency), each once.
             let mut after: Vec<PathBuf> = Vec::new();
-            for d in info.softdep_pre.iter().chain(&info.depends) {
+            let soft = info.softdep_pre.iter().map(|d| match self.aliases.get(d) {
+                Some(m) if !self.index.contains_key(d) => m,
+                _ => d,
+            });
+            for d in soft.chain(&info.depends) {
                 if let Some(p) = self.index.get(d)
                     && !after.contains(p)
                 {
@@ -432,8 +500,11 @@ pub fn order(
     let mut w = Walk {
         index,
         builtin,
+        aliases,
         deps,
         dir: dir_for_errors,
+        missing_soft: BTreeSet::new(),
+        provided: BTreeSet::new(),
         marks: BTreeMap::new(),
         out: Vec::new(),
         after: BTreeMap::new(),
@@ -441,7 +512,43 @@ pub fn order(
     for name in wanted {
         w.visit(&canonical_name(name), "the board", false)?;
     }
-    Ok((w.out, w.after))
+    let provided = w.provided;
+    let mut missing_soft = w.missing_soft;
+    missing_soft.retain(|(soft, _)| !provided.contains(soft));
+    Ok(Walked {
+        order: w.out,
+        after: w.after,
+        missing_soft,
+    })
+}
+
+/// Aliases of the kernel's modules: `modules.alias` lines (`alias <alias>
+/// <module>`) and the built-ins' `<module>.alias=<alias>` entries of
+/// `modules.builtin.modinfo` (NUL-separated). Patterns (`*`, `?`, `[`) are
+/// skipped: soft dependencies name plain aliases. Canonical names.
+pub fn parse_aliases(modules_alias: &str, builtin_modinfo: &[u8]) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    let plain = |a: &str| !a.contains(['*', '?', '[']);
+    for line in modules_alias.lines() {
+        let mut f = line.split_whitespace();
+        if let (Some("alias"), Some(a), Some(m)) = (f.next(), f.next(), f.next())
+            && plain(a)
+        {
+            out.entry(canonical_name(a))
+                .or_insert_with(|| canonical_name(m));
+        }
+    }
+    for entry in builtin_modinfo.split(|b| *b == 0) {
+        let entry = String::from_utf8_lossy(entry);
+        if let Some((m, a)) = entry.split_once(".alias=")
+            && plain(a)
+            && !m.contains('=')
+        {
+            out.entry(canonical_name(a))
+                .or_insert_with(|| canonical_name(m));
+        }
+    }
+    out
 }
 
 /// Resolve the board's modules against the root tree.
@@ -480,25 +587,41 @@ pub fn resolve(
     let builtin: BTreeSet<String> = read_text("modules.builtin")?
         .map(|t| t.lines().map(|l| module_name(Path::new(l))).collect())
         .unwrap_or_default();
+    let aliases = parse_aliases(
+        &read_text("modules.alias")?.unwrap_or_default(),
+        read_text("modules.builtin.modinfo")?
+            .unwrap_or_default()
+            .as_bytes(),
+    );
     let dir_shown = base.display().to_string();
-    let (order, deps) = match read_text("modules.dep")? {
+    let walked = match read_text("modules.dep")? {
         Some(text) => {
             let df = DepFile::parse(&text, &format!("{dir_shown}/modules.dep"))?;
-            order(wanted, &index, &builtin, &df, &dir_shown)?
+            order_with_aliases(wanted, &index, &builtin, &aliases, &df, &dir_shown)?
         }
         None => {
             let src = ModinfoDeps {
                 tree,
                 base: base.clone(),
             };
-            order(wanted, &index, &builtin, &src, &dir_shown)?
+            order_with_aliases(wanted, &index, &builtin, &aliases, &src, &dir_shown)?
         }
     };
+    let warnings = walked
+        .missing_soft
+        .iter()
+        .map(|(soft, by)| {
+            format!(
+                "initramfs: module {by} soft-depends on {soft:?}, which is no module, alias or built-in of kernel {kver} under {dir_shown}: left out; if {by} needs it, list the module that provides it in initramfs_modules (ext4's crc32c: crc32c_generic)"
+            )
+        })
+        .collect();
     Ok(Resolved {
         kernel_version: kver,
-        order,
-        deps,
+        order: walked.order,
+        deps: walked.after,
         late: Vec::new(),
+        warnings,
     })
 }
 
@@ -516,6 +639,7 @@ pub fn with_late(
         let all: Vec<String> = early.iter().chain(late).cloned().collect();
         let full = resolve(tree, modules_dir, kernel, &all)?;
         r.deps = full.deps;
+        r.warnings = full.warnings;
         r.late = full
             .order
             .into_iter()
@@ -632,6 +756,7 @@ mod tests {
             Ok(ModInfo {
                 depends: d.into_iter().map(String::from).collect(),
                 softdep_pre: s.into_iter().map(String::from).collect(),
+                aliases: Vec::new(),
             })
         }
     }
@@ -684,6 +809,128 @@ mod tests {
                 ),
             ])
         );
+    }
+
+    /// ext4's `softdep=pre: crc32c`: an alias, met by the module behind it
+    /// (modules.alias), by a built-in's alias, or by a module taken anyway;
+    /// found nowhere it is left out and said, and a later hard dependency on
+    /// the same name still fails.
+    #[test]
+    fn soft_dependencies_on_aliases() {
+        let fake = Fake(BTreeMap::from([
+            ("ext4", (vec!["jbd2"], vec!["crc32c"])),
+            ("jbd2", (vec![], vec!["crc32c"])),
+            ("needs_nope", (vec!["nope"], vec![])),
+            ("soft_nope", (vec![], vec!["nope"])),
+        ]));
+        let index = idx(&["ext4", "jbd2", "crc32c_generic", "needs_nope", "soft_nope"]);
+        let aliases = parse_aliases(
+            "# Aliases extracted from modules themselves.\nalias crypto-crc32c crc32c_generic\nalias crc32c crc32c_generic\nalias pci:v00008086d* e1000e\n",
+            b"",
+        );
+        assert_eq!(
+            aliases,
+            BTreeMap::from([
+                ("crc32c".to_string(), "crc32c_generic".to_string()),
+                ("crypto_crc32c".to_string(), "crc32c_generic".to_string()),
+            ])
+        );
+        let w = order_with_aliases(
+            &["ext4".into()],
+            &index,
+            &BTreeSet::new(),
+            &aliases,
+            &fake,
+            "d",
+        )
+        .unwrap();
+        let names: Vec<String> = w.order.iter().map(|p| module_name(p)).collect();
+        assert_eq!(names, ["crc32c_generic", "jbd2", "ext4"]);
+        let k = |n: &str| PathBuf::from(format!("kernel/{n}.ko"));
+        assert_eq!(w.after[&k("ext4")], [k("crc32c_generic"), k("jbd2")]);
+        assert!(w.missing_soft.is_empty());
+
+        // No alias file: a built-in's alias (modules.builtin.modinfo) meets it.
+        let builtin_aliases = parse_aliases(
+            "",
+            b"crc32c_generic.alias=crypto-crc32c\0crc32c_generic.alias=crc32c\0ext4.alias=fs-ext4\0",
+        );
+        let builtin = BTreeSet::from(["crc32c_generic".to_string()]);
+        let index = idx(&["ext4", "jbd2"]);
+        let w = order_with_aliases(
+            &["ext4".into()],
+            &index,
+            &builtin,
+            &builtin_aliases,
+            &fake,
+            "d",
+        )
+        .unwrap();
+        assert!(w.missing_soft.is_empty(), "{:?}", w.missing_soft);
+        assert_eq!(w.order.len(), 2);
+
+        // Found nowhere: left out, said once per module that wants it.
+        let nothing = BTreeMap::new();
+        let w = order_with_aliases(
+            &["ext4".into()],
+            &index,
+            &BTreeSet::new(),
+            &nothing,
+            &fake,
+            "d",
+        )
+        .unwrap();
+        assert_eq!(
+            w.missing_soft,
+            BTreeSet::from([
+                ("crc32c".to_string(), "ext4".to_string()),
+                ("crc32c".to_string(), "jbd2".to_string()),
+            ])
+        );
+        let index = idx(&["soft_nope", "needs_nope"]);
+        let e = order_with_aliases(
+            &["soft_nope".into(), "needs_nope".into()],
+            &index,
+            &BTreeSet::new(),
+            &nothing,
+            &fake,
+            "d",
+        )
+        .unwrap_err();
+        assert!(matches!(e, ModulesError::NotFound { .. }), "{e}");
+    }
+
+    /// A module taken anyway (here: listed by the board) whose own `alias=`
+    /// is the soft dependency meets it: no warning.
+    #[test]
+    fn a_taken_modules_alias_meets_a_soft_dependency() {
+        struct WithAlias;
+        impl DepSource for WithAlias {
+            fn deps(&self, rel: &Path) -> Result<ModInfo, ModulesError> {
+                Ok(match module_name(rel).as_str() {
+                    "ext4" => ModInfo {
+                        softdep_pre: vec!["crypto_crc32c".into()],
+                        ..ModInfo::default()
+                    },
+                    "crc32c_generic" => {
+                        parse_modinfo(b"alias=crypto-crc32c\0alias=crc32c\0license=GPL\0")
+                    }
+                    _ => ModInfo::default(),
+                })
+            }
+        }
+        let index = idx(&["ext4", "crc32c_generic"]);
+        let w = order_with_aliases(
+            &["ext4".into(), "crc32c_generic".into()],
+            &index,
+            &BTreeSet::new(),
+            &BTreeMap::new(),
+            &WithAlias,
+            "d",
+        )
+        .unwrap();
+        assert_eq!(w.order.len(), 2);
+        assert!(w.missing_soft.is_empty(), "{:?}", w.missing_soft);
     }
 
     #[test]
