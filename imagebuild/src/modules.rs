@@ -11,7 +11,9 @@
 //! A soft dependency may name an alias rather than a module (ext4's `pre:
 //! crc32c`, provided by `crc32c_generic` or an accelerated one): it is looked
 //! up in the aliases of `modules.alias` when the kernel package ships one and
-//! in those of the built-ins (`modules.builtin.modinfo`). One found nowhere is
+//! in those of the built-ins (`modules.builtin.modinfo`); without
+//! `modules.alias` (Debian's), in the `alias=` of the modules named
+//! `<alias>_...` ([`providers_by_name`]). One found nowhere is
 //! left out, as modprobe leaves it out, and said in [`Resolved::warnings`]:
 //! the module may fail at use without it (ext4 mounts fail with ENOENT).
 //!
@@ -402,13 +404,15 @@ pub struct Walked {
     pub missing_soft: BTreeSet<(String, String)>,
 }
 
-/// [`order`], with `aliases` (canonical alias -> canonical module name) to
-/// look a soft dependency up in when it is no module's name.
+/// [`order`], with `aliases` (canonical alias -> the canonical names of the
+/// modules that provide it) to look a soft dependency up in when it is no
+/// module's name. Every provider is taken, as modprobe loads every module
+/// an alias matches.
 pub fn order_with_aliases(
     wanted: &[String],
     index: &BTreeMap<String, PathBuf>,
     builtin: &BTreeSet<String>,
-    aliases: &BTreeMap<String, String>,
+    aliases: &BTreeMap<String, Vec<String>>,
     deps: &dyn DepSource,
     dir_for_errors: &str,
 ) -> Result<Walked, ModulesError> {
@@ -420,7 +424,7 @@ pub fn order_with_aliases(
     struct Walk<'a> {
         index: &'a BTreeMap<String, PathBuf>,
         builtin: &'a BTreeSet<String>,
-        aliases: &'a BTreeMap<String, String>,
+        aliases: &'a BTreeMap<String, Vec<String>>,
         deps: &'a dyn DepSource,
         dir: &'a str,
         missing_soft: BTreeSet<(String, String)>,
@@ -438,11 +442,16 @@ pub fn order_with_aliases(
             needed_by: &str,
             optional: bool,
         ) -> Result<(), ModulesError> {
-            // A soft dependency naming an alias: the module behind it.
-            let name = match self.aliases.get(name) {
-                Some(m) if optional && !self.index.contains_key(name) => m.as_str(),
-                _ => name,
-            };
+            // A soft dependency naming an alias: the modules behind it.
+            if optional
+                && !self.index.contains_key(name)
+                && let Some(providers) = self.aliases.get(name)
+            {
+                for m in providers {
+                    self.visit(m, needed_by, true)?;
+                }
+                return Ok(());
+            }
             match self.marks.get(name) {
                 Some(Mark::Done) => return Ok(()),
                 Some(Mark::Visiting) => {
@@ -478,10 +487,13 @@ pub fn order_with_aliases(
             // The ones that are module files (not built in, not an absent
             // soft dependency), each once.
             let mut after: Vec<PathBuf> = Vec::new();
-            let soft = info.softdep_pre.iter().map(|d| match self.aliases.get(d) {
-                Some(m) if !self.index.contains_key(d) => m,
-                _ => d,
-            });
+            let soft = info
+                .softdep_pre
+                .iter()
+                .flat_map(|d| match self.aliases.get(d) {
+                    Some(ms) if !self.index.contains_key(d) => ms.as_slice(),
+                    _ => std::slice::from_ref(d),
+                });
             for d in soft.chain(&info.depends) {
                 if let Some(p) = self.index.get(d)
                     && !after.contains(p)
@@ -525,17 +537,24 @@ pub fn order_with_aliases(
 /// Aliases of the kernel's modules: `modules.alias` lines (`alias <alias>
 /// <module>`) and the built-ins' `<module>.alias=<alias>` entries of
 /// `modules.builtin.modinfo` (NUL-separated). Patterns (`*`, `?`, `[`) are
-/// skipped: soft dependencies name plain aliases. Canonical names.
-pub fn parse_aliases(modules_alias: &str, builtin_modinfo: &[u8]) -> BTreeMap<String, String> {
-    let mut out = BTreeMap::new();
+/// skipped: soft dependencies name plain aliases. Canonical names, each
+/// alias's providers in the files' order, each once.
+pub fn parse_aliases(modules_alias: &str, builtin_modinfo: &[u8]) -> BTreeMap<String, Vec<String>> {
+    let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut add = |a: &str, m: &str| {
+        let ms = out.entry(canonical_name(a)).or_default();
+        let m = canonical_name(m);
+        if !ms.contains(&m) {
+            ms.push(m);
+        }
+    };
     let plain = |a: &str| !a.contains(['*', '?', '[']);
     for line in modules_alias.lines() {
         let mut f = line.split_whitespace();
         if let (Some("alias"), Some(a), Some(m)) = (f.next(), f.next(), f.next())
             && plain(a)
         {
-            out.entry(canonical_name(a))
-                .or_insert_with(|| canonical_name(m));
+            add(a, m);
         }
     }
     for entry in builtin_modinfo.split(|b| *b == 0) {
@@ -544,11 +563,40 @@ pub fn parse_aliases(modules_alias: &str, builtin_modinfo: &[u8]) -> BTreeMap<St
             && plain(a)
             && !m.contains('=')
         {
-            out.entry(canonical_name(a))
-                .or_insert_with(|| canonical_name(m));
+            add(a, m);
         }
     }
     out
+}
+
+/// Providers of the soft dependencies in `missing` (alias, wanted by) when
+/// the kernel package ships no `modules.alias` to look them up in (Debian's:
+/// depmod writes it at install time) and no built-in or taken module has
+/// them. The kernel names an algorithm's drivers after the algorithm
+/// (`crct10dif_generic` and `crct10dif-pclmul` for crc_t10dif's `pre:
+/// crct10dif`): the modules named `<alias>_...` are read, and those whose own
+/// `alias=` is the soft dependency provide it. Reads a few files, not all of
+/// the kernel's modules; one found this way is certain, one not found stays
+/// a warning.
+fn providers_by_name(
+    missing: &BTreeSet<(String, String)>,
+    index: &BTreeMap<String, PathBuf>,
+    deps: &dyn DepSource,
+) -> Result<BTreeMap<String, Vec<String>>, ModulesError> {
+    let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let wanted: BTreeSet<&str> = missing.iter().map(|(a, _)| a.as_str()).collect();
+    for alias in wanted {
+        let prefix = format!("{alias}_");
+        for (name, rel) in index.range(prefix.clone()..) {
+            if !name.starts_with(&prefix) {
+                break;
+            }
+            if deps.deps(rel)?.aliases.iter().any(|a| a == alias) {
+                out.entry(alias.to_string()).or_default().push(name.clone());
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Resolve the board's modules against the root tree.
@@ -587,26 +635,34 @@ pub fn resolve(
     let builtin: BTreeSet<String> = read_text("modules.builtin")?
         .map(|t| t.lines().map(|l| module_name(Path::new(l))).collect())
         .unwrap_or_default();
-    let aliases = parse_aliases(
-        &read_text("modules.alias")?.unwrap_or_default(),
+    let alias_file = read_text("modules.alias")?;
+    let mut aliases = parse_aliases(
+        alias_file.as_deref().unwrap_or_default(),
         read_text("modules.builtin.modinfo")?
             .unwrap_or_default()
             .as_bytes(),
     );
     let dir_shown = base.display().to_string();
-    let walked = match read_text("modules.dep")? {
-        Some(text) => {
-            let df = DepFile::parse(&text, &format!("{dir_shown}/modules.dep"))?;
-            order_with_aliases(wanted, &index, &builtin, &aliases, &df, &dir_shown)?
-        }
-        None => {
-            let src = ModinfoDeps {
-                tree,
-                base: base.clone(),
-            };
-            order_with_aliases(wanted, &index, &builtin, &aliases, &src, &dir_shown)?
-        }
+    let modinfo = ModinfoDeps {
+        tree,
+        base: base.clone(),
     };
+    let dep_file = match read_text("modules.dep")? {
+        Some(text) => Some(DepFile::parse(&text, &format!("{dir_shown}/modules.dep"))?),
+        None => None,
+    };
+    let src: &dyn DepSource = match &dep_file {
+        Some(df) => df,
+        None => &modinfo,
+    };
+    let mut walked = order_with_aliases(wanted, &index, &builtin, &aliases, src, &dir_shown)?;
+    if alias_file.is_none() && !walked.missing_soft.is_empty() {
+        let found = providers_by_name(&walked.missing_soft, &index, &modinfo)?;
+        if !found.is_empty() {
+            aliases.extend(found);
+            walked = order_with_aliases(wanted, &index, &builtin, &aliases, src, &dir_shown)?;
+        }
+    }
     let warnings = walked
         .missing_soft
         .iter()
@@ -831,8 +887,11 @@ mod tests {
         assert_eq!(
             aliases,
             BTreeMap::from([
-                ("crc32c".to_string(), "crc32c_generic".to_string()),
-                ("crypto_crc32c".to_string(), "crc32c_generic".to_string()),
+                ("crc32c".to_string(), vec!["crc32c_generic".to_string()]),
+                (
+                    "crypto_crc32c".to_string(),
+                    vec!["crc32c_generic".to_string()]
+                ),
             ])
         );
         let w = order_with_aliases(
@@ -931,6 +990,91 @@ mod tests {
         .unwrap();
         assert_eq!(w.order.len(), 2);
         assert!(w.missing_soft.is_empty(), "{:?}", w.missing_soft);
+    }
+
+    /// No modules.alias (Debian's packages): crc_t10dif's `pre: crct10dif`
+    /// is met by the modules named `crct10dif_...` whose own `alias=` it is
+    /// (both, as modprobe loads every match), not by `crct10dif_common`,
+    /// which shares the prefix only; one with no such module stays missing.
+    #[test]
+    fn soft_dependency_providers_found_by_name_without_an_alias_file() {
+        struct Crc;
+        impl DepSource for Crc {
+            fn deps(&self, rel: &Path) -> Result<ModInfo, ModulesError> {
+                Ok(match module_name(rel).as_str() {
+                    "crc_t10dif" => parse_modinfo(
+                        b"softdep=pre: crct10dif\0softdep=pre: nothing_here\0depends=crct10dif_common\0",
+                    ),
+                    "crct10dif_generic" => parse_modinfo(
+                        b"alias=crypto-crct10dif\0alias=crct10dif\0depends=crct10dif_common\0",
+                    ),
+                    "crct10dif_pclmul" => parse_modinfo(
+                        b"alias=crct10dif-pclmul\0alias=crct10dif\0depends=crct10dif_common\0",
+                    ),
+                    "crct10dif_common" => parse_modinfo(b"alias=crct10dif-common\0"),
+                    _ => ModInfo::default(),
+                })
+            }
+        }
+        let index = idx(&[
+            "crc_t10dif",
+            "crct10dif_common",
+            "crct10dif_generic",
+            "crct10dif_pclmul",
+            "nothing",
+        ]);
+        let first = order_with_aliases(
+            &["crc_t10dif".into()],
+            &index,
+            &BTreeSet::new(),
+            &BTreeMap::new(),
+            &Crc,
+            "d",
+        )
+        .unwrap();
+        let found = providers_by_name(&first.missing_soft, &index, &Crc).unwrap();
+        assert_eq!(
+            found,
+            BTreeMap::from([(
+                "crct10dif".to_string(),
+                vec![
+                    "crct10dif_generic".to_string(),
+                    "crct10dif_pclmul".to_string()
+                ]
+            )])
+        );
+        let w = order_with_aliases(
+            &["crc_t10dif".into()],
+            &index,
+            &BTreeSet::new(),
+            &found,
+            &Crc,
+            "d",
+        )
+        .unwrap();
+        let names: Vec<String> = w.order.iter().map(|p| module_name(p)).collect();
+        assert_eq!(
+            names,
+            [
+                "crct10dif_common",
+                "crct10dif_generic",
+                "crct10dif_pclmul",
+                "crc_t10dif"
+            ]
+        );
+        let k = |n: &str| PathBuf::from(format!("kernel/{n}.ko"));
+        assert_eq!(
+            w.after[&k("crc_t10dif")],
+            [
+                k("crct10dif_generic"),
+                k("crct10dif_pclmul"),
+                k("crct10dif_common")
+            ]
+        );
+        assert_eq!(
+            w.missing_soft,
+            BTreeSet::from([("nothing_here".to_string(), "crc_t10dif".to_string())])
+        );
     }
 
     #[test]
