@@ -552,12 +552,15 @@ impl Uevents {
 pub fn fork_run(out: Option<&File>, f: impl FnOnce() -> i32) -> std::io::Result<u32> {
     use std::os::fd::AsRawFd;
     let out = out.map(AsRawFd::as_raw_fd);
+    // Rust's stdout lock may be held by another thread at the fork (only in
+    // tests: PID 1 forks with one thread); the copy must not wait for it.
+    let flush = std::fs::read_dir("/proc/self/task").map_or(true, |d| d.count() == 1);
     // SAFETY: fork(2) itself is safe to call; the child side below touches
     // only its own copy of this (single-threaded) process and ends in _exit.
     match unsafe { libc::fork() } {
         -1 => Err(std::io::Error::last_os_error()),
         0 => {
-            let code = forked_child(out, f);
+            let code = forked_child(out, f, flush);
             // SAFETY: _exit ends the copy; nothing of the caller's runs.
             unsafe { libc::_exit(code) }
         }
@@ -565,7 +568,7 @@ pub fn fork_run(out: Option<&File>, f: impl FnOnce() -> i32) -> std::io::Result<
     }
 }
 
-fn forked_child(out: Option<std::os::fd::RawFd>, f: impl FnOnce() -> i32) -> i32 {
+fn forked_child(out: Option<std::os::fd::RawFd>, f: impl FnOnce() -> i32, flush: bool) -> i32 {
     // SAFETY: plain system calls on this process's own descriptors and
     // signal mask; no Rust object owns descriptors 0-2 or those closed here
     // in a way that is used again (the copy runs only `f` after this).
@@ -589,8 +592,10 @@ fn forked_child(out: Option<std::os::fd::RawFd>, f: impl FnOnce() -> i32) -> i32
         }
     }
     let code = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or(101);
-    use std::io::Write;
-    let _ = std::io::stdout().flush();
+    if flush {
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+    }
     code
 }
 
