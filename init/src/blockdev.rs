@@ -128,38 +128,23 @@ pub fn find(class_block: &Path, names: &[&str]) -> Result<BTreeMap<String, Parti
     Ok(found)
 }
 
-/// MBR disks: partitions by number, keyed by the role names the caller gives
-/// (`[("root-a", 5), ("data", 7), ("esp", 1)]`), all from one disk: the first
-/// disk (by kernel name) that has the first listed number.
-pub fn find_numbered(
-    class_block: &Path,
-    wanted: &[(&str, u32)],
-) -> Result<BTreeMap<String, Partition>, BlockError> {
-    let all = scan(class_block)?;
-    let mut found = BTreeMap::new();
-    let Some(&(_, key_number)) = wanted.first() else {
-        return Ok(found);
-    };
-    let Some(disk) = all
-        .iter()
-        .find(|p| p.number == key_number)
-        .map(|p| p.disk.clone())
-    else {
-        return Ok(found);
-    };
-    for (role, number) in wanted {
-        if let Some(p) = all.iter().find(|p| p.disk == disk && p.number == *number) {
-            found.insert((*role).to_string(), p.clone());
-        }
-    }
-    Ok(found)
-}
-
 /// How partitions are identified: GPT names, or MBR numbers under role names.
+/// The first role is the key (the slot's root): the others are taken from
+/// the disk that holds it.
 #[derive(Debug, Clone, Copy)]
 pub enum Lookup<'a> {
     Names(&'a [&'a str]),
     Numbered(&'a [(&'a str, u32)]),
+}
+
+/// What a look found: the roles' partitions, all on one disk once the key
+/// role is there, and every disk that holds the key role (kernel names,
+/// sorted): more than one means the caller must say which disk it booted
+/// from ([`Lookup::find_on`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Found {
+    pub parts: BTreeMap<String, Partition>,
+    pub disks: Vec<String>,
 }
 
 impl Lookup<'_> {
@@ -170,11 +155,44 @@ impl Lookup<'_> {
         }
     }
 
-    pub fn find(&self, class_block: &Path) -> Result<BTreeMap<String, Partition>, BlockError> {
+    /// Whether partition `p` is the one of `role`.
+    fn matches(&self, role: usize, p: &Partition) -> bool {
         match self {
-            Lookup::Names(n) => find(class_block, n),
-            Lookup::Numbered(n) => find_numbered(class_block, n),
+            Lookup::Names(n) => n.get(role).is_some_and(|n| !n.is_empty() && p.name == *n),
+            Lookup::Numbered(n) => n.get(role).is_some_and(|(_, number)| p.number == *number),
         }
+    }
+
+    pub fn find(&self, class_block: &Path) -> Result<BTreeMap<String, Partition>, BlockError> {
+        Ok(self.find_on(class_block, None)?.parts)
+    }
+
+    /// Look once. Every role is taken from one disk: `disk` when it holds the
+    /// key role, else the first (by kernel name) that does. Before any disk
+    /// holds the key role, each other role from the first disk that has it
+    /// (so a wait can say what is still missing).
+    pub fn find_on(&self, class_block: &Path, disk: Option<&str>) -> Result<Found, BlockError> {
+        let all = scan(class_block)?;
+        let mut disks: Vec<String> = all
+            .iter()
+            .filter(|p| self.matches(0, p))
+            .map(|p| p.disk.clone())
+            .collect();
+        disks.sort();
+        disks.dedup();
+        let chosen = disk
+            .filter(|d| disks.iter().any(|x| x == d))
+            .or(disks.first().map(String::as_str));
+        let mut parts = BTreeMap::new();
+        for (i, role) in self.roles().into_iter().enumerate() {
+            let p = all
+                .iter()
+                .find(|p| chosen.is_none_or(|d| p.disk == d) && self.matches(i, p));
+            if let Some(p) = p {
+                parts.insert(role.to_string(), p.clone());
+            }
+        }
+        Ok(Found { parts, disks })
     }
 }
 
@@ -188,28 +206,29 @@ pub fn wait_for(
     timeout: Duration,
     pause: &mut dyn FnMut(Duration),
 ) -> Result<BTreeMap<String, Partition>, BlockError> {
-    wait_for_lookup(class_block, Lookup::Names(names), timeout, pause)
+    wait_for_lookup(class_block, Lookup::Names(names), timeout, pause).map(|f| f.parts)
 }
 
-/// `wait_for` for either kind of partition table.
+/// `wait_for` for either kind of partition table: done when one disk holds
+/// every role.
 pub fn wait_for_lookup(
     class_block: &Path,
     lookup: Lookup<'_>,
     timeout: Duration,
     pause: &mut dyn FnMut(Duration),
-) -> Result<BTreeMap<String, Partition>, BlockError> {
+) -> Result<Found, BlockError> {
     let start = Instant::now();
     let roles = lookup.roles();
     loop {
-        let found = lookup.find(class_block).unwrap_or_default();
-        if roles.iter().all(|n| found.contains_key(*n)) {
+        let found = lookup.find_on(class_block, None).unwrap_or_default();
+        if roles.iter().all(|n| found.parts.contains_key(*n)) {
             return Ok(found);
         }
         if start.elapsed() >= timeout {
             return Err(BlockError::Timeout {
                 missing: roles
                     .iter()
-                    .filter(|n| !found.contains_key(**n))
+                    .filter(|n| !found.parts.contains_key(**n))
                     .map(|n| n.to_string())
                     .collect(),
                 dir: class_block.to_path_buf(),
@@ -436,14 +455,60 @@ mod tests {
             &mut |_| std::thread::sleep(Duration::from_millis(1)),
         )
         .unwrap();
-        assert_eq!(got["root-a"].devname, "mmcblk0p5");
+        assert_eq!(got.parts["root-a"].devname, "mmcblk0p5");
         assert_eq!(
-            got["esp"].devname, "mmcblk0p1",
+            got.parts["esp"].devname, "mmcblk0p1",
             "config FAT from the root's disk"
         );
-        assert_eq!(got["data"].number, 7);
+        assert_eq!(got.parts["data"].number, 7);
         // By name, unnamed partitions are never matched.
         assert!(find(&class, &["", "root-a"]).unwrap().is_empty());
+    }
+
+    #[test]
+    fn all_roles_from_one_disk_and_every_disk_holding_the_root_named() {
+        // Two disks with the same image's names (an install stick left in):
+        // nvme0n1 sorts first; sda lacks its data partition.
+        let t = fixture(&[
+            ("nvme0n1", "nvme0n1p1", 1, Some("esp")),
+            ("nvme0n1", "nvme0n1p2", 2, Some("root-a")),
+            ("nvme0n1", "nvme0n1p4", 4, Some("data")),
+            ("sda", "sda1", 1, Some("esp")),
+            ("sda", "sda2", 2, Some("root-a")),
+        ]);
+        let class = t.path().join("class/block");
+        let names = ["root-a", "data", "esp"];
+        let lookup = Lookup::Names(&names);
+        let first = lookup.find_on(&class, None).unwrap();
+        assert_eq!(first.disks, ["nvme0n1", "sda"]);
+        assert!(first.parts.values().all(|p| p.disk == "nvme0n1"));
+        // Told sda: everything from sda, the data partition it lacks is not
+        // taken from the other disk.
+        let sda = lookup.find_on(&class, Some("sda")).unwrap();
+        assert_eq!(sda.parts["root-a"].devname, "sda2");
+        assert_eq!(sda.parts["esp"].devname, "sda1");
+        assert!(!sda.parts.contains_key("data"));
+        // A disk that does not hold the root is not taken.
+        let other = lookup.find_on(&class, Some("vdz")).unwrap();
+        assert_eq!(other.parts["root-a"].devname, "nvme0n1p2");
+        // The wait is done on the first disk that has all roles.
+        let waited = wait_for_lookup(&class, lookup, Duration::ZERO, &mut |_| {}).unwrap();
+        assert_eq!(waited.disks.len(), 2);
+        assert_eq!(waited.parts["data"].devname, "nvme0n1p4");
+    }
+
+    #[test]
+    fn roles_before_the_root_appears_come_from_any_disk() {
+        let t = fixture(&[
+            ("vdb", "vdb4", 4, Some("data")),
+            ("vda", "vda1", 1, Some("esp")),
+        ]);
+        let names = ["root-a", "data", "esp"];
+        let f = Lookup::Names(&names)
+            .find_on(&t.path().join("class/block"), None)
+            .unwrap();
+        assert!(f.disks.is_empty());
+        assert_eq!(f.parts.len(), 2, "{f:?}");
     }
 
     #[test]

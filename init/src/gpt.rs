@@ -94,6 +94,7 @@ const H_NUM_ENTRIES: usize = 80;
 const H_ENTRY_SIZE: usize = 84;
 const H_ENTRIES_CRC: usize = 88;
 // Entry field offsets.
+const E_UNIQUE: usize = 16;
 const E_FIRST_LBA: usize = 32;
 const E_LAST_LBA: usize = 40;
 const E_NAME: usize = 56;
@@ -113,8 +114,33 @@ pub struct Entry {
     /// Index in the entry array; the kernel's partition number is `index + 1`.
     pub index: usize,
     pub name: String,
+    /// The unique partition GUID, as text (lower case): what
+    /// `/dev/disk/by-partuuid` and systemd-boot's `LoaderDevicePartUUID` name.
+    pub unique_guid: String,
     pub first_lba: u64,
     pub last_lba: u64,
+}
+
+/// A GUID as stored on disk (first three fields little-endian) as text,
+/// lower case: `c12a7328-f81f-11d2-ba4b-00a0c93ec93b`.
+pub fn guid_text(b: &[u8]) -> String {
+    if b.len() < 16 {
+        return String::new();
+    }
+    format!(
+        "{:08x}-{:04x}-{:04x}-{:02x}{:02x}-{:02x}{:02x}{:02x}{:02x}{:02x}{:02x}",
+        u32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+        u16::from_le_bytes([b[4], b[5]]),
+        u16::from_le_bytes([b[6], b[7]]),
+        b[8],
+        b[9],
+        b[10],
+        b[11],
+        b[12],
+        b[13],
+        b[14],
+        b[15]
+    )
 }
 
 fn read_at<D: Read + Seek>(
@@ -207,6 +233,7 @@ impl Gpt {
                 Entry {
                     index,
                     name: String::from_utf16_lossy(&units),
+                    unique_guid: guid_text(&e[E_UNIQUE..E_UNIQUE + 16]),
                     first_lba: le64(e, E_FIRST_LBA),
                     last_lba: le64(e, E_LAST_LBA),
                 }
@@ -366,6 +393,44 @@ mod tests {
             String::from_utf8_lossy(&out.stderr)
         );
         String::from_utf8(out.stdout).unwrap()
+    }
+
+    #[test]
+    fn unique_guids_read_as_sfdisk_wrote_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("disk.img");
+        if !sfdisk_image(&img, 16) {
+            eprintln!("sfdisk not available; skipping");
+            return;
+        }
+        // sfdisk gave each partition a random unique GUID: its dump (upper
+        // case, `uuid=`) and ours (lower case) must agree, field order included.
+        let dump = sfdisk_dump(&img);
+        let g = Gpt::read(&mut std::fs::File::open(&img).unwrap(), 512).unwrap();
+        let ours = g.partitions();
+        assert_eq!(ours.len(), 4);
+        for e in &ours {
+            let line = dump
+                .lines()
+                .find(|l| l.contains(&format!("name=\"{}\"", e.name)))
+                .unwrap();
+            let uuid = line
+                .split("uuid=")
+                .nth(1)
+                .unwrap()
+                .split(',')
+                .next()
+                .unwrap();
+            assert_eq!(e.unique_guid, uuid.trim().to_ascii_lowercase(), "{line}");
+        }
+        assert_eq!(
+            guid_text(&[
+                0x28, 0x73, 0x2a, 0xc1, 0x1f, 0xf8, 0xd2, 0x11, 0xba, 0x4b, 0x00, 0xa0, 0xc9, 0x3e,
+                0xc9, 0x3b
+            ]),
+            "c12a7328-f81f-11d2-ba4b-00a0c93ec93b"
+        );
+        assert_eq!(guid_text(&[0; 4]), "");
     }
 
     #[test]

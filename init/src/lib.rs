@@ -16,6 +16,7 @@
 
 pub mod apply;
 pub mod blockdev;
+pub mod bootdisk;
 pub mod boottime;
 pub mod bundle;
 pub mod cleanup;

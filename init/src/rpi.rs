@@ -175,7 +175,7 @@ impl BootloaderInfo {
     }
 }
 
-fn read_dt_u32(path: &Path) -> Result<Option<u32>, RpiError> {
+pub(crate) fn read_dt_u32(path: &Path) -> Result<Option<u32>, RpiError> {
     match fs::read(path) {
         Ok(bytes) => match <[u8; 4]>::try_from(bytes.as_slice()) {
             Ok(word) => Ok(Some(u32::from_be_bytes(word))),

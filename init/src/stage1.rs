@@ -23,7 +23,7 @@ use crate::mounts::{self, KernelMounts, Mounts};
 use crate::report;
 use crate::say;
 use crate::slot::{DATA_PARTITION_NAME, ESP_PARTITION_NAME, INITRAMFS_MARKER, Slot};
-use crate::sys::{self, MsFlags};
+use crate::sys::{self, MntFlags, MsFlags};
 use crate::verity::{self, DeviceMapper, KernelDeviceMapper};
 
 /// `/run/basalt/stage1.toml`: what stage 1 tells stage 2.
@@ -374,6 +374,15 @@ pub fn prepare_root(env: &mut Env<'_>) -> Result<Handoff, TrialFailed> {
         .as_ref()
         .map(|s| s.late_module_paths(&env.root))
         .unwrap_or_default();
+    // efivarfs, should stage 1 need to ask which disk the node booted from.
+    let late_for_efivarfs: Vec<PathBuf> = late
+        .iter()
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("efivarfs.ko"))
+        })
+        .cloned()
+        .collect();
     if trial.is_some() || reboot_partition {
         let deps = settings
             .as_ref()
@@ -412,7 +421,9 @@ pub fn prepare_root(env: &mut Env<'_>) -> Result<Handoff, TrialFailed> {
         .as_ref()
         .is_some_and(|s| s.partition_table == "mbr");
     let mbr_root = mbr.then(|| mbr_root_partition(&args, slot));
-    let parts = wait_for_partitions(&env.path("/sys/class/block"), slot, mbr_root, persist)
+    let class_block = env.path("/sys/class/block");
+    let mut boot_disk = |disks: &[String]| choose_boot_disk(env, &late_for_efivarfs, disks);
+    let parts = wait_for_partitions(&class_block, slot, mbr_root, persist, &mut boot_disk)
         .map_err(give_up)?;
     steps.done("wait_devices");
 
@@ -750,11 +761,15 @@ pub fn boot_args(cmdline_path: &Path) -> cmdline::BootArgs {
 /// root there is nothing to boot: keep looking (and saying so) forever on a
 /// primary boot, up to `devices` on a trial (then the error says what is
 /// missing); the others may be missing.
+///
+/// When the root is on several disks, `boot_disk` says which of them (sorted
+/// by kernel name) the node booted from, and every role is taken from it.
 fn wait_for_partitions(
     class_block: &Path,
     slot: Slot,
     mbr_root: Option<u32>,
     persist: Persist,
+    boot_disk: &mut dyn FnMut(&[String]) -> String,
 ) -> Result<BTreeMap<String, Partition>, String> {
     let root_name = slot.root_partition_name();
     let names = [root_name, DATA_PARTITION_NAME, ESP_PARTITION_NAME];
@@ -813,7 +828,16 @@ fn wait_for_partitions(
                         start.elapsed().as_millis()
                     );
                 }
-                return Ok(found);
+                if found.disks.len() < 2 {
+                    return Ok(found.parts);
+                }
+                let disk = boot_disk(&found.disks);
+                let on = lookup.find_on(class_block, Some(&disk)).unwrap_or_default();
+                let roles = lookup.roles();
+                if let Some(r) = roles.iter().find(|r| !on.parts.contains_key(**r)) {
+                    say!("warning storage: {disk} has no {r} partition");
+                }
+                return Ok(on.parts);
             }
             Err(e) => {
                 console::error("wait-devices", &e);
@@ -832,6 +856,54 @@ fn wait_for_partitions(
             }
         }
     }
+}
+
+/// The slot's root is on several `disks` (sorted by kernel name): which one
+/// the node booted from ([`crate::bootdisk`]), said on the console. On UEFI
+/// efivarfs is mounted for the look (its module loaded from the late
+/// modules when the kernel lacks it) and unmounted again; without EFI, the
+/// Raspberry Pi bootloader's `boot-mode`.
+fn choose_boot_disk(env: &mut Env<'_>, efivarfs_module: &[PathBuf], disks: &[String]) -> String {
+    let efivars = env.path("/sys/firmware/efi/efivars");
+    let hint = if !efivars.is_dir() {
+        crate::bootdisk::pi_boot_mode_hint(&env.path(crate::rpi::BOOTLOADER_DT_DIR), disks)
+    } else {
+        let flags =
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC | MsFlags::MS_RDONLY;
+        let mount = |env: &mut Env<'_>| {
+            mounts::mount_fs(env.mounts, "efivarfs", &efivars, "efivarfs", flags, None)
+        };
+        let mut mounted = mount(env);
+        if mounted.is_err() && !efivarfs_module.is_empty() {
+            let report = modules::load_in_order(env.modules, efivarfs_module);
+            if report.failed.is_empty() {
+                mounted = mount(env);
+            }
+        }
+        match mounted {
+            Ok(()) => {
+                let hint = crate::bootdisk::loader_hint(
+                    &efivars,
+                    &env.path("/dev"),
+                    &env.path("/sys/class/block"),
+                    disks,
+                );
+                if let Err(e) = env.mounts.umount(&efivars, MntFlags::MNT_DETACH) {
+                    console::error("umount", format_args!("{}: {e}", efivars.display()));
+                }
+                hint
+            }
+            Err(e) => Err(format!("efivarfs: {e}")),
+        }
+    };
+    let (disk, why, decided) = crate::bootdisk::choose(disks, hint);
+    let all = disks.join(", ");
+    if decided {
+        say!("storage: the slot's partitions are on {all}: using {disk}, {why}");
+    } else {
+        say!("warning storage: the slot's partitions are on {all}: using {disk}: {why}");
+    }
+    disk
 }
 
 /// Where stage 1 mounts the config FAT (p1) for the trial rules.

@@ -67,6 +67,10 @@ pub struct VmConfig {
     pub watchdog: bool,
     /// How the disk is attached.
     pub disk_bus: DiskBus,
+    /// `bootindex=` of the disk's device (not for [`DiskBus::VirtioBlk`] or
+    /// [`DiskBus::ScsiHotplug`]): the firmware tries it in that order among
+    /// the devices of `extra_args` that have one too.
+    pub boot_index: Option<u32>,
     pub extra_args: Vec<String>,
     /// Hard limit on the VM's whole life: past it, QEMU is killed.
     pub lifetime: Duration,
@@ -83,6 +87,7 @@ impl VmConfig {
             smp: 1,
             watchdog: false,
             disk_bus: DiskBus::VirtioBlk,
+            boot_index: None,
             extra_args: Vec::new(),
             lifetime: Duration::from_secs(600),
         }
@@ -163,6 +168,10 @@ impl Vm {
                 "if=pflash,format=raw,unit=1,file={}",
                 vars.display()
             ));
+        let boot = cfg
+            .boot_index
+            .map(|i| format!(",bootindex={i}"))
+            .unwrap_or_default();
         match cfg.disk_bus {
             DiskBus::VirtioBlk => cmd
                 .arg("-drive")
@@ -174,16 +183,19 @@ impl Vm {
             DiskBus::Ahci => cmd
                 .arg("-drive")
                 .arg(drive0(&cfg.disk))
-                .args(["-device", "ide-hd,drive=disk0,bus=ide.0"]),
+                .arg("-device")
+                .arg(format!("ide-hd,drive=disk0,bus=ide.0{boot}")),
             DiskBus::Nvme => cmd
                 .arg("-drive")
                 .arg(drive0(&cfg.disk))
-                .args(["-device", "nvme,serial=basalt0,drive=disk0"]),
+                .arg("-device")
+                .arg(format!("nvme,serial=basalt0,drive=disk0{boot}")),
             DiskBus::Usb => cmd
                 .arg("-drive")
                 .arg(drive0(&cfg.disk))
                 .args(["-device", "qemu-xhci,id=xhci"])
-                .args(["-device", "usb-storage,bus=xhci.0,drive=disk0"]),
+                .arg("-device")
+                .arg(format!("usb-storage,bus=xhci.0,drive=disk0{boot}")),
         };
         if cfg.watchdog {
             cmd.args(["-device", "i6300esb"]);

@@ -13,6 +13,12 @@
 //! partition grown to the disk), and the Kubernetes stand-in becomes ready.
 //! The kernel's own lines say which disk the data filesystem was mounted
 //! from; afterwards e2fsck finds the data filesystem clean.
+//!
+//! And a machine with two Basalt disks (an install stick left in, an old
+//! disk of another node): the firmware starts the SATA disk, an NVMe disk
+//! holding another Basalt image sorts first by kernel name. Stage 1 must
+//! take every partition from the disk systemd-boot was started from
+//! (`LoaderDevicePartUUID`), and leave the other disk untouched.
 
 use anyhow::{Context, Result, ensure};
 use basalt_tests::assets::Assets;
@@ -107,4 +113,81 @@ fn boots_from_a_usb_disk() -> Result<()> {
         r"usb-storage \S+: USB Mass Storage device detected",
         "sda4",
     )
+}
+
+/// `sha256sum` of a file.
+fn sha256(path: &std::path::Path) -> Result<String> {
+    let out = std::process::Command::new("sha256sum").arg(path).output()?;
+    ensure!(out.status.success(), "sha256sum {}", path.display());
+    let text = String::from_utf8_lossy(&out.stdout);
+    Ok(text
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string())
+}
+
+#[test]
+fn boots_from_the_disk_the_firmware_started_with_another_basalt_disk_in() -> Result<()> {
+    let name = "metal_two_disks";
+    let assets = Assets::locate("amd64").context("the metal disk tests need the test assets")?;
+    let dir = work_dir(name)?;
+    build::ensure_binaries(&dir)?;
+    let img = build::build_image(&repo_root().join(DEFINITION), &dir.join("out"))?;
+    disk::set_size(&img, 4 << 30)?;
+    // The other disk: the x86_64 test image (another build, so other GUIDs,
+    // the same partition names), on NVMe: nvme0n1 sorts before sda.
+    let other = build::build_image(
+        &repo_root().join("tests/images/x86_64.toml"),
+        &dir.join("other"),
+    )?;
+    let other_before = sha256(&other)?;
+
+    let mut cfg = VmConfig::new(name, &dir, &img);
+    cfg.disk_bus = DiskBus::Ahci;
+    cfg.boot_index = Some(0);
+    cfg.extra_args = vec![
+        "-drive".into(),
+        format!("if=none,id=other,format=raw,file={}", other.display()),
+        "-device".into(),
+        "nvme,serial=other0,drive=other,bootindex=1".into(),
+    ];
+    cfg.lifetime = Duration::from_secs(900);
+    let mut vm = Vm::start(&cfg, &assets)?;
+    vm.expect("basalt: stage1 start", TO_KERNEL)?;
+    let chose = vm.expect(
+        "basalt: storage: the slot's partitions are on nvme0n1, sda: using sda",
+        STEP,
+    )?;
+    ensure!(
+        chose.contains("the one matching the ESP systemd-boot started from ("),
+        "{chose}"
+    );
+    vm.expect("basalt: stage2 start", STEP)?;
+    let line = vm.expect(report::READY_PREFIX, STEP)?;
+    let ready = report::parse_ready(&line)?;
+    ensure!(
+        ready.slot == "a" && ready.data_grown && ready.hostname == "basalt-metal",
+        "ready report: {line}"
+    );
+    ensure!(
+        !vm.console
+            .seen("EXT4-fs (sda4): mounted filesystem")
+            .is_empty()
+            && vm.console.seen("EXT4-fs (nvme0n1").is_empty(),
+        "the data filesystem must be mounted from sda4 only:\n{}",
+        vm.console.tail()
+    );
+    vm.expect("basalt: shutdown poweroff", STEP)?;
+    vm.expect("basalt: shutdown complete", STEP)?;
+    let st = vm.wait_exit(Duration::from_secs(60))?;
+    ensure!(st.success(), "QEMU exited {st}");
+    vm.console.no_init_errors()?;
+    disk::fsck_ext4(&img, "data")?;
+    ensure!(
+        sha256(&other)? == other_before,
+        "the other disk {} was written to",
+        other.display()
+    );
+    Ok(())
 }

@@ -145,12 +145,29 @@ impl Device {
             return Ok((p, len));
         }
         let name = slot.root_partition_name();
-        let found = crate::blockdev::find(&self.class_block, &[name])
+        let parts = crate::blockdev::scan(&self.class_block)
             .map_err(|e| UpdateError::Partition(format!("{name}: {e}")))?;
-        let p = found
-            .get(name)
-            .ok_or_else(|| UpdateError::Partition(format!("no partition named {name}")))?;
+        // On the disk of the booted root (stage 1 chose it among several
+        // disks with the same names); without a handoff, the first by name.
+        let booted = self.booted_root_disk(&parts);
+        let p = parts
+            .iter()
+            .find(|p| p.name == name && booted.as_ref().is_none_or(|d| p.disk == *d))
+            .ok_or_else(|| match &booted {
+                Some(d) => UpdateError::Partition(format!("no partition named {name} on {d}")),
+                None => UpdateError::Partition(format!("no partition named {name}")),
+            })?;
         Ok((p.dev_path(&self.dev_dir), p.size_512 * 512))
+    }
+
+    /// The disk holding the root stage 1 mounted (its handoff's `root_device`).
+    fn booted_root_disk(&self, parts: &[crate::blockdev::Partition]) -> Option<String> {
+        let text = std::fs::read_to_string(&self.handoff).ok()?;
+        let h: crate::stage1::Handoff = crate::tomlfast::from_str(&text).ok()?;
+        parts
+            .iter()
+            .find(|p| p.dev_path(&self.dev_dir).display().to_string() == h.root_device)
+            .map(|p| p.disk.clone())
     }
 
     /// Raspberry Pi (MBR) node: its config partition, mounted at `boot_dir`,
@@ -344,4 +361,65 @@ impl Default for HealthGate {
 /// keeps the ESP consistent, and sync(2) makes that order reach the disk).
 pub fn sync() {
     crate::sys::sync();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// sysfs as the kernel lays it out: class/block/<part> links to
+    /// devices/<disk>/<part>, whose uevent has the GPT name.
+    fn sysfs(t: &std::path::Path, parts: &[(&str, u32, &str)]) {
+        let class = t.join("class/block");
+        std::fs::create_dir_all(&class).unwrap();
+        for (disk, n, name) in parts {
+            let dev = if disk.ends_with(|c: char| c.is_ascii_digit()) {
+                format!("{disk}p{n}")
+            } else {
+                format!("{disk}{n}")
+            };
+            let d = t.join("devices").join(disk).join(&dev);
+            std::fs::create_dir_all(&d).unwrap();
+            std::fs::write(
+                d.join("uevent"),
+                format!("DEVNAME={dev}\nDEVTYPE=partition\nPARTN={n}\nPARTNAME={name}\n"),
+            )
+            .unwrap();
+            std::fs::write(d.join("size"), "2048\n").unwrap();
+            std::os::unix::fs::symlink(format!("../../devices/{disk}/{dev}"), class.join(&dev))
+                .unwrap();
+        }
+    }
+
+    #[test]
+    fn the_other_slot_is_on_the_booted_disk() {
+        // Two disks with the same names; nvme0n1 sorts first, the node
+        // booted from sda (stage 1 chose it: docs/boot-protocol.md, Stage 1).
+        let t = tempfile::tempdir().unwrap();
+        let mut parts = Vec::new();
+        for disk in ["nvme0n1", "sda"] {
+            parts.extend([(disk, 1, "esp"), (disk, 2, "root-a"), (disk, 3, "root-b")]);
+        }
+        sysfs(t.path(), &parts);
+        let mut dev = Device::system();
+        dev.class_block = t.path().join("class/block");
+        dev.dev_dir = PathBuf::from("/dev");
+        dev.handoff = t.path().join("stage1.toml");
+        // No handoff: the first by kernel name, as before.
+        let (p, len) = dev.root_device(Slot::B).unwrap();
+        assert_eq!((p, len), (PathBuf::from("/dev/nvme0n1p3"), 2048 * 512));
+        std::fs::write(&dev.handoff, "slot = \"a\"\nroot_device = \"/dev/sda2\"\n").unwrap();
+        assert_eq!(
+            dev.root_device(Slot::B).unwrap().0,
+            PathBuf::from("/dev/sda3")
+        );
+        assert_eq!(
+            dev.root_device(Slot::A).unwrap().0,
+            PathBuf::from("/dev/sda2")
+        );
+        // The booted disk without the other slot's partition: an error naming it.
+        std::fs::remove_file(t.path().join("class/block/sda3")).unwrap();
+        let e = dev.root_device(Slot::B).unwrap_err().to_string();
+        assert!(e.contains("no partition named root-b on sda"), "{e}");
+    }
 }
