@@ -15,7 +15,9 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 /// Test-only service (not for real images). After the boot is ready and no
-/// slot is on trial any more (the gate's verdict), it prints the node's
+/// slot is on trial any more (the gate's verdict) and the gate service has
+/// exited (it says its verdict after finishing the commit: the state file
+/// says "committed" before the loader entries are reconciled), it prints the node's
 /// status and a marker kept under /var; then, if a second disk holds a tar
 /// with `update.bundle`, it streams that into `basaltctl update -` (which
 /// reboots into the trial); else it powers the VM off. `basaltctl`'s output
@@ -28,6 +30,8 @@ i=0
 until /usr/bin/basaltctl status --json | grep -q '"ready": *true' || [ "$i" -ge 900 ]; do i=$((i+1)); sleep 1; done
 i=0
 while /usr/bin/basaltctl status --json | grep -q '"state":"trial"' && [ "$i" -lt 900 ]; do i=$((i+1)); sleep 1; done
+i=0
+while /usr/bin/basaltctl status --json | tr -d ' \n' | grep -Eq '"name":"update-health-gate","state":"(starting|ready)"' && [ "$i" -lt 900 ]; do i=$((i+1)); sleep 1; done
 m=/var/lib/basalt-e2e/marker
 [ -f "$m" ] || { mkdir -p /var/lib/basalt-e2e && cat /proc/sys/kernel/random/uuid > "$m" && sync; }
 echo "e2e-update: marker $(cat "$m")"
