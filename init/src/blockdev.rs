@@ -256,6 +256,8 @@ pub trait BlockDevices {
     ) -> Result<(), BlockError>;
     /// Grow the ext4 mounted at `mount_point` to `size_bytes`; returns the block count.
     fn grow_ext4(&mut self, mount_point: &Path, size_bytes: u64) -> Result<u64, BlockError>;
+    /// 16 random bytes for a new GUID (unique, not secret).
+    fn random_bytes(&mut self) -> [u8; 16];
 }
 
 /// The kernel's block layer.
@@ -323,6 +325,24 @@ impl BlockDevices for KernelBlockDevices {
         crate::sys::block::resize_ext4(&dir, blocks)
             .map_err(|e| ioctl_err("EXT4_IOC_RESIZE_FS", e))?;
         Ok(blocks)
+    }
+
+    fn random_bytes(&mut self) -> [u8; 16] {
+        let mut b = [0u8; 16];
+        if crate::sys::getrandom_insecure(&mut b).is_err() {
+            // No getrandom(2) at all (Linux < 3.17, not a kernel Basalt
+            // ships): the wall clock's nanoseconds and a count of calls are
+            // unique enough for two copies of an image booted apart.
+            static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+            let wall = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(0);
+            let n = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            b[..8].copy_from_slice(&wall.to_le_bytes());
+            b[8..].copy_from_slice(&n.to_le_bytes());
+        }
+        b
     }
 }
 

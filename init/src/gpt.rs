@@ -8,6 +8,13 @@
 //! rewritten the old, still intact tables describe the disk, and the next
 //! boot simply grows again. Only after both does the old backup header (now
 //! inside the grown partition, never part of its filesystem yet) get zeroed.
+//!
+//! The growth is also the first boot of this copy of the image: every copy
+//! of one image carries the same GUIDs (the builder derives them from its
+//! inputs, for reproducible images), so two copies on one node (a USB SSD and
+//! the card it was cloned from) cannot be told apart by the ESP's GUID the
+//! boot loader reports. The growth may give the disk and every partition new
+//! random GUIDs in the same two writes, so each grown copy becomes unique.
 
 use std::io::{Read, Seek, SeekFrom, Write};
 
@@ -89,6 +96,7 @@ const H_MY_LBA: usize = 24;
 const H_ALT_LBA: usize = 32;
 const H_FIRST_USABLE: usize = 40;
 const H_LAST_USABLE: usize = 48;
+const H_DISK_GUID: usize = 56;
 const H_ENTRIES_LBA: usize = 72;
 const H_NUM_ENTRIES: usize = 80;
 const H_ENTRY_SIZE: usize = 84;
@@ -205,6 +213,11 @@ impl Gpt {
         le32(&self.header, H_ENTRY_SIZE) as usize
     }
 
+    /// The disk GUID, as text (lower case).
+    pub fn disk_guid(&self) -> String {
+        guid_text(&self.header[H_DISK_GUID..H_DISK_GUID + 16])
+    }
+
     pub fn alternate_lba(&self) -> u64 {
         le64(&self.header, H_ALT_LBA)
     }
@@ -267,26 +280,44 @@ impl Gpt {
     }
 }
 
+/// Where new GUIDs come from: 16 random bytes each call (made a version-4
+/// GUID, RFC 9562 §5.4, by [`random_guid`]).
+pub type RandomBytes<'a> = &'a mut dyn FnMut() -> [u8; 16];
+
+/// A version-4 (random) GUID in its on-disk byte order from 16 random
+/// bytes: the version is the high nibble of the third field's (little-endian)
+/// high byte, on disk byte 7; the variant (`10`) tops byte 8.
+pub fn random_guid(mut b: [u8; 16]) -> [u8; 16] {
+    b[7] = (b[7] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    b
+}
+
 /// What [`grow_last_partition`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum GrowOutcome {
     /// The partition already ends at the last usable LBA and the backup
     /// table is at the disk's end.
     AlreadyFull(Entry),
+    /// Grown; with `renew`, `after` carries the partition's new GUID and
+    /// `disk_guid` the disk's (else the old one, unchanged).
     Grown {
         before: Entry,
         after: Entry,
+        disk_guid: String,
     },
 }
 
 /// Grow the partition named `name` to the disk's last usable LBA, moving the
 /// backup table to the end of a disk of `disk_bytes`. Only the last partition
-/// on the disk may be grown.
+/// on the disk may be grown. With `renew`, the same writes give the disk and
+/// every used partition new random GUIDs (module comment).
 pub fn grow_last_partition<D: Read + Write + Seek>(
     d: &mut D,
     sector: u64,
     disk_bytes: u64,
     name: &str,
+    renew: Option<RandomBytes<'_>>,
 ) -> Result<GrowOutcome, GptError> {
     let mut gpt = Gpt::read(d, sector)?;
     let total = disk_bytes / sector;
@@ -325,6 +356,15 @@ pub fn grow_last_partition<D: Read + Write + Seek>(
     let off = before.index * es;
     put64(&mut gpt.entries[off..off + es], E_LAST_LBA, last_usable);
     put64(&mut gpt.header, H_LAST_USABLE, last_usable);
+    if let Some(random) = renew {
+        let g = random_guid(random());
+        gpt.header[H_DISK_GUID..H_DISK_GUID + 16].copy_from_slice(&g);
+        for p in &parts {
+            let o = p.index * es + E_UNIQUE;
+            let g = random_guid(random());
+            gpt.entries[o..o + 16].copy_from_slice(&g);
+        }
+    }
 
     let primary_entries = le64(&gpt.header, H_ENTRIES_LBA);
     let backup = gpt.header_sector(backup_header, 1, backup_entries);
@@ -338,9 +378,14 @@ pub fn grow_last_partition<D: Read + Write + Seek>(
     }
     let after = Entry {
         last_lba: last_usable,
+        unique_guid: guid_text(&gpt.entries[off + E_UNIQUE..off + E_UNIQUE + 16]),
         ..before.clone()
     };
-    Ok(GrowOutcome::Grown { before, after })
+    Ok(GrowOutcome::Grown {
+        before,
+        after,
+        disk_guid: gpt.disk_guid(),
+    })
 }
 
 #[cfg(test)]
@@ -452,9 +497,12 @@ mod tests {
         assert_eq!(names, ["esp", "root-a", "root-b", "data"]);
         assert_eq!(before.alternate_lba(), (16 << 20) / 512 - 1);
 
-        let out = grow_last_partition(&mut disk, 512, disk_bytes, "data").unwrap();
+        let out = grow_last_partition(&mut disk, 512, disk_bytes, "data", None).unwrap();
         let total = disk_bytes / 512;
-        let GrowOutcome::Grown { before: b, after } = out else {
+        let GrowOutcome::Grown {
+            before: b, after, ..
+        } = out
+        else {
             panic!("expected growth, got {out:?}");
         };
         assert_eq!(b.last_lba, 26624 + 4096 - 1);
@@ -467,7 +515,7 @@ mod tests {
         assert_eq!(g.alternate_lba(), total - 1);
         assert_eq!(g.last_usable(), total - 34);
         assert!(matches!(
-            grow_last_partition(&mut disk, 512, disk_bytes, "data").unwrap(),
+            grow_last_partition(&mut disk, 512, disk_bytes, "data", None).unwrap(),
             GrowOutcome::AlreadyFull(_)
         ));
         // The old backup header is gone.
@@ -504,6 +552,102 @@ mod tests {
         }
     }
 
+    /// `(label-id, [(name, uuid)])` from `sfdisk -d`, upper case as it prints.
+    fn sfdisk_guids(dump: &str) -> (String, Vec<(String, String)>) {
+        let label = dump
+            .lines()
+            .find_map(|l| l.strip_prefix("label-id: "))
+            .unwrap()
+            .trim()
+            .to_string();
+        let parts = dump
+            .lines()
+            .filter(|l| l.contains("uuid="))
+            .map(|l| {
+                let get = |k: &str| {
+                    l[l.find(k).unwrap() + k.len()..]
+                        .split(',')
+                        .next()
+                        .unwrap()
+                        .trim()
+                        .trim_matches('"')
+                        .to_string()
+                };
+                (get("name="), get("uuid="))
+            })
+            .collect();
+        (label, parts)
+    }
+
+    #[test]
+    fn growth_renews_disk_and_partition_guids_checked_by_sfdisk_and_sgdisk() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("disk.img");
+        if !sfdisk_image(&img, 16) {
+            eprintln!("sfdisk not available; skipping");
+            return;
+        }
+        let (label0, parts0) = sfdisk_guids(&sfdisk_dump(&img));
+        let mut bytes = std::fs::read(&img).unwrap();
+        bytes.resize(32 << 20, 0);
+        let n = bytes.len() as u64;
+        let mut disk = Cursor::new(bytes);
+        // Deterministic "random" bytes: every byte of call k is k (0x01...),
+        // so the version and variant bits are ours, not the source's.
+        let mut calls = 0u8;
+        let mut random = || {
+            calls += 1;
+            [calls.wrapping_mul(0x11) | 0x0f; 16]
+        };
+        let out = grow_last_partition(&mut disk, 512, n, "data", Some(&mut random)).unwrap();
+        let GrowOutcome::Grown {
+            before,
+            after,
+            disk_guid,
+        } = out
+        else {
+            panic!("expected growth, got {out:?}");
+        };
+        assert_ne!(before.unique_guid, after.unique_guid);
+        std::fs::write(&img, disk.get_ref()).unwrap();
+        let (label1, parts1) = sfdisk_guids(&sfdisk_dump(&img));
+        assert_eq!(label1.to_ascii_lowercase(), disk_guid);
+        assert_ne!(label1, label0);
+        assert_eq!(parts1.len(), 4);
+        let mut seen = std::collections::HashSet::new();
+        for ((name0, uuid0), (name1, uuid1)) in parts0.iter().zip(&parts1) {
+            assert_eq!(name0, name1);
+            assert_ne!(uuid0, uuid1, "{name1} kept its GUID");
+            // Text form: version nibble 4 starts the third group, the
+            // variant (8, 9, A or B) the fourth.
+            let groups: Vec<&str> = uuid1.split('-').collect();
+            assert!(groups[2].starts_with('4'), "{uuid1}");
+            assert!("89AB".contains(&groups[3][..1]), "{uuid1}");
+            assert!(seen.insert(uuid1.clone()), "{uuid1} twice");
+        }
+        let data = parts1.iter().find(|(n, _)| n == "data").unwrap();
+        assert_eq!(data.1.to_ascii_lowercase(), after.unique_guid);
+        assert!(seen.insert(label1.clone()));
+        if let Ok(v) = Command::new("sgdisk").arg("-v").arg(&img).output() {
+            let text = String::from_utf8_lossy(&v.stdout);
+            assert!(text.contains("No problems found"), "sgdisk -v: {text}");
+        }
+        // Grown once: later boots keep the GUIDs.
+        let mut disk = Cursor::new(std::fs::read(&img).unwrap());
+        let mut never = || -> [u8; 16] { panic!("renewed again") };
+        assert!(matches!(
+            grow_last_partition(&mut disk, 512, n, "data", Some(&mut never)).unwrap(),
+            GrowOutcome::AlreadyFull(_)
+        ));
+        assert_eq!(
+            random_guid([0xff; 16]),
+            [
+                0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x4f, 0xbf, 0xff, 0xff, 0xff, 0xff, 0xff,
+                0xff, 0xff
+            ]
+        );
+    }
+
     #[test]
     fn grows_within_same_size_disk_and_rejects_non_last() {
         let dir = tempfile::tempdir().unwrap();
@@ -515,15 +659,15 @@ mod tests {
         let n = bytes.len() as u64;
         let mut disk = Cursor::new(bytes);
         assert!(matches!(
-            grow_last_partition(&mut disk, 512, n, "root-a"),
+            grow_last_partition(&mut disk, 512, n, "root-a", None),
             Err(GptError::NotLast { other: 3, .. })
         ));
         assert!(matches!(
-            grow_last_partition(&mut disk, 512, n, "nope"),
+            grow_last_partition(&mut disk, 512, n, "nope", None),
             Err(GptError::NotFound(_))
         ));
         // Same-size disk: data grows into the free tail; backup stays put.
-        let out = grow_last_partition(&mut disk, 512, n, "data").unwrap();
+        let out = grow_last_partition(&mut disk, 512, n, "data", None).unwrap();
         assert!(matches!(out, GrowOutcome::Grown { .. }));
         std::fs::write(&img, disk.get_ref()).unwrap();
         assert!(sfdisk_dump(&img).contains("name=\"data\""));
@@ -540,7 +684,7 @@ mod tests {
         bytes[512 + 60] ^= 0xFF; // inside the disk GUID: header CRC breaks
         let n = bytes.len() as u64;
         assert!(matches!(
-            grow_last_partition(&mut Cursor::new(bytes.clone()), 512, n, "data"),
+            grow_last_partition(&mut Cursor::new(bytes.clone()), 512, n, "data", None),
             Err(GptError::Corrupt {
                 why: "header CRC",
                 ..

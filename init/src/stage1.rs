@@ -1096,19 +1096,37 @@ pub fn grow_data_partition(
             }
         };
     }
-    let outcome = gpt::grow_last_partition(&mut disk, sector, size, DATA_PARTITION_NAME).map_err(
-        |source| Stage1Error::Gpt {
-            disk: disk_path.clone(),
-            source,
-        },
-    )?;
+    // The first growth is this copy's first boot: new GUIDs make it unique
+    // among copies of the image (gpt.rs; docs/boot-protocol.md, Stage 1).
+    let mut random = || bd.random_bytes();
+    let outcome = gpt::grow_last_partition(
+        &mut disk,
+        sector,
+        size,
+        DATA_PARTITION_NAME,
+        Some(&mut random),
+    )
+    .map_err(|source| Stage1Error::Gpt {
+        disk: disk_path.clone(),
+        source,
+    })?;
     match outcome {
         GrowOutcome::AlreadyFull(_) => Ok(None),
-        GrowOutcome::Grown { after, .. } => {
+        GrowOutcome::Grown {
+            before,
+            after,
+            disk_guid,
+        } => {
             disk.sync_all().map_err(|source| Stage1Error::Sync {
                 disk: disk_path.clone(),
                 source,
             })?;
+            say!(
+                "storage: {}: new GUIDs for this copy of the image (first boot): disk {disk_guid}, data {} (was {})",
+                data.disk,
+                after.unique_guid,
+                before.unique_guid
+            );
             let start = after.first_lba * sector;
             let length = (after.last_lba - after.first_lba + 1) * sector;
             bd.resize_partition(&disk, &disk_path, after.index as u32 + 1, start, length)?;
@@ -1292,6 +1310,7 @@ mod tests {
         path: PathBuf,
         resized: Vec<(u32, u64, u64)>,
         ext4: Vec<(PathBuf, u64)>,
+        randoms: u8,
     }
 
     impl BlockDevices for FileDisk {
@@ -1322,6 +1341,10 @@ mod tests {
         fn grow_ext4(&mut self, at: &Path, size: u64) -> Result<u64, blockdev::BlockError> {
             self.ext4.push((at.to_path_buf(), size));
             Ok(size / 4096)
+        }
+        fn random_bytes(&mut self) -> [u8; 16] {
+            self.randoms += 1;
+            [self.randoms; 16]
         }
     }
 
@@ -1376,16 +1399,44 @@ mod tests {
             path: img.clone(),
             resized: vec![],
             ext4: vec![],
+            randoms: 0,
         };
+        let dump = || {
+            let o = std::process::Command::new("sfdisk")
+                .arg("-d")
+                .arg(&img)
+                .output()
+                .unwrap();
+            String::from_utf8(o.stdout).unwrap()
+        };
+        let before = dump();
         let grown = grow_data_partition(&mut bd, &data, Path::new("/dev"), false).unwrap();
         let total = (32u64 << 20) / 512;
         let expect_len = (total - 34 - 6144 + 1) * 512;
         assert_eq!(grown, Some(expect_len));
         assert_eq!(bd.resized, vec![(2, 6144 * 512, expect_len)]);
+        // The disk and both partitions got new GUIDs from the block layer's
+        // random bytes (1, 2, 3: disk, esp, data), version 4.
+        assert_eq!(bd.randoms, 3);
+        let after = dump();
+        assert!(
+            after.contains("label-id: 01010101-0101-4101-8101-010101010101"),
+            "{before}\n{after}"
+        );
+        assert!(
+            after.contains("uuid=02020202-0202-4202-8202-020202020202, name=\"esp\""),
+            "{after}"
+        );
+        assert!(
+            after.contains("uuid=03030303-0303-4303-8303-030303030303, name=\"data\""),
+            "{after}"
+        );
         assert_eq!(
             grow_data_partition(&mut bd, &data, Path::new("/dev"), false).unwrap(),
             None
         );
+        assert_eq!(bd.randoms, 3);
+        assert_eq!(dump(), after);
         assert_eq!(bd.resized.len(), 1);
     }
 
@@ -1501,6 +1552,7 @@ mod tests {
                 path: root.join("none"),
                 resized: vec![],
                 ext4: vec![],
+                randoms: 0,
             };
             let mut env = Env {
                 root: root.clone(),
@@ -1581,6 +1633,7 @@ mod tests {
             path: img,
             resized: vec![],
             ext4: vec![],
+            randoms: 0,
         };
         let handoff = {
             let mut env = Env {
@@ -1723,6 +1776,7 @@ mod tests {
             path: root.join("none"),
             resized: vec![],
             ext4: vec![],
+            randoms: 0,
         };
         let r = prepare_root(&mut Env {
             root: root.to_path_buf(),

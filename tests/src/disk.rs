@@ -42,6 +42,9 @@ pub enum DiskError {
 #[derive(Debug, Clone, Deserialize)]
 pub struct PartitionTable {
     pub label: String,
+    /// The disk GUID (GPT) or disk identifier (MBR), sfdisk's `label-id`.
+    #[serde(default)]
+    pub id: Option<String>,
     #[serde(default)]
     pub firstlba: u64,
     #[serde(default)]

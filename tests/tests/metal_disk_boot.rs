@@ -18,7 +18,11 @@
 //! disk of another node): the firmware starts the SATA disk, an NVMe disk
 //! holding another Basalt image sorts first by kernel name. Stage 1 must
 //! take every partition from the disk systemd-boot was started from
-//! (`LoaderDevicePartUUID`), and leave the other disk untouched.
+//! (`LoaderDevicePartUUID`), and leave the other disk untouched. And two
+//! copies of one image (the card and the USB SSD it was cloned to): the same
+//! GUIDs on both, so the first boot cannot tell them apart; the disk it
+//! grows gets new GUIDs, and from the next boot on the firmware's disk is
+//! found again.
 
 use anyhow::{Context, Result, ensure};
 use basalt_tests::assets::Assets;
@@ -189,5 +193,120 @@ fn boots_from_the_disk_the_firmware_started_with_another_basalt_disk_in() -> Res
         "the other disk {} was written to",
         other.display()
     );
+    Ok(())
+}
+
+/// The disk GUID and every partition's unique GUID, as `sfdisk -J` reads them.
+fn guids(img: &std::path::Path) -> Result<Vec<String>> {
+    let t = disk::partition_table(img)?;
+    let mut all = vec![t.id.clone().unwrap_or_default()];
+    all.extend(
+        t.partitions
+            .iter()
+            .map(|p| p.uuid.clone().unwrap_or_default()),
+    );
+    ensure!(
+        all.len() == 5 && all.iter().all(|g| g.len() == 36),
+        "{}: GUIDs {all:?}",
+        img.display()
+    );
+    Ok(all.into_iter().map(|g| g.to_ascii_lowercase()).collect())
+}
+
+#[test]
+fn two_copies_of_one_image_are_told_apart_from_the_second_boot() -> Result<()> {
+    let name = "metal_two_copies";
+    let assets = Assets::locate("amd64").context("the metal disk tests need the test assets")?;
+    let dir = work_dir(name)?;
+    build::ensure_binaries(&dir)?;
+    let img = build::build_image(&repo_root().join(DEFINITION), &dir.join("out"))?;
+    disk::set_size(&img, 4 << 30)?;
+    let copy = dir.join("copy.img");
+    disk::copy_sparse(&img, &copy)?;
+    let built = guids(&img)?;
+    ensure!(guids(&copy)? == built, "the copy differs");
+
+    // The firmware starts the SATA disk (sda); its copy is on NVMe, first by
+    // kernel name.
+    let mut cfg = VmConfig::new(name, &dir, &img);
+    cfg.disk_bus = DiskBus::Ahci;
+    cfg.boot_index = Some(0);
+    cfg.extra_args = vec![
+        "-drive".into(),
+        format!("if=none,id=copy,format=raw,file={}", copy.display()),
+        "-device".into(),
+        "nvme,serial=copy0,drive=copy,bootindex=1".into(),
+    ];
+    cfg.lifetime = Duration::from_secs(900);
+    let vars = dir.join(format!("{name}.vars.fd"));
+    for boot in 1..=2 {
+        let mut vm = Vm::start(&cfg, &assets)?;
+        vm.expect("basalt: stage1 start", TO_KERNEL)?;
+        let (chose, grown) = if boot == 1 {
+            // Both match LoaderDevicePartUUID: the first by kernel name, said.
+            let chose = vm.expect(
+                "basalt: warning storage: the slot's partitions are on nvme0n1, sda: using nvme0n1: nvme0n1, sda all match the ESP systemd-boot started from (",
+                STEP,
+            )?;
+            (chose, "nvme0n1")
+        } else {
+            // The firmware's disk still has the image's GUIDs; its copy not.
+            let chose = vm.expect(
+                "basalt: storage: the slot's partitions are on nvme0n1, sda: using sda, the one matching the ESP systemd-boot started from (",
+                STEP,
+            )?;
+            (chose, "sda")
+        };
+        ensure!(
+            chose.contains(&built[1]),
+            "not the image's ESP GUID: {chose}"
+        );
+        let renewed = vm.expect(
+            format!("basalt: storage: {grown}: new GUIDs for this copy of the image (first boot)")
+                .as_str(),
+            STEP,
+        )?;
+        let line = vm.expect(report::READY_PREFIX, STEP)?;
+        let ready = report::parse_ready(&line)?;
+        ensure!(ready.slot == "a" && ready.data_grown, "boot {boot}: {line}");
+        vm.expect("basalt: shutdown poweroff", STEP)?;
+        vm.expect("basalt: shutdown complete", STEP)?;
+        let st = vm.wait_exit(Duration::from_secs(60))?;
+        ensure!(st.success(), "boot {boot}: QEMU exited {st}");
+        vm.console.no_init_errors()?;
+        ensure!(
+            renewed.contains(&format!("(was {})", built[4])),
+            "boot {boot}: {renewed}"
+        );
+        // The next boot keeps the firmware's variables (its boot order).
+        cfg.vars = Some(vars.clone());
+    }
+    // Each disk has its own GUIDs now, none the image's, all version 4;
+    // the tables are sound (sgdisk -v) and the data filesystems clean.
+    let (a, b) = (guids(&img)?, guids(&copy)?);
+    for g in a.iter().chain(&b) {
+        ensure!(
+            !built.contains(g),
+            "a GUID of the image is left: {a:?} {b:?}"
+        );
+        ensure!(g.as_bytes()[14] == b'4', "not version 4: {g}");
+    }
+    let mut all: Vec<&String> = a.iter().chain(&b).collect();
+    all.sort();
+    all.dedup();
+    ensure!(all.len() == 10, "GUIDs repeat: {a:?} {b:?}");
+    for d in [&img, &copy] {
+        let v = std::process::Command::new("sgdisk")
+            .arg("-v")
+            .arg(d)
+            .output()?;
+        let text = String::from_utf8_lossy(&v.stdout);
+        ensure!(
+            text.contains("No problems found"),
+            "sgdisk -v {}: {text}",
+            d.display()
+        );
+        disk::fsck_ext4(d, "data")?;
+    }
     Ok(())
 }

@@ -187,6 +187,34 @@ pub fn getrandom(buf: &mut [u8]) -> Result<(), Errno> {
     Ok(())
 }
 
+/// Fill `buf` with random bytes without waiting for the pool to be seeded
+/// (`GRND_INSECURE`, Linux 5.6; on older kernels the blocking call, which
+/// waits at most until the pool is seeded). For what must be unique, not
+/// secret: GUIDs written in stage 1, before anything has fed the pool.
+pub fn getrandom_insecure(buf: &mut [u8]) -> Result<(), Errno> {
+    const GRND_INSECURE: libc::c_uint = 0x0004;
+    let mut filled = 0;
+    let mut flags = GRND_INSECURE;
+    while filled < buf.len() {
+        let rest = &mut buf[filled..];
+        // SAFETY: as in `getrandom`: the kernel writes at most `rest.len()`
+        // bytes into the writable slice `rest`.
+        let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), flags) };
+        if n < 0 {
+            match Errno::last() {
+                Errno::EINTR => continue,
+                Errno::EINVAL if flags != 0 => {
+                    flags = 0;
+                    continue;
+                }
+                e => return Err(e),
+            }
+        }
+        filled += n as usize;
+    }
+    Ok(())
+}
+
 /// The CPUs this process may run on (`sched_getaffinity(2)`); 1 when unknown.
 pub fn cpu_count() -> usize {
     let mut set = std::mem::MaybeUninit::<libc::cpu_set_t>::zeroed();
