@@ -191,6 +191,11 @@ pub struct LoadReport {
     pub loaded: usize,
     /// Already in the kernel (`EEXIST`, e.g. built in or loaded before): success.
     pub already: usize,
+    /// The module refused to load with `ENODEV`: what it drives is absent
+    /// (a CPU-feature module such as `crct10dif-pclmul` on a CPU without
+    /// PCLMULQDQ, a watchdog driver without its chip). Said, not an error:
+    /// an image's list serves many machines.
+    pub absent: Vec<String>,
     pub failed: Vec<String>,
     /// Threads the modules loaded on (1: in list order).
     pub threads: usize,
@@ -201,6 +206,13 @@ impl LoadReport {
         match result {
             Ok(()) => self.loaded += 1,
             Err(LoadError::Kernel(_, Errno::EEXIST)) => self.already += 1,
+            Err(LoadError::Kernel(_, Errno::ENODEV)) => {
+                crate::say!(
+                    "module {}: not for this machine (ENODEV: the CPU feature or device it needs is absent)",
+                    path.display()
+                );
+                self.absent.push(path.display().to_string());
+            }
             Err(e) => {
                 crate::console::error("module", &e);
                 self.failed.push(path.display().to_string());
@@ -443,7 +455,11 @@ late_modules = ["kernel/watchdog.ko", "kernel/softdog.ko"]
         for (deps, workers) in [(Some(&deps[..]), 1), (None, 4)] {
             let r = Recorder {
                 order: Mutex::new(vec![]),
-                fail: vec![("fat.ko", Errno::ENOEXEC), ("virtio.ko", Errno::EEXIST)],
+                fail: vec![
+                    ("fat.ko", Errno::ENOEXEC),
+                    ("virtio.ko", Errno::EEXIST),
+                    ("squashfs.ko", Errno::ENODEV),
+                ],
             };
             let report = load_all(&r, &paths, deps, workers);
             let order = r.order.into_inner().unwrap();
@@ -452,8 +468,10 @@ late_modules = ["kernel/watchdog.ko", "kernel/softdog.ko"]
                 .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
                 .collect();
             assert_eq!(order, want);
-            assert_eq!((report.loaded, report.already, report.threads), (7, 1, 1));
-            assert_eq!(report.failed.len(), 1);
+            assert_eq!((report.loaded, report.already, report.threads), (6, 1, 1));
+            // ENODEV: absent hardware, said but not a failure.
+            assert_eq!(report.absent, ["/lib/modules/k/kernel/squashfs.ko"]);
+            assert_eq!(report.failed, ["/lib/modules/k/kernel/fat.ko"]);
         }
         // Concurrently: every module tried once, even after a failed
         // dependency (vfat after fat), failures in list order.

@@ -63,6 +63,8 @@ pub struct VmConfig {
     pub vars: Option<PathBuf>,
     pub memory_mib: u32,
     pub smp: u32,
+    /// QEMU's `-cpu` model (TCG): `max` unless a test wants an older CPU.
+    pub cpu: String,
     /// Adds `-device i6300esb` (a watchdog the guest can arm).
     pub watchdog: bool,
     /// How the disk is attached.
@@ -85,6 +87,7 @@ impl VmConfig {
             vars: None,
             memory_mib: 1024,
             smp: 1,
+            cpu: "max".into(),
             watchdog: false,
             disk_bus: DiskBus::VirtioBlk,
             boot_index: None,
@@ -147,7 +150,7 @@ impl Vm {
     ) -> Result<Command, QemuError> {
         let code = assets.ovmf_code()?;
         let mut cmd = Command::new(qemu_program());
-        cmd.args(["-accel", "tcg", "-M", "q35", "-cpu", "max"])
+        cmd.args(["-accel", "tcg", "-M", "q35", "-cpu", &cfg.cpu])
             .args([
                 "-smp",
                 &cfg.smp.to_string(),
