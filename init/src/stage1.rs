@@ -840,11 +840,16 @@ fn wait_for_partitions(
                 return Ok(on.parts);
             }
             Err(e) => {
-                console::error("wait-devices", &e);
                 let found = lookup.find(class_block).unwrap_or_default();
                 if found.contains_key(root_name) {
+                    // Going on without the others: that is an error.
+                    console::error("wait-devices", &e);
                     return Ok(found);
                 }
+                // Still waiting for the root: a slow disk (a USB hard disk
+                // spinning up, an SD card under load), not yet an error;
+                // said every WAIT_DEVICES, the trial's limit is below.
+                say!("warning wait-devices: {e}; still waiting");
                 if let Persist::Trial(l) = persist
                     && start.elapsed() >= l.devices
                 {
