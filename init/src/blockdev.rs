@@ -329,18 +329,11 @@ impl BlockDevices for KernelBlockDevices {
 
     fn random_bytes(&mut self) -> [u8; 16] {
         let mut b = [0u8; 16];
-        if crate::sys::getrandom_insecure(&mut b).is_err() {
-            // No getrandom(2) at all (Linux < 3.17, not a kernel Basalt
-            // ships): the wall clock's nanoseconds and a count of calls are
-            // unique enough for two copies of an image booted apart.
-            static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-            let wall = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(0);
-            let n = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            b[..8].copy_from_slice(&wall.to_le_bytes());
-            b[8..].copy_from_slice(&n.to_le_bytes());
+        // getrandom(2) exists on every kernel Basalt ships (Linux >= 3.17);
+        // were it to fail, the zero GUIDs would be shared by copies, as the
+        // image's own are: said, and no worse than not renewing.
+        if let Err(e) = crate::sys::getrandom_insecure(&mut b) {
+            crate::console::error("storage", format_args!("getrandom for a new GUID: {e}"));
         }
         b
     }

@@ -145,6 +145,27 @@ fn sha256(path: &std::path::Path) -> Result<String> {
         .to_string())
 }
 
+/// A q35 VM whose firmware starts `sata` (AHCI, bootindex 0) with `nvme` on
+/// an NVMe controller (bootindex 1): nvme0n1 sorts before sda.
+fn sata_then_nvme(
+    name: &str,
+    dir: &std::path::Path,
+    sata: &std::path::Path,
+    nvme: &std::path::Path,
+) -> VmConfig {
+    let mut cfg = VmConfig::new(name, dir, sata);
+    cfg.disk_bus = DiskBus::Ahci;
+    cfg.boot_index = Some(0);
+    cfg.extra_args = vec![
+        "-drive".into(),
+        format!("if=none,id=second,format=raw,file={}", nvme.display()),
+        "-device".into(),
+        "nvme,serial=second0,drive=second,bootindex=1".into(),
+    ];
+    cfg.lifetime = Duration::from_secs(900);
+    cfg
+}
+
 #[test]
 fn boots_from_the_disk_the_firmware_started_with_another_basalt_disk_in() -> Result<()> {
     let name = "metal_two_disks";
@@ -161,16 +182,7 @@ fn boots_from_the_disk_the_firmware_started_with_another_basalt_disk_in() -> Res
     )?;
     let other_before = sha256(&other)?;
 
-    let mut cfg = VmConfig::new(name, &dir, &img);
-    cfg.disk_bus = DiskBus::Ahci;
-    cfg.boot_index = Some(0);
-    cfg.extra_args = vec![
-        "-drive".into(),
-        format!("if=none,id=other,format=raw,file={}", other.display()),
-        "-device".into(),
-        "nvme,serial=other0,drive=other,bootindex=1".into(),
-    ];
-    cfg.lifetime = Duration::from_secs(900);
+    let cfg = sata_then_nvme(name, &dir, &img, &other);
     let mut vm = Vm::start(&cfg, &assets)?;
     vm.expect("basalt: stage1 start", TO_KERNEL)?;
     let chose = vm.expect(
@@ -242,16 +254,7 @@ fn two_copies_of_one_image_are_told_apart_from_the_second_boot() -> Result<()> {
 
     // The firmware starts the SATA disk (sda); its copy is on NVMe, first by
     // kernel name.
-    let mut cfg = VmConfig::new(name, &dir, &img);
-    cfg.disk_bus = DiskBus::Ahci;
-    cfg.boot_index = Some(0);
-    cfg.extra_args = vec![
-        "-drive".into(),
-        format!("if=none,id=copy,format=raw,file={}", copy.display()),
-        "-device".into(),
-        "nvme,serial=copy0,drive=copy,bootindex=1".into(),
-    ];
-    cfg.lifetime = Duration::from_secs(900);
+    let mut cfg = sata_then_nvme(name, &dir, &img, &copy);
     let vars = dir.join(format!("{name}.vars.fd"));
     for boot in 1..=2 {
         let mut vm = Vm::start(&cfg, &assets)?;

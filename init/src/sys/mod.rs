@@ -169,22 +169,7 @@ pub fn reopen_stdio(console: &File) -> Result<(), Errno> {
 
 /// Fill `buf` from the kernel's random pool (`getrandom(2)`, blocking until seeded).
 pub fn getrandom(buf: &mut [u8]) -> Result<(), Errno> {
-    let mut filled = 0;
-    while filled < buf.len() {
-        let rest = &mut buf[filled..];
-        // SAFETY: the pointer and length describe the writable, initialised
-        // slice `rest`, which the kernel fills with at most `rest.len()` bytes.
-        let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
-        if n < 0 {
-            let e = Errno::last();
-            if e == Errno::EINTR {
-                continue;
-            }
-            return Err(e);
-        }
-        filled += n as usize;
-    }
-    Ok(())
+    getrandom_with(buf, 0)
 }
 
 /// Fill `buf` with random bytes without waiting for the pool to be seeded
@@ -193,22 +178,25 @@ pub fn getrandom(buf: &mut [u8]) -> Result<(), Errno> {
 /// secret: GUIDs written in stage 1, before anything has fed the pool.
 pub fn getrandom_insecure(buf: &mut [u8]) -> Result<(), Errno> {
     const GRND_INSECURE: libc::c_uint = 0x0004;
+    match getrandom_with(buf, GRND_INSECURE) {
+        Err(Errno::EINVAL) => getrandom_with(buf, 0),
+        r => r,
+    }
+}
+
+fn getrandom_with(buf: &mut [u8], flags: libc::c_uint) -> Result<(), Errno> {
     let mut filled = 0;
-    let mut flags = GRND_INSECURE;
     while filled < buf.len() {
         let rest = &mut buf[filled..];
-        // SAFETY: as in `getrandom`: the kernel writes at most `rest.len()`
-        // bytes into the writable slice `rest`.
+        // SAFETY: the pointer and length describe the writable, initialised
+        // slice `rest`, which the kernel fills with at most `rest.len()` bytes.
         let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), flags) };
         if n < 0 {
-            match Errno::last() {
-                Errno::EINTR => continue,
-                Errno::EINVAL if flags != 0 => {
-                    flags = 0;
-                    continue;
-                }
-                e => return Err(e),
+            let e = Errno::last();
+            if e == Errno::EINTR {
+                continue;
             }
+            return Err(e);
         }
         filled += n as usize;
     }
