@@ -13,7 +13,9 @@ fuzz_target!(|data: &[u8]| {
     let Some((&flags, rest)) = data.split_first() else {
         return;
     };
-    let mut parts = rest.splitn(3, |&b| b == 0).map(|p| String::from_utf8(p.to_vec()).ok());
+    let mut parts = rest
+        .splitn(3, |&b| b == 0)
+        .map(|p| String::from_utf8(p.to_vec()).ok());
     let meta = parts.next().flatten();
     let mut user = parts.next().flatten();
     let network = parts.next().flatten();

@@ -40,6 +40,8 @@ pub enum GptError {
     },
     #[error("disk of {0} bytes is too small for a GPT")]
     TooSmall(u64),
+    #[error("GPT at LBA 1 does not describe a sane layout: {0}")]
+    Layout(String),
 }
 
 /// CRC-32 (IEEE 802.3, reflected), the checksum GPT headers and entry arrays carry.
@@ -151,6 +153,15 @@ pub fn guid_text(b: &[u8]) -> String {
     )
 }
 
+/// Where `lba` starts, refused when a (checksummed but hostile or damaged)
+/// header names an LBA no disk has: the product would wrap.
+fn byte_offset(sector: u64, lba: u64) -> Result<u64, GptError> {
+    lba.checked_mul(sector).ok_or(GptError::Corrupt {
+        lba: 1,
+        why: "an LBA beyond any disk",
+    })
+}
+
 fn read_at<D: Read + Seek>(
     d: &mut D,
     sector: u64,
@@ -158,7 +169,8 @@ fn read_at<D: Read + Seek>(
     len: usize,
 ) -> Result<Vec<u8>, GptError> {
     let io = |source| GptError::Io { lba, source };
-    d.seek(SeekFrom::Start(lba * sector)).map_err(io)?;
+    d.seek(SeekFrom::Start(byte_offset(sector, lba)?))
+        .map_err(io)?;
     let mut buf = vec![0u8; len];
     d.read_exact(&mut buf).map_err(io)?;
     Ok(buf)
@@ -171,7 +183,8 @@ fn write_at<D: Write + Seek>(
     data: &[u8],
 ) -> Result<(), GptError> {
     let io = |source| GptError::Io { lba, source };
-    d.seek(SeekFrom::Start(lba * sector)).map_err(io)?;
+    d.seek(SeekFrom::Start(byte_offset(sector, lba)?))
+        .map_err(io)?;
     d.write_all(data).map_err(io)?;
     d.flush().map_err(io)
 }
@@ -192,6 +205,9 @@ impl Gpt {
         put32(&mut h, H_CRC, 0);
         if crc32(&h) != le32(&header, H_CRC) {
             return Err(corrupt("header CRC"));
+        }
+        if le64(&header, H_MY_LBA) != 1 {
+            return Err(corrupt("the primary header does not say LBA 1"));
         }
         let n = le32(&header, H_NUM_ENTRIES) as usize;
         let esize = le32(&header, H_ENTRY_SIZE) as usize;
@@ -256,6 +272,43 @@ impl Gpt {
 
     fn entries_sectors(&self) -> u64 {
         (self.entries.len() as u64).div_ceil(self.sector)
+    }
+
+    /// Before anything is written: the layout the UEFI spec (§5.3.2) asks
+    /// for, so that the writes land where no partition is. The primary entry
+    /// array lies between the header and the first usable LBA; every used
+    /// partition lies inside the usable range of the grown disk. The
+    /// checksums only say the table is what was written, not that it is sane.
+    fn check_layout(&self, parts: &[Entry], last_usable: u64) -> Result<(), GptError> {
+        let bad = |why: String| Err(GptError::Layout(why));
+        let entries_lba = le64(&self.header, H_ENTRIES_LBA);
+        let first_usable = self.first_usable();
+        match entries_lba.checked_add(self.entries_sectors()) {
+            Some(end) if entries_lba >= 2 && end <= first_usable => {}
+            _ => {
+                return bad(format!(
+                    "entry array at LBA {entries_lba} ({} sectors) overlaps the header or the usable area from LBA {first_usable}",
+                    self.entries_sectors()
+                ));
+            }
+        }
+        if first_usable > last_usable {
+            return bad(format!(
+                "first usable LBA {first_usable} lies beyond the disk's last usable LBA {last_usable}"
+            ));
+        }
+        for p in parts {
+            if p.first_lba < first_usable || p.first_lba > p.last_lba || p.last_lba > last_usable {
+                return bad(format!(
+                    "partition {} ({:?}) spans LBA {}..={}, outside the usable LBAs {first_usable}..={last_usable}",
+                    p.index + 1,
+                    p.name,
+                    p.first_lba,
+                    p.last_lba
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Where tables and the last usable LBA sit on a disk of `total_lbas`.
@@ -344,6 +397,7 @@ pub fn grow_last_partition<D: Read + Write + Seek>(
             last_usable,
         });
     }
+    gpt.check_layout(&parts, last_usable)?;
     if before.last_lba == last_usable
         && gpt.alternate_lba() == backup_header
         && gpt.last_usable() == last_usable
@@ -373,7 +427,9 @@ pub fn grow_last_partition<D: Read + Write + Seek>(
     write_at(d, sector, backup_header, &backup)?;
     write_at(d, sector, primary_entries, &gpt.entries)?;
     write_at(d, sector, 1, &primary)?;
-    if old_alternate != backup_header && old_alternate > 1 && old_alternate < total {
+    // The old backup header is zeroed only where the grown partition now
+    // lies (a header naming another place is not followed into a partition).
+    if old_alternate > before.last_lba && old_alternate < backup_entries {
         write_at(d, sector, old_alternate, &vec![0u8; sector as usize])?;
     }
     let after = Entry {
@@ -695,5 +751,97 @@ mod tests {
             Gpt::read(&mut Cursor::new(bytes), 512),
             Err(GptError::NoSignature(1))
         ));
+    }
+
+    /// Edit the primary header (and entry array) of an image, then give both
+    /// their right CRCs again: a table whose checksums say it is what was
+    /// written, and whose fields are not sane.
+    fn resealed(mut bytes: Vec<u8>, edit: impl FnOnce(&mut [u8], &mut [u8])) -> Vec<u8> {
+        let (head, rest) = bytes.split_at_mut(1024);
+        let (header, entries) = (&mut head[512..], &mut rest[..128 * 128]);
+        edit(header, entries);
+        let c = crc32(entries);
+        put32(header, H_ENTRIES_CRC, c);
+        put32(header, H_CRC, 0);
+        let c = crc32(&header[..92]);
+        put32(header, H_CRC, c);
+        bytes
+    }
+
+    /// Checksums protect against damage, not against a table (on any disk
+    /// put into a node) whose fields point into partitions or past any disk:
+    /// such a table is refused before anything is written, with a message
+    /// naming the field, and a header pointing its backup into another
+    /// partition does not get that partition's sector zeroed.
+    #[test]
+    fn a_checksummed_but_insane_table_is_refused_and_nothing_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("disk.img");
+        if !sfdisk_image(&img, 16) {
+            eprintln!("sfdisk not available; skipping");
+            return;
+        }
+        let mut image = std::fs::read(&img).unwrap();
+        image.resize(32 << 20, 0);
+        let n = image.len() as u64;
+        let refused = |bytes: Vec<u8>| {
+            let mut disk = Cursor::new(bytes.clone());
+            let e = grow_last_partition(&mut disk, 512, n, "data", None).unwrap_err();
+            assert!(disk.get_ref() == &bytes, "written before refusing: {e}");
+            e.to_string()
+        };
+
+        // An entry array LBA whose byte offset overflows (it used to wrap).
+        let e = refused(resealed(image.clone(), |h, _| {
+            put64(h, H_ENTRIES_LBA, u64::MAX / 256)
+        }));
+        assert!(e.contains("an LBA beyond any disk"), "{e}");
+        // A primary header that says it is somewhere else.
+        let e = refused(resealed(image.clone(), |h, _| put64(h, H_MY_LBA, 5)));
+        assert!(e.contains("does not say LBA 1"), "{e}");
+        // The entry array inside the data partition: growing would write it there.
+        let mut moved = image.clone();
+        moved.copy_within(1024..1024 + 128 * 128, 26624 * 512);
+        let e = refused(resealed(moved, |h, _| put64(h, H_ENTRIES_LBA, 26624)));
+        assert!(
+            e.contains("entry array at LBA 26624 (32 sectors) overlaps"),
+            "{e}"
+        );
+        // A partition starting inside the tables.
+        let e = refused(resealed(image.clone(), |_, t| {
+            put64(&mut t[128..], E_FIRST_LBA, 1)
+        }));
+        assert!(
+            e.contains("partition 2 (\"root-a\") spans LBA 1..=18431"),
+            "{e}"
+        );
+        // First usable beyond the disk's end.
+        let e = refused(resealed(image.clone(), |h, _| {
+            put64(h, H_FIRST_USABLE, 1 << 40)
+        }));
+        assert!(
+            e.contains("first usable LBA 1099511627776 lies beyond"),
+            "{e}"
+        );
+
+        // A backup header said to lie inside root-a: growth goes on (the
+        // primary is sane), and root-a's sector is left alone.
+        let mut bytes = resealed(image.clone(), |h, _| put64(h, H_ALT_LBA, 10240));
+        bytes[10240 * 512..10241 * 512].fill(0xAB);
+        let mut disk = Cursor::new(bytes);
+        let out = grow_last_partition(&mut disk, 512, n, "data", None).unwrap();
+        assert!(matches!(out, GrowOutcome::Grown { .. }));
+        assert!(
+            disk.get_ref()[10240 * 512..10241 * 512]
+                .iter()
+                .all(|&b| b == 0xAB)
+        );
+        // The image's own old backup header, where data now reaches, is zeroed.
+        let mut disk = Cursor::new(image.clone());
+        grow_last_partition(&mut disk, 512, n, "data", None).unwrap();
+        let old_backup = (16u64 << 20) / 512 - 1;
+        let at = (old_backup * 512) as usize;
+        assert_eq!(&image[at..at + 8], b"EFI PART");
+        assert!(disk.get_ref()[at..at + 512].iter().all(|&b| b == 0));
     }
 }

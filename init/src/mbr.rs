@@ -100,6 +100,10 @@ pub enum MbrError {
     BrokenChain(u64),
     #[error("the last logical partition (number {0}) is not the data partition (number {1})")]
     NotLast(u32, u32),
+    #[error(
+        "partition {other} starts at sector {start}, after the data partition (number {number}): growing it would overlap"
+    )]
+    NotLastOnDisk { number: u32, other: u32, start: u64 },
 }
 
 /// A partition's place, in sectors.
@@ -190,6 +194,24 @@ pub fn grow_last_logical<D: Read + Write + Seek>(
     };
     if last.number != number {
         return Err(MbrError::NotLast(last.number, number));
+    }
+    // Last in the chain is not always last on the disk: a primary partition
+    // or an earlier logical one may lie behind it (a table not the builder's).
+    let mbr0 = read_sector(d, 0, ss)?;
+    let primaries = (0..4u32).filter_map(|i| {
+        let (t, start, len) = entry(&mbr0, i as usize);
+        (t != 0 && len != 0 && !is_extended(t)).then_some((i + 1, start))
+    });
+    let logicals = parts.iter().map(|(_, e)| (e.number, e.start));
+    if let Some((other, start)) = primaries
+        .chain(logicals)
+        .find(|&(n, start)| n != last.number && start > last.start)
+    {
+        return Err(MbrError::NotLastOnDisk {
+            number,
+            other,
+            start,
+        });
     }
     let disk_sectors = (disk_bytes / ss).min(u64::from(u32::MAX));
     if last.start + last.len + SLACK_SECTORS >= disk_sectors {
@@ -333,5 +355,53 @@ mod tests {
             logical_partitions(&mut std::io::Cursor::new(v), 512),
             Err(MbrError::BrokenChain(2))
         ));
+    }
+
+    /// The last logical partition in the chain is grown only when nothing
+    /// lies behind it on the disk: here a primary partition follows the
+    /// extended one (a table sfdisk made, not the builder), and growing would
+    /// have put the data partition over it. Refused, the disk unchanged.
+    #[test]
+    fn a_partition_behind_the_data_partition_is_not_overlapped() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("sd.img");
+        std::fs::File::create(&img)
+            .unwrap()
+            .set_len(64 << 20)
+            .unwrap();
+        let script = "label: dos\n\
+            start=2048, size=20480, type=f\n\
+            start=4096, size=4096, type=83\n\
+            start=10240, size=4096, type=83\n\
+            start=30720, size=8192, type=c\n";
+        let mut c = Command::new("sfdisk")
+            .arg("-q")
+            .arg(&img)
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .expect("sfdisk");
+        c.stdin
+            .take()
+            .unwrap()
+            .write_all(script.as_bytes())
+            .unwrap();
+        assert!(c.wait().unwrap().success());
+        let before = std::fs::read(&img).unwrap();
+        let mut disk = std::io::Cursor::new(before.clone());
+        let parts = logical_partitions(&mut disk, 512).unwrap();
+        assert_eq!(parts.iter().map(|p| p.1.number).collect::<Vec<_>>(), [5, 6]);
+        let e = grow_last_logical(&mut disk, 512, 64 << 20, 6).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                MbrError::NotLastOnDisk {
+                    number: 6,
+                    other: 2,
+                    start: 30720
+                }
+            ),
+            "{e}"
+        );
+        assert!(disk.get_ref() == &before);
     }
 }

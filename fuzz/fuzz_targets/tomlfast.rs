@@ -1,0 +1,35 @@
+//! PID 1's TOML subset reader against the `toml` crate: whenever the subset
+//! reader answers, the `toml` crate must read the same document (keys
+//! compared without their order; `0x`/`0o`/`0b` integers as their value).
+#![no_main]
+
+use basalt_init::tomlfast::{self, Val};
+use libfuzzer_sys::fuzz_target;
+
+fn sorted(v: Val) -> Val {
+    match v {
+        Val::Table(mut t) => {
+            t.sort_by(|a, b| a.0.cmp(&b.0));
+            Val::Table(t.into_iter().map(|(k, v)| (k, sorted(v))).collect())
+        }
+        Val::Arr(a) => Val::Arr(a.into_iter().map(sorted).collect()),
+        Val::Based(i, _) => Val::Int(i),
+        v => v,
+    }
+}
+
+fuzz_target!(|data: &[u8]| {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let Some(ours) = tomlfast::parse(text) else {
+        return;
+    };
+    let theirs = text
+        .parse::<toml::Table>()
+        .map(|t| Val::from_toml(&toml::Value::Table(t)).map(sorted));
+    match theirs {
+        Ok(theirs) => assert_eq!(Some(sorted(ours)), theirs, "on {text:?}"),
+        Err(e) => panic!("the subset reader accepted what toml refuses ({e}) on {text:?}"),
+    }
+});
