@@ -1,7 +1,7 @@
 //! The small formats the device reads from files and the kernel command line
 //! (cmdline, Pi `autoboot.txt` and trial marker, loader entries and their
 //! counted file names, service files, OS versions, dm-verity superblocks,
-//! bundle heads and manifests, base64): arbitrary input must never panic,
+//! bundle heads and manifests, EFI boot entries, base64): arbitrary input must never panic,
 //! and what can be written back reads back the same.
 //!
 //! Input: one selector byte, then the text or bytes.
@@ -11,7 +11,7 @@ use std::cmp::Ordering;
 use std::path::Path;
 
 use basalt_init::update::{entry, version};
-use basalt_init::{bundle, cmdline, rpi, service, verity};
+use basalt_init::{bootdisk, bundle, cmdline, rpi, service, verity};
 use libfuzzer_sys::fuzz_target;
 
 /// A real key pair is not needed: the head is read, then checked against a
@@ -24,7 +24,7 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let text = String::from_utf8_lossy(rest);
-    match which % 10 {
+    match which % 11 {
         0 => {
             let args = cmdline::parse(&text);
             let _ = cmdline::words(&text);
@@ -76,6 +76,12 @@ fuzz_target!(|data: &[u8]| {
             if let Ok(m) = bundle::Manifest::parse(&text) {
                 assert_eq!(bundle::Manifest::parse(&m.to_toml()).ok(), Some(m));
             }
+        }
+        9 => {
+            let _ = bootdisk::parse_load_option(rest);
+            let _ = bootdisk::parse_boot_current(rest);
+            let _ = bootdisk::parse_part_uuid(rest);
+            let _ = bootdisk::sysfs_pci_chain(&text);
         }
         _ => {
             assert_eq!(

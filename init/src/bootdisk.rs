@@ -7,7 +7,9 @@
 //! UEFI: systemd-boot leaves `LoaderDevicePartUUID` (the unique partition
 //! GUID of the ESP it was started from; systemd's Boot Loader Interface) in
 //! EFI variables;
-//! the disk whose GPT has that partition is the one. Only read when the
+//! the disk whose GPT has that partition is the one; when several have it
+//! (copies of one image before their first boot), the PCI device in the
+//! firmware's `BootCurrent` entry's device path narrows them. Only read when the
 //! partitions are on several disks, so a usual boot mounts no efivarfs and
 //! loads no module for it. The Raspberry Pi 4/5 EEPROM bootloader names the
 //! bus it booted from (`/chosen/bootloader/boot-mode`, a `BOOT_ORDER` mode:
@@ -95,7 +97,8 @@ pub struct Hint {
     pub matching: Vec<String>,
 }
 
-/// UEFI: the disks holding the ESP systemd-boot was started from.
+/// UEFI: the disks holding the ESP systemd-boot was started from (narrowed
+/// by the firmware's boot entry when that is several).
 pub fn loader_hint(
     efivars: &Path,
     dev: &Path,
@@ -103,10 +106,169 @@ pub fn loader_hint(
     disks: &[String],
 ) -> Result<Hint, String> {
     let uuid = loader_part_uuid(efivars)?;
-    Ok(Hint {
+    let hint = Hint {
         what: format!("the ESP systemd-boot started from ({uuid})"),
         matching: disks_with_partition(dev, class_block, disks, &uuid),
+    };
+    Ok(narrowed(hint, efivars, class_block))
+}
+
+/// The UEFI spec's global variables (`BootCurrent`, `Boot####`).
+pub const EFI_GLOBAL_GUID: &str = "8be4df61-93ca-11d2-aa0d-00e098032b8c";
+
+/// The firmware's boot device, from `Boot####` (an `EFI_LOAD_OPTION`, UEFI
+/// spec §3.1.3) as efivarfs shows it: its device path in the spec's text
+/// form, for the console, and the PCI (device, function) chain in it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BootDevice {
+    pub text: String,
+    pub pci: Vec<(u8, u8)>,
+}
+
+/// `BootCurrent` as efivarfs shows it: 4 attribute bytes, then a u16 (LE).
+pub fn parse_boot_current(raw: &[u8]) -> Option<u16> {
+    match raw {
+        [_, _, _, _, lo, hi] => Some(u16::from_le_bytes([*lo, *hi])),
+        _ => None,
+    }
+}
+
+/// A `Boot####` variable: attributes (u32), the device path list's length
+/// (u16), a NUL-terminated UTF-16 description, then the device path nodes
+/// (type, subtype, u16 length; the spec §10.3). Only the first path
+/// instance is read; `None` when the option is malformed.
+pub fn parse_load_option(raw: &[u8]) -> Option<BootDevice> {
+    let v = raw.get(4..)?;
+    let list_len = usize::from(u16::from_le_bytes([*v.get(4)?, *v.get(5)?]));
+    let mut i = 6;
+    loop {
+        let u = u16::from_le_bytes([*v.get(i)?, *v.get(i + 1)?]);
+        i += 2;
+        if u == 0 {
+            break;
+        }
+    }
+    let mut path = v.get(i..i.checked_add(list_len)?)?;
+    let (mut text, mut pci) = (Vec::new(), Vec::new());
+    while let [kind, sub, l0, l1, ..] = *path {
+        let len = usize::from(u16::from_le_bytes([l0, l1]));
+        let node = path.get(4..len.max(4))?;
+        if len < 4 {
+            return None;
+        }
+        let le16 = |o: usize| node.get(o..o + 2).map(|b| u16::from_le_bytes([b[0], b[1]]));
+        let le32 = |o: usize| {
+            node.get(o..o + 4)
+                .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        };
+        text.push(match (kind, sub) {
+            (0x7f, _) => break,
+            (0x01, 0x01) => {
+                let (f, d) = (*node.first()?, *node.get(1)?);
+                pci.push((d, f));
+                format!("Pci(0x{d:X},0x{f:X})")
+            }
+            (0x02, 0x01) if le32(0)? == 0x0a03_41d0 => format!("PciRoot(0x{:X})", le32(4)?),
+            (0x03, 0x12) => format!("Sata(0x{:X},0x{:X},0x{:X})", le16(0)?, le16(2)?, le16(4)?),
+            (0x03, 0x17) => format!("NVMe(0x{:X})", le32(0)?),
+            (0x03, 0x05) => format!("USB(0x{:X},0x{:X})", node.first()?, node.get(1)?),
+            (0x03, 0x02) => format!("Scsi(0x{:X},0x{:X})", le16(0)?, le16(2)?),
+            (0x04, 0x01) => format!("HD({},GPT,...)", le32(0)?),
+            (0x04, 0x04) => "File(...)".to_string(),
+            (k, s) => format!("Path({k},{s})"),
+        });
+        path = &path[len..];
+    }
+    Some(BootDevice {
+        text: text.join("/"),
+        pci,
     })
+}
+
+/// The PCI (device, function) chain in a sysfs device path
+/// (`../../devices/pci0000:00/0000:00:1f.2/ata1/...`: each `dddd:bb:dd.f`).
+pub fn sysfs_pci_chain(link: &str) -> Vec<(u8, u8)> {
+    link.split('/')
+        .filter_map(|c| {
+            let b = c.as_bytes();
+            let hex = |r: std::ops::Range<usize>| {
+                std::str::from_utf8(b.get(r)?)
+                    .ok()
+                    .and_then(|t| u8::from_str_radix(t, 16).ok())
+            };
+            if b.len() != 12 || b[4] != b':' || b[7] != b':' || b[10] != b'.' {
+                return None;
+            }
+            hex(0..2)?;
+            Some((hex(8..10)?, hex(11..12)?))
+        })
+        .collect()
+}
+
+/// UEFI, when the ESP's GUID matched several disks (copies of one image
+/// before the first boot renewed them): the one among `candidates` behind
+/// the PCI device of the firmware's `BootCurrent` entry. Disks behind one
+/// controller (two SATA ports) are not told apart by this.
+pub fn firmware_device_hint(
+    efivars: &Path,
+    class_block: &Path,
+    candidates: &[String],
+) -> Result<Hint, String> {
+    let read = |name: &str| {
+        let path = efivars.join(format!("{name}-{EFI_GLOBAL_GUID}"));
+        std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))
+    };
+    let current = parse_boot_current(&read("BootCurrent")?)
+        .ok_or_else(|| "BootCurrent is not a 16-bit number".to_string())?;
+    let name = format!("Boot{current:04X}");
+    let device = parse_load_option(&read(&name)?)
+        .ok_or_else(|| format!("{name} is not a load option the spec describes"))?;
+    if device.pci.is_empty() {
+        return Err(format!("{name} ({}) names no PCI device", device.text));
+    }
+    let matching = candidates
+        .iter()
+        .filter(|disk| {
+            std::fs::read_link(class_block.join(disk.as_str()))
+                .is_ok_and(|l| sysfs_pci_chain(&l.to_string_lossy()) == device.pci)
+        })
+        .cloned()
+        .collect();
+    Ok(Hint {
+        what: format!("the firmware's boot entry {name} ({})", device.text),
+        matching,
+    })
+}
+
+/// The loader's hint, narrowed by the firmware's boot entry when it matched
+/// several disks; else as it was, with why the entry did not decide.
+pub fn narrowed(hint: Hint, efivars: &Path, class_block: &Path) -> Hint {
+    if hint.matching.len() < 2 {
+        return hint;
+    }
+    match firmware_device_hint(efivars, class_block, &hint.matching) {
+        Ok(h) if h.matching.len() == 1 => Hint {
+            what: format!("{} and {}", hint.what, h.what),
+            matching: h.matching,
+        },
+        Ok(h) => Hint {
+            what: format!(
+                "{} ({} matches {})",
+                hint.what,
+                h.what,
+                if h.matching.is_empty() {
+                    "none of them"
+                } else {
+                    "them all"
+                }
+            ),
+            ..hint
+        },
+        Err(e) => Hint {
+            what: format!("{} ({e})", hint.what),
+            ..hint
+        },
+    }
 }
 
 /// Raspberry Pi 4/5: the disks on the bus the bootloader's `boot-mode`
@@ -173,6 +335,113 @@ mod tests {
             None
         );
         assert_eq!(parse_part_uuid(&[7, 0]), None);
+    }
+
+    /// `Boot0001` as OVMF writes it for a SATA disk: attributes, path list
+    /// length, "UEFI QEMU HARDDISK" in UTF-16, then PciRoot(0x0) (ACPI
+    /// PNP0A03), Pci(0x1F,0x2), Sata(0x0,0xFFFF,0x0), end (spec §10.3).
+    fn ovmf_sata_option() -> Vec<u8> {
+        let mut path = Vec::new();
+        path.extend_from_slice(&[0x02, 0x01, 12, 0]);
+        path.extend_from_slice(&0x0a03_41d0u32.to_le_bytes());
+        path.extend_from_slice(&0u32.to_le_bytes());
+        path.extend_from_slice(&[0x01, 0x01, 6, 0, 0x02, 0x1f]);
+        path.extend_from_slice(&[0x03, 0x12, 10, 0, 0, 0, 0xff, 0xff, 0, 0]);
+        path.extend_from_slice(&[0x7f, 0xff, 4, 0]);
+        let mut raw = vec![7, 0, 0, 0];
+        raw.extend_from_slice(&1u32.to_le_bytes());
+        raw.extend_from_slice(&(path.len() as u16).to_le_bytes());
+        for u in "UEFI QEMU HARDDISK".encode_utf16().chain([0]) {
+            raw.extend_from_slice(&u.to_le_bytes());
+        }
+        raw.extend_from_slice(&path);
+        raw.extend_from_slice(b"optional data");
+        raw
+    }
+
+    #[test]
+    fn the_firmware_boot_entry_names_a_pci_device() {
+        assert_eq!(parse_boot_current(&[7, 0, 0, 0, 0x01, 0x00]), Some(1));
+        assert_eq!(parse_boot_current(&[7, 0, 0, 0, 0x01]), None);
+        let raw = ovmf_sata_option();
+        let d = parse_load_option(&raw).unwrap();
+        assert_eq!(d.text, "PciRoot(0x0)/Pci(0x1F,0x2)/Sata(0x0,0xFFFF,0x0)");
+        assert_eq!(d.pci, [(0x1f, 2)]);
+        // Every truncation, and a node length under 4, is refused, not a panic.
+        for n in 0..raw.len() - 13 {
+            assert_eq!(parse_load_option(&raw[..n]), None, "{n}");
+        }
+        let mut short = raw.clone();
+        short[10 + 38 + 12 + 2] = 2;
+        assert_eq!(parse_load_option(&short), None);
+        assert_eq!(
+            sysfs_pci_chain(
+                "../../devices/pci0000:00/0000:00:1c.0/0000:01:00.0/nvme/nvme0/nvme0n1"
+            ),
+            [(0x1c, 0), (0, 0)]
+        );
+        assert_eq!(
+            sysfs_pci_chain(
+                "../../devices/pci0000:00/0000:00:1f.2/ata1/host0/target0:0:0/0:0:0:0/block/sda"
+            ),
+            [(0x1f, 2)]
+        );
+        assert!(sysfs_pci_chain("../../devices/platform/fe340000.mmc/mmc_host/mmc0").is_empty());
+    }
+
+    #[test]
+    fn the_firmware_entry_narrows_copies_of_one_image() {
+        let t = tempfile::tempdir().unwrap();
+        let (efivars, class_block) = (t.path().join("efivars"), t.path().join("block"));
+        std::fs::create_dir_all(&efivars).unwrap();
+        std::fs::create_dir_all(&class_block).unwrap();
+        for (disk, link) in [
+            (
+                "sda",
+                "../../devices/pci0000:00/0000:00:1f.2/ata1/host0/target0:0:0/0:0:0:0/block/sda",
+            ),
+            (
+                "nvme0n1",
+                "../../devices/pci0000:00/0000:00:03.0/nvme/nvme0/nvme0n1",
+            ),
+        ] {
+            std::os::unix::fs::symlink(link, class_block.join(disk)).unwrap();
+        }
+        let both = || Hint {
+            what: "the ESP systemd-boot started from (g)".into(),
+            matching: vec!["nvme0n1".into(), "sda".into()],
+        };
+        // No BootCurrent: as it was, with why.
+        let h = narrowed(both(), &efivars, &class_block);
+        assert_eq!(h.matching, ["nvme0n1", "sda"]);
+        assert!(h.what.contains("BootCurrent-8be4df61"), "{}", h.what);
+        let var = |name: &str, raw: &[u8]| {
+            std::fs::write(efivars.join(format!("{name}-{EFI_GLOBAL_GUID}")), raw).unwrap()
+        };
+        var("BootCurrent", &[7, 0, 0, 0, 1, 0]);
+        var("Boot0001", &ovmf_sata_option());
+        let h = narrowed(both(), &efivars, &class_block);
+        assert_eq!(h.matching, ["sda"]);
+        assert_eq!(
+            h.what,
+            "the ESP systemd-boot started from (g) and the firmware's boot entry Boot0001 (PciRoot(0x0)/Pci(0x1F,0x2)/Sata(0x0,0xFFFF,0x0))"
+        );
+        // One disk matching: the entry is not read.
+        let one = Hint {
+            matching: vec!["nvme0n1".into()],
+            ..both()
+        };
+        assert_eq!(narrowed(one.clone(), &efivars, &class_block), one);
+        // Both behind the entry's controller: undecided, said.
+        std::fs::remove_file(class_block.join("nvme0n1")).unwrap();
+        std::os::unix::fs::symlink(
+            "../../devices/pci0000:00/0000:00:1f.2/ata2/host1/target1:0:0/1:0:0:0/block/sdb",
+            class_block.join("nvme0n1"),
+        )
+        .unwrap();
+        let h = narrowed(both(), &efivars, &class_block);
+        assert_eq!(h.matching.len(), 2);
+        assert!(h.what.ends_with("matches them all)"), "{}", h.what);
     }
 
     #[test]
