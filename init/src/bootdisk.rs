@@ -123,6 +123,8 @@ pub const EFI_GLOBAL_GUID: &str = "8be4df61-93ca-11d2-aa0d-00e098032b8c";
 pub struct BootDevice {
     pub text: String,
     pub pci: Vec<(u8, u8)>,
+    /// The AHCI port of a `Sata(...)` node (0-based, the spec's HBA port).
+    pub sata_port: Option<u16>,
 }
 
 /// `BootCurrent` as efivarfs shows it: 4 attribute bytes, then a u16 (LE).
@@ -149,7 +151,7 @@ pub fn parse_load_option(raw: &[u8]) -> Option<BootDevice> {
         }
     }
     let mut path = v.get(i..i.checked_add(list_len)?)?;
-    let (mut text, mut pci) = (Vec::new(), Vec::new());
+    let (mut text, mut pci, mut sata_port) = (Vec::new(), Vec::new(), None);
     while let [kind, sub, l0, l1, ..] = *path {
         let len = usize::from(u16::from_le_bytes([l0, l1]));
         let node = path.get(4..len.max(4))?;
@@ -169,7 +171,10 @@ pub fn parse_load_option(raw: &[u8]) -> Option<BootDevice> {
                 format!("Pci(0x{d:X},0x{f:X})")
             }
             (0x02, 0x01) if le32(0)? == 0x0a03_41d0 => format!("PciRoot(0x{:X})", le32(4)?),
-            (0x03, 0x12) => format!("Sata(0x{:X},0x{:X},0x{:X})", le16(0)?, le16(2)?, le16(4)?),
+            (0x03, 0x12) => {
+                sata_port = Some(le16(0)?);
+                format!("Sata(0x{:X},0x{:X},0x{:X})", le16(0)?, le16(2)?, le16(4)?)
+            }
             (0x03, 0x17) => format!("NVMe(0x{:X})", le32(0)?),
             (0x03, 0x05) => format!("USB(0x{:X},0x{:X})", node.first()?, node.get(1)?),
             (0x03, 0x02) => format!("Scsi(0x{:X},0x{:X})", le16(0)?, le16(2)?),
@@ -182,6 +187,7 @@ pub fn parse_load_option(raw: &[u8]) -> Option<BootDevice> {
     Some(BootDevice {
         text: text.join("/"),
         pci,
+        sata_port,
     })
 }
 
@@ -205,10 +211,27 @@ pub fn sysfs_pci_chain(link: &str) -> Vec<(u8, u8)> {
         .collect()
 }
 
+/// The AHCI port (0-based) of a disk whose sysfs path (`link`, relative to
+/// `class_block`) runs through `.../ataN/`: libata's `ata_port/ataN/port_no`
+/// there is 1-based within its controller. `None` when it is not a SATA disk
+/// or the attribute cannot be read.
+pub fn sysfs_sata_port(class_block: &Path, link: &str) -> Option<u16> {
+    let parts: Vec<&str> = link.split('/').collect();
+    let at = parts.iter().position(|c| {
+        c.strip_prefix("ata")
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+    })?;
+    let port_dir = class_block.join(parts[..=at].join("/"));
+    let text =
+        std::fs::read_to_string(port_dir.join("ata_port").join(parts[at]).join("port_no")).ok()?;
+    text.trim().parse::<u16>().ok()?.checked_sub(1)
+}
+
 /// UEFI, when the ESP's GUID matched several disks (copies of one image
 /// before the first boot renewed them): the one among `candidates` behind
-/// the PCI device of the firmware's `BootCurrent` entry. Disks behind one
-/// controller (two SATA ports) are not told apart by this.
+/// the PCI device of the firmware's `BootCurrent` entry, and for a SATA
+/// entry its AHCI port (when libata shows it). Disks behind one USB or NVMe
+/// controller are not told apart by this.
 pub fn firmware_device_hint(
     efivars: &Path,
     class_block: &Path,
@@ -229,8 +252,14 @@ pub fn firmware_device_hint(
     let matching = candidates
         .iter()
         .filter(|disk| {
-            std::fs::read_link(class_block.join(disk.as_str()))
-                .is_ok_and(|l| sysfs_pci_chain(&l.to_string_lossy()) == device.pci)
+            std::fs::read_link(class_block.join(disk.as_str())).is_ok_and(|l| {
+                let l = l.to_string_lossy();
+                sysfs_pci_chain(&l) == device.pci
+                    && match (device.sata_port, sysfs_sata_port(class_block, &l)) {
+                        (Some(want), Some(port)) => want == port,
+                        _ => true,
+                    }
+            })
         })
         .cloned()
         .collect();
@@ -392,7 +421,8 @@ mod tests {
     #[test]
     fn the_firmware_entry_narrows_copies_of_one_image() {
         let t = tempfile::tempdir().unwrap();
-        let (efivars, class_block) = (t.path().join("efivars"), t.path().join("block"));
+        // Laid out like /sys: the links climb from class/block to devices.
+        let (efivars, class_block) = (t.path().join("efivars"), t.path().join("class/block"));
         std::fs::create_dir_all(&efivars).unwrap();
         std::fs::create_dir_all(&class_block).unwrap();
         for (disk, link) in [
@@ -432,7 +462,8 @@ mod tests {
             ..both()
         };
         assert_eq!(narrowed(one.clone(), &efivars, &class_block), one);
-        // Both behind the entry's controller: undecided, said.
+        // Two SATA disks behind the entry's controller, libata's port_no
+        // unreadable: undecided, said.
         std::fs::remove_file(class_block.join("nvme0n1")).unwrap();
         std::os::unix::fs::symlink(
             "../../devices/pci0000:00/0000:00:1f.2/ata2/host1/target1:0:0/1:0:0:0/block/sdb",
@@ -442,6 +473,29 @@ mod tests {
         let h = narrowed(both(), &efivars, &class_block);
         assert_eq!(h.matching.len(), 2);
         assert!(h.what.ends_with("matches them all)"), "{}", h.what);
+        // With port_no (1-based; the entry's Sata(0x0,..) is port 0): told apart.
+        for (ata, port) in [("ata1", 1), ("ata2", 2)] {
+            let d = t
+                .path()
+                .join("devices/pci0000:00/0000:00:1f.2")
+                .join(ata)
+                .join("ata_port")
+                .join(ata);
+            std::fs::create_dir_all(&d).unwrap();
+            std::fs::write(d.join("port_no"), format!("{port}\n")).unwrap();
+        }
+        let h = narrowed(both(), &efivars, &class_block);
+        assert_eq!(h.matching, ["sda"], "{}", h.what);
+        // The same controller's disks under another port: none of them.
+        std::fs::write(
+            t.path()
+                .join("devices/pci0000:00/0000:00:1f.2/ata1/ata_port/ata1/port_no"),
+            "3\n",
+        )
+        .unwrap();
+        let h = narrowed(both(), &efivars, &class_block);
+        assert_eq!(h.matching.len(), 2);
+        assert!(h.what.ends_with("matches none of them)"), "{}", h.what);
     }
 
     #[test]

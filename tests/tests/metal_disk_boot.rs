@@ -239,14 +239,18 @@ fn guids(img: &std::path::Path) -> Result<Vec<String>> {
     Ok(all.into_iter().map(|g| g.to_ascii_lowercase()).collect())
 }
 
-/// Two copies of one image (the same GUIDs: LoaderDevicePartUUID matches
-/// both) are told apart on the first boot by the firmware's boot entry
-/// (`BootCurrent`'s device path, the SATA controller's PCI device); that
-/// boot's growth renews the firmware's disk's GUIDs, so from the second boot
-/// the ESP's GUID alone decides. The other copy is never written.
-#[test]
-fn two_copies_of_one_image_are_told_apart_from_the_first_boot() -> Result<()> {
-    let name = "metal_two_copies";
+/// The test image built and grown to 4 GiB, a sparse copy of it, the
+/// image's GUIDs (`guids`) and the copy's sha256.
+struct TwoCopies {
+    assets: Assets,
+    dir: std::path::PathBuf,
+    img: std::path::PathBuf,
+    copy: std::path::PathBuf,
+    built: Vec<String>,
+    copy_before: String,
+}
+
+fn two_copies(name: &str) -> Result<TwoCopies> {
     let assets = Assets::locate("amd64").context("the metal disk tests need the test assets")?;
     let dir = work_dir(name)?;
     build::ensure_binaries(&dir)?;
@@ -257,6 +261,91 @@ fn two_copies_of_one_image_are_told_apart_from_the_first_boot() -> Result<()> {
     let built = guids(&img)?;
     ensure!(guids(&copy)? == built, "the copy differs");
     let copy_before = sha256(&copy)?;
+    Ok(TwoCopies {
+        assets,
+        dir,
+        img,
+        copy,
+        built,
+        copy_before,
+    })
+}
+
+/// Two copies of one image on one SATA controller: the firmware started
+/// the one on port 1 (sdb), its copy on port 0 sorts first (sda). The
+/// boot entry's `Sata(0x1,..)` and libata's `port_no` tell them apart on the
+/// first boot; the copy is never written.
+#[test]
+fn two_copies_on_one_sata_controller_are_told_apart_by_port() -> Result<()> {
+    let name = "metal_two_ports";
+    let TwoCopies {
+        assets,
+        dir,
+        img,
+        copy,
+        built,
+        copy_before,
+    } = two_copies(name)?;
+
+    let mut cfg = VmConfig::new(name, &dir, &copy);
+    cfg.disk_bus = DiskBus::Ahci;
+    cfg.extra_args = vec![
+        "-drive".into(),
+        format!("if=none,id=second,format=raw,file={}", img.display()),
+        "-device".into(),
+        "ide-hd,drive=second,bus=ide.1,bootindex=0".into(),
+    ];
+    cfg.lifetime = Duration::from_secs(600);
+    let mut vm = Vm::start(&cfg, &assets)?;
+    vm.expect("basalt: stage1 start", TO_KERNEL)?;
+    let chose = vm.expect(
+        "basalt: storage: the slot's partitions are on sda, sdb: using sdb, the one matching the ESP systemd-boot started from (",
+        STEP,
+    )?;
+    ensure!(
+        chose.contains(&format!(
+            "({}) and the firmware's boot entry Boot",
+            built[1]
+        )) && chose.ends_with("(PciRoot(0x0)/Pci(0x1F,0x2)/Sata(0x1,0xFFFF,0x0))"),
+        "{chose}"
+    );
+    vm.expect(
+        "basalt: storage: sdb: new GUIDs for this copy of the image (first boot)",
+        STEP,
+    )?;
+    let line = vm.expect(report::READY_PREFIX, STEP)?;
+    let ready = report::parse_ready(&line)?;
+    ensure!(ready.slot == "a" && ready.data_grown, "{line}");
+    vm.expect("basalt: shutdown poweroff", STEP)?;
+    vm.expect("basalt: shutdown complete", STEP)?;
+    let st = vm.wait_exit(Duration::from_secs(60))?;
+    ensure!(st.success(), "QEMU exited {st}");
+    vm.console.no_init_errors()?;
+    ensure!(
+        guids(&img)?.iter().all(|g| !built.contains(g)),
+        "the firmware's disk kept a GUID of the image"
+    );
+    disk::fsck_ext4(&img, "data")?;
+    ensure!(sha256(&copy)? == copy_before, "the copy was written to");
+    Ok(())
+}
+
+/// Two copies of one image (the same GUIDs: LoaderDevicePartUUID matches
+/// both) are told apart on the first boot by the firmware's boot entry
+/// (`BootCurrent`'s device path, the SATA controller's PCI device); that
+/// boot's growth renews the firmware's disk's GUIDs, so from the second boot
+/// the ESP's GUID alone decides. The other copy is never written.
+#[test]
+fn two_copies_of_one_image_are_told_apart_from_the_first_boot() -> Result<()> {
+    let name = "metal_two_copies";
+    let TwoCopies {
+        assets,
+        dir,
+        img,
+        copy,
+        built,
+        copy_before,
+    } = two_copies(name)?;
 
     // The firmware starts the SATA disk (sda); its copy is on NVMe, first by
     // kernel name.
