@@ -6,7 +6,8 @@
 //! usable sector and every other partition where it was.
 //!
 //! Input: one flags byte (bit 0: 4096-byte sectors; bits 1-7: how many
-//! sectors the "disk" is larger than the bytes given), then the disk. With
+//! sectors the "disk" is larger than the bytes given; bit 1 also: renew the
+//! GUIDs while growing), then the disk. With
 //! bit 7 set the GPT's two CRCs are made right first, so that the fields
 //! behind them (sizes, LBAs, entries) are reached with any value.
 #![no_main]

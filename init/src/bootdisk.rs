@@ -154,10 +154,10 @@ pub fn parse_load_option(raw: &[u8]) -> Option<BootDevice> {
     let (mut text, mut pci, mut sata_port) = (Vec::new(), Vec::new(), None);
     while let [kind, sub, l0, l1, ..] = *path {
         let len = usize::from(u16::from_le_bytes([l0, l1]));
-        let node = path.get(4..len.max(4))?;
         if len < 4 {
             return None;
         }
+        let node = path.get(4..len)?;
         let le16 = |o: usize| node.get(o..o + 2).map(|b| u16::from_le_bytes([b[0], b[1]]));
         let le32 = |o: usize| {
             node.get(o..o + 4)

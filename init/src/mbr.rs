@@ -262,6 +262,11 @@ mod tests {
             start=53248, size=20480, type=83\n\
             start=75776, size=20480, type=83\n\
             start=98304, size=16384, type=83\n";
+        sfdisk(path, script);
+    }
+
+    /// `script` applied to the disk file at `path` by sfdisk.
+    fn sfdisk(path: &std::path::Path, script: &str) {
         let mut c = Command::new("sfdisk")
             .arg("-q")
             .arg(path)
@@ -374,18 +379,7 @@ mod tests {
             start=4096, size=4096, type=83\n\
             start=10240, size=4096, type=83\n\
             start=30720, size=8192, type=c\n";
-        let mut c = Command::new("sfdisk")
-            .arg("-q")
-            .arg(&img)
-            .stdin(std::process::Stdio::piped())
-            .spawn()
-            .expect("sfdisk");
-        c.stdin
-            .take()
-            .unwrap()
-            .write_all(script.as_bytes())
-            .unwrap();
-        assert!(c.wait().unwrap().success());
+        sfdisk(&img, script);
         let before = std::fs::read(&img).unwrap();
         let mut disk = std::io::Cursor::new(before.clone());
         let parts = logical_partitions(&mut disk, 512).unwrap();

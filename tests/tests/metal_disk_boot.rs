@@ -91,11 +91,7 @@ fn boot_from(name: &str, bus: DiskBus, cpu: &str, disk_seen: &str, data: &str) -
         "no 'EXT4-fs ({data}): mounted filesystem' on the console:\n{}",
         vm.console.tail()
     );
-    vm.expect("basalt: shutdown poweroff", STEP)?;
-    vm.expect("basalt: shutdown complete", STEP)?;
-    let st = vm.wait_exit(Duration::from_secs(60))?;
-    ensure!(st.success(), "QEMU exited {st}");
-    vm.console.no_init_errors()?;
+    powers_off_cleanly(&mut vm)?;
     disk::fsck_ext4(&img, "data")?;
     Ok(())
 }
@@ -131,6 +127,17 @@ fn boots_from_a_usb_disk() -> Result<()> {
         r"usb-storage \S+: USB Mass Storage device detected",
         "sda4",
     )
+}
+
+/// The node's own poweroff (the test services end the boot): said, complete,
+/// QEMU exits 0, and no init error on the console.
+fn powers_off_cleanly(vm: &mut Vm) -> Result<()> {
+    vm.expect("basalt: shutdown poweroff", STEP)?;
+    vm.expect("basalt: shutdown complete", STEP)?;
+    let st = vm.wait_exit(Duration::from_secs(60))?;
+    ensure!(st.success(), "QEMU exited {st}");
+    vm.console.no_init_errors()?;
+    Ok(())
 }
 
 /// `sha256sum` of a file.
@@ -208,11 +215,7 @@ fn boots_from_the_disk_the_firmware_started_with_another_basalt_disk_in() -> Res
         "the data filesystem must be mounted from sda4 only:\n{}",
         vm.console.tail()
     );
-    vm.expect("basalt: shutdown poweroff", STEP)?;
-    vm.expect("basalt: shutdown complete", STEP)?;
-    let st = vm.wait_exit(Duration::from_secs(60))?;
-    ensure!(st.success(), "QEMU exited {st}");
-    vm.console.no_init_errors()?;
+    powers_off_cleanly(&mut vm)?;
     disk::fsck_ext4(&img, "data")?;
     ensure!(
         sha256(&other)? == other_before,
@@ -278,16 +281,10 @@ fn two_copies(name: &str) -> Result<TwoCopies> {
 #[test]
 fn two_copies_on_one_sata_controller_are_told_apart_by_port() -> Result<()> {
     let name = "metal_two_ports";
-    let TwoCopies {
-        assets,
-        dir,
-        img,
-        copy,
-        built,
-        copy_before,
-    } = two_copies(name)?;
+    let c = two_copies(name)?;
+    let (img, copy, built) = (&c.img, &c.copy, &c.built);
 
-    let mut cfg = VmConfig::new(name, &dir, &copy);
+    let mut cfg = VmConfig::new(name, &c.dir, copy);
     cfg.disk_bus = DiskBus::Ahci;
     cfg.extra_args = vec![
         "-drive".into(),
@@ -296,7 +293,7 @@ fn two_copies_on_one_sata_controller_are_told_apart_by_port() -> Result<()> {
         "ide-hd,drive=second,bus=ide.1,bootindex=0".into(),
     ];
     cfg.lifetime = Duration::from_secs(600);
-    let mut vm = Vm::start(&cfg, &assets)?;
+    let mut vm = Vm::start(&cfg, &c.assets)?;
     vm.expect("basalt: stage1 start", TO_KERNEL)?;
     let chose = vm.expect(
         "basalt: storage: the slot's partitions are on sda, sdb: using sdb, the one matching the ESP systemd-boot started from (",
@@ -316,17 +313,13 @@ fn two_copies_on_one_sata_controller_are_told_apart_by_port() -> Result<()> {
     let line = vm.expect(report::READY_PREFIX, STEP)?;
     let ready = report::parse_ready(&line)?;
     ensure!(ready.slot == "a" && ready.data_grown, "{line}");
-    vm.expect("basalt: shutdown poweroff", STEP)?;
-    vm.expect("basalt: shutdown complete", STEP)?;
-    let st = vm.wait_exit(Duration::from_secs(60))?;
-    ensure!(st.success(), "QEMU exited {st}");
-    vm.console.no_init_errors()?;
+    powers_off_cleanly(&mut vm)?;
     ensure!(
-        guids(&img)?.iter().all(|g| !built.contains(g)),
+        guids(img)?.iter().all(|g| !built.contains(g)),
         "the firmware's disk kept a GUID of the image"
     );
-    disk::fsck_ext4(&img, "data")?;
-    ensure!(sha256(&copy)? == copy_before, "the copy was written to");
+    disk::fsck_ext4(img, "data")?;
+    ensure!(sha256(copy)? == c.copy_before, "the copy was written to");
     Ok(())
 }
 
@@ -338,22 +331,16 @@ fn two_copies_on_one_sata_controller_are_told_apart_by_port() -> Result<()> {
 #[test]
 fn two_copies_of_one_image_are_told_apart_from_the_first_boot() -> Result<()> {
     let name = "metal_two_copies";
-    let TwoCopies {
-        assets,
-        dir,
-        img,
-        copy,
-        built,
-        copy_before,
-    } = two_copies(name)?;
+    let c = two_copies(name)?;
+    let (img, copy, built) = (&c.img, &c.copy, &c.built);
 
     // The firmware starts the SATA disk (sda); its copy is on NVMe, first by
     // kernel name.
-    let mut cfg = sata_then_nvme(name, &dir, &img, &copy);
-    let vars = dir.join(format!("{name}.vars.fd"));
+    let mut cfg = sata_then_nvme(name, &c.dir, img, copy);
+    let vars = c.dir.join(format!("{name}.vars.fd"));
     let mut esp_guid = built[1].clone();
     for boot in 1..=2 {
-        let mut vm = Vm::start(&cfg, &assets)?;
+        let mut vm = Vm::start(&cfg, &c.assets)?;
         vm.expect("basalt: stage1 start", TO_KERNEL)?;
         let chose = vm.expect(
             "basalt: storage: the slot's partitions are on nvme0n1, sda: using sda, the one matching the ESP systemd-boot started from (",
@@ -383,11 +370,7 @@ fn two_copies_of_one_image_are_told_apart_from_the_first_boot() -> Result<()> {
             ready.slot == "a" && ready.data_grown == (boot == 1),
             "boot {boot}: {line}"
         );
-        vm.expect("basalt: shutdown poweroff", STEP)?;
-        vm.expect("basalt: shutdown complete", STEP)?;
-        let st = vm.wait_exit(Duration::from_secs(60))?;
-        ensure!(st.success(), "boot {boot}: QEMU exited {st}");
-        vm.console.no_init_errors()?;
+        powers_off_cleanly(&mut vm).with_context(|| format!("boot {boot}"))?;
         ensure!(
             boot == 1 || !vm.console.history().iter().any(|l| l.contains("new GUIDs")),
             "boot {boot} renewed GUIDs again"
@@ -398,14 +381,14 @@ fn two_copies_of_one_image_are_told_apart_from_the_first_boot() -> Result<()> {
                 "{renewed}"
             );
         }
-        esp_guid = guids(&img)?[1].clone();
+        esp_guid = guids(img)?[1].clone();
         // The next boot keeps the firmware's variables (its boot order).
         cfg.vars = Some(vars.clone());
     }
     // The firmware's disk has its own GUIDs, none the image's, all version 4,
     // distinct; its table is sound (sgdisk -v), its data filesystem clean;
     // the copy is byte for byte as it was.
-    let a = guids(&img)?;
+    let a = guids(img)?;
     for g in &a {
         ensure!(!built.contains(g), "a GUID of the image is left: {a:?}");
         ensure!(g.as_bytes()[14] == b'4', "not version 4: {g}");
@@ -416,11 +399,11 @@ fn two_copies_of_one_image_are_told_apart_from_the_first_boot() -> Result<()> {
     ensure!(all.len() == 5, "GUIDs repeat: {a:?}");
     let v = std::process::Command::new("sgdisk")
         .arg("-v")
-        .arg(&img)
+        .arg(img)
         .output()?;
     let text = String::from_utf8_lossy(&v.stdout);
     ensure!(text.contains("No problems found"), "sgdisk -v: {text}");
-    disk::fsck_ext4(&img, "data")?;
-    ensure!(sha256(&copy)? == copy_before, "the copy was written to");
+    disk::fsck_ext4(img, "data")?;
+    ensure!(sha256(copy)? == c.copy_before, "the copy was written to");
     Ok(())
 }
