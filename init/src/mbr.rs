@@ -104,6 +104,16 @@ pub enum MbrError {
         "partition {other} starts at sector {start}, after the data partition (number {number}): growing it would overlap"
     )]
     NotLastOnDisk { number: u32, other: u32, start: u64 },
+    #[error(
+        "partition {number} ends at sector {end}, beyond the disk's end (sector {disk_sectors}): the disk is {} MiB smaller than the image (flashed to a smaller card?)",
+        (end + 1 - disk_sectors) * sector_bytes / (1 << 20)
+    )]
+    BeyondEnd {
+        number: u32,
+        end: u64,
+        disk_sectors: u64,
+        sector_bytes: u64,
+    },
 }
 
 /// A partition's place, in sectors.
@@ -213,8 +223,19 @@ pub fn grow_last_logical<D: Read + Write + Seek>(
             start,
         });
     }
+    // A disk smaller than the image: the kernel cut the partition at the
+    // disk's end and its filesystem would not mount; said, nothing written.
+    let end = last.start + last.len;
+    if end > disk_bytes / ss {
+        return Err(MbrError::BeyondEnd {
+            number,
+            end: end - 1,
+            disk_sectors: disk_bytes / ss,
+            sector_bytes: ss,
+        });
+    }
     let disk_sectors = (disk_bytes / ss).min(u64::from(u32::MAX));
-    if last.start + last.len + SLACK_SECTORS >= disk_sectors {
+    if end + SLACK_SECTORS >= disk_sectors {
         return Ok(GrowOutcome::AlreadyFull(last));
     }
     // 1. The extended partition reaches the end of the disk.
@@ -359,6 +380,44 @@ mod tests {
         assert!(matches!(
             logical_partitions(&mut std::io::Cursor::new(v), 512),
             Err(MbrError::BrokenChain(2))
+        ));
+    }
+
+    /// An image flashed to a card smaller than itself: the data partition
+    /// runs past the disk's end. An error naming the shortfall (was taken
+    /// for "already full"), nothing written.
+    #[test]
+    fn a_disk_smaller_than_the_image_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("sd.img");
+        pi_disk(&img, 64);
+        let before = std::fs::read(&img).unwrap();
+        // The image's data partition ends at sector 114687 (56 MiB); the
+        // card has 48 MiB.
+        let mut disk = std::io::Cursor::new(before.clone());
+        let e = grow_last_logical(&mut disk, 512, 48 << 20, 7).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                MbrError::BeyondEnd {
+                    number: 7,
+                    end: 114687,
+                    disk_sectors: 98304,
+                    sector_bytes: 512
+                }
+            ),
+            "{e:?}"
+        );
+        assert_eq!(
+            e.to_string(),
+            "partition 7 ends at sector 114687, beyond the disk's end (sector 98304): the disk is 8 MiB smaller than the image (flashed to a smaller card?)"
+        );
+        assert!(disk.get_ref() == &before);
+        // Exactly the image's size still counts as full.
+        let end = (98304 + 16384) * 512;
+        assert!(matches!(
+            grow_last_logical(&mut disk, 512, end, 7).unwrap(),
+            GrowOutcome::AlreadyFull(_)
         ));
     }
 
