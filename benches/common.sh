@@ -68,6 +68,11 @@ initramfs_open() {
   (cd "$work/root" && cpio -id --quiet < ../initramfs.orig)
   mods=$(sed -n 's/^modules *= *\[\(.*\)\]/\1/p' "$work/root/etc/basalt/initramfs.toml" | tr -d '",')
   kver=$(sed -n 's/^kernel_version *= *"\(.*\)"/\1/p' "$work/root/etc/basalt/initramfs.toml")
+  # efivarfs when a board lists it late (the x86_64 board loads it early):
+  # stage 1 needs it to ask the firmware which disk it started
+  # (LoaderDevicePartUUID); the baselines do the same.
+  efivarfs=$(sed -n 's/^late_modules *= *\[\(.*\)\]/\1/p' "$work/root/etc/basalt/initramfs.toml" |
+    tr -d '",' | tr ' ' '\n' | { grep 'efivarfs\.ko' || true; } | head -1)
 }
 
 # initramfs_close <dst.img>: pack $work/root back as slot a's initramfs.
@@ -102,6 +107,12 @@ for m in $mods; do insmod /lib/modules/$kver/\$m 2>/dev/null; done
 find_part() { for u in /sys/class/block/*/uevent; do grep -q "^PARTNAME=\$1\$" \$u && { . \$u; echo /dev/\$DEVNAME; return; }; done; }
 i=0; while [ -z "\$(find_part root-a)" ] && [ \$i -lt 500 ]; do sleep 0.02; i=\$((i+1)); done
 ROOT=\$(find_part root-a); DATA=\$(find_part data); ESP=\$(find_part esp)
+EFIVARS=/sys/firmware/efi/efivars
+if [ -d \$EFIVARS ]; then
+  [ -n "$efivarfs" ] && insmod /lib/modules/$kver/$efivarfs 2>/dev/null
+  mount -t efivarfs -o ro efivarfs \$EFIVARS && cat \$EFIVARS/LoaderDevicePartUUID-4a67b082-0a4c-41cf-b6c7-440b29bb8c4f > /dev/null
+  umount \$EFIVARS
+fi
 mount -t squashfs -o ro \$ROOT /newroot
 mount -t ext4 -o noatime \$DATA /newroot/var
 mkdir -p /newetc; mount -t tmpfs tmpfs /newetc; cp -a /newroot/etc/. /newetc/; mount --move /newetc /newroot/etc
@@ -127,6 +138,7 @@ floor_image() {
   local src=$1 base=$2 bin=$3 exec_argv=$4
   initramfs_open "$src" "$base"
   { for m in $mods; do echo "module /lib/modules/$kver/$m"; done
+    [ -n "$efivarfs" ] && echo "efivarfs /lib/modules/$kver/$efivarfs"
     python3 - "$work/root/etc/basalt/initramfs.toml" "/lib/modules/$kver/" <<'PY'
 import sys, tomllib
 s = tomllib.load(open(sys.argv[1], "rb"))

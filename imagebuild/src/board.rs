@@ -415,13 +415,13 @@ mod tests {
         let b = Board::embedded("x86_64").unwrap();
         assert_eq!(b.partition_table, PartitionTable::Gpt);
         assert_eq!(b.console, "ttyS0");
-        // virtio disk, squashfs, vfat + nls, dm-verity, ext4 + crc32c; late:
-        // softdog, efivarfs.
-        assert_eq!(b.initramfs.modules.len(), 17);
+        // virtio disk, squashfs, vfat + nls, dm-verity, ext4 + crc32c,
+        // efivarfs; late: softdog.
+        assert_eq!(b.initramfs.modules.len(), 18);
         for m in ["dm-verity", "ext4", "crc32c_generic"] {
             assert!(b.initramfs.modules.iter().any(|x| x == m), "{m}");
         }
-        assert_eq!(b.initramfs.late_modules, ["softdog", "efivarfs"]);
+        assert_eq!(b.initramfs.late_modules, ["softdog"]);
         assert_eq!(b.initramfs.modules[0], "virtio_ring");
         assert_eq!(b.efi_boot_file(), "BOOTX64.EFI");
     }

@@ -9,9 +9,10 @@
 //! EFI variables;
 //! the disk whose GPT has that partition is the one; when several have it
 //! (copies of one image before their first boot), the PCI device in the
-//! firmware's `BootCurrent` entry's device path narrows them. Only read when the
-//! partitions are on several disks, so a usual boot mounts no efivarfs and
-//! loads no module for it. The Raspberry Pi 4/5 EEPROM bootloader names the
+//! firmware's `BootCurrent` entry's device path narrows them. Asked on every
+//! boot, also when one disk holds the slot's partitions: an internal disk
+//! with another Basalt install appears before the USB disk the firmware
+//! started, and stage 1 waits for that one ([`decide`]). The Raspberry Pi 4/5 EEPROM bootloader names the
 //! bus it booted from (`/chosen/bootloader/boot-mode`, a `BOOT_ORDER` mode:
 //! 1 SD card/eMMC, 4 and 5 USB mass storage, 6 NVMe): that tells an SD card
 //! from a USB SSD, not two USB disks. When nothing decides (two copies of
@@ -340,6 +341,64 @@ pub fn choose(disks: &[String], hint: Result<Hint, String>) -> (String, String, 
     (first, format!("{why}; the first by kernel name"), false)
 }
 
+/// What stage 1 does with the disks now holding the slot's root.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Boot from `disk`; `said`: the line for the console (`None`: one disk
+    /// and the firmware agrees, the usual boot, nothing to say), and
+    /// whether it is a warning.
+    Use {
+        disk: String,
+        said: Option<(String, bool)>,
+    },
+    /// The firmware names a disk none of these is: the disk it started
+    /// has not appeared yet (a USB disk enumerates after an internal one
+    /// holding another Basalt install). Why, for the console.
+    Wait(String),
+}
+
+/// The decision for `disks` (sorted) given the firmware's `hint`; with
+/// `last_chance` (the wait for the boot disk is over) never `Wait`.
+pub fn decide(disks: &[String], hint: Result<Hint, String>, last_chance: bool) -> Decision {
+    let all = disks.join(", ");
+    if let Ok(h) = &hint
+        && h.matching.is_empty()
+        && !last_chance
+    {
+        let holds = if disks.len() == 1 { "holds" } else { "hold" };
+        return Decision::Wait(format!(
+            "{all} {holds} the slot's partitions, but not {}",
+            h.what
+        ));
+    }
+    if let [one] = disks {
+        let said = match hint {
+            Ok(h) if h.matching.is_empty() => Some((
+                format!(
+                    "the slot's partitions are on {one} only, which does not match {}: using it",
+                    h.what
+                ),
+                true,
+            )),
+            _ => None,
+        };
+        return Decision::Use {
+            disk: one.clone(),
+            said,
+        };
+    }
+    let (disk, why, decided) = choose(disks, hint);
+    let said = if decided {
+        format!("the slot's partitions are on {all}: using {disk}, {why}")
+    } else {
+        format!("the slot's partitions are on {all}: using {disk}: {why}")
+    };
+    Decision::Use {
+        disk,
+        said: Some((said, !decided)),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -521,6 +580,66 @@ mod tests {
         let (d, why, decided) = choose(&disks, Err("no EFI firmware".into()));
         assert_eq!((d.as_str(), decided), ("nvme0n1", false));
         assert_eq!(why, "no EFI firmware; the first by kernel name");
+    }
+
+    /// One disk the firmware agrees with: quiet. One it does not name: wait
+    /// for the firmware's, then (last chance) use it with a warning. Several:
+    /// as `choose`, waiting when none matches. No hint: no wait.
+    #[test]
+    fn a_disk_the_firmware_did_not_start_is_waited_past() {
+        let one = vec!["nvme0n1".to_string()];
+        let two = vec!["nvme0n1".to_string(), "sda".to_string()];
+        let hint = |matching: &[&str]| {
+            Ok(Hint {
+                what: "the ESP systemd-boot started from (g)".into(),
+                matching: matching.iter().map(|m| m.to_string()).collect(),
+            })
+        };
+        let quiet = |d: &str| Decision::Use {
+            disk: d.into(),
+            said: None,
+        };
+        assert_eq!(decide(&one, hint(&["nvme0n1"]), false), quiet("nvme0n1"));
+        assert_eq!(
+            decide(&one, hint(&[]), false),
+            Decision::Wait(
+                "nvme0n1 holds the slot's partitions, but not the ESP systemd-boot started from (g)"
+                    .into()
+            )
+        );
+        assert_eq!(
+            decide(&one, hint(&[]), true),
+            Decision::Use {
+                disk: "nvme0n1".into(),
+                said: Some((
+                    "the slot's partitions are on nvme0n1 only, which does not match the ESP systemd-boot started from (g): using it".into(),
+                    true
+                ))
+            }
+        );
+        assert_eq!(decide(&one, Err("no EFI".into()), false), quiet("nvme0n1"));
+        assert!(
+            matches!(decide(&two, hint(&[]), false), Decision::Wait(w) if w.starts_with("nvme0n1, sda hold"))
+        );
+        assert_eq!(
+            decide(&two, hint(&["sda"]), false),
+            Decision::Use {
+                disk: "sda".into(),
+                said: Some((
+                    "the slot's partitions are on nvme0n1, sda: using sda, the one matching the ESP systemd-boot started from (g)".into(),
+                    false
+                ))
+            }
+        );
+        let Decision::Use { disk, said } = decide(&two, hint(&["nvme0n1", "sda"]), false) else {
+            panic!("copies are not waited for")
+        };
+        assert_eq!(disk, "nvme0n1");
+        assert!(said.is_some_and(|(s, warn)| warn && s.contains("all match")));
+        let Decision::Use { said, .. } = decide(&two, hint(&[]), true) else {
+            panic!("last chance")
+        };
+        assert!(said.is_some_and(|(s, warn)| warn && s.contains("none matches")));
     }
 
     #[test]

@@ -130,6 +130,10 @@ pub enum Stage1Error {
 
 const WAIT_DEVICES: Duration = Duration::from_secs(10);
 const WAIT_POLL: Duration = Duration::from_millis(20);
+/// How long a disk holding the slot's partitions that the firmware did not
+/// start waits for the one it did (a USB disk spinning up) before it is
+/// used, with a warning.
+const WAIT_BOOT_DISK: Duration = Duration::from_secs(30);
 /// With the kernel's device events, the longest wait between two looks
 /// (a safety net: every new partition comes with an event).
 const WAIT_EVENTS_CAP: Duration = Duration::from_millis(200);
@@ -422,9 +426,13 @@ pub fn prepare_root(env: &mut Env<'_>) -> Result<Handoff, TrialFailed> {
         .is_some_and(|s| s.partition_table == "mbr");
     let mbr_root = mbr.then(|| mbr_root_partition(&args, slot));
     let class_block = env.path("/sys/class/block");
-    let mut boot_disk = |disks: &[String]| choose_boot_disk(env, &late_for_efivarfs, disks);
-    let parts = wait_for_partitions(&class_block, slot, mbr_root, persist, &mut boot_disk)
-        .map_err(give_up)?;
+    let mut look = BootDiskLook::new(&late_for_efivarfs);
+    let parts = {
+        let mut boot_disk = |disks: &[String], last: bool| look.decide(env, disks, last);
+        wait_for_partitions(&class_block, slot, mbr_root, persist, &mut boot_disk)
+    };
+    look.finish(env);
+    let parts = parts.map_err(give_up)?;
     steps.done("wait_devices");
 
     // 3b. Boards without tryboot: the trial rules, before anything that could hang.
@@ -762,14 +770,16 @@ pub fn boot_args(cmdline_path: &Path) -> cmdline::BootArgs {
 /// primary boot, up to `devices` on a trial (then the error says what is
 /// missing); the others may be missing.
 ///
-/// When the root is on several disks, `boot_disk` says which of them (sorted
-/// by kernel name) the node booted from, and every role is taken from it.
+/// `boot_disk` says which of the disks (sorted by kernel name) holding the
+/// root the node booted from, and every role is taken from it; `None`: the
+/// firmware started none of them, wait for more (up to WAIT_BOOT_DISK; its
+/// second argument says the wait is over).
 fn wait_for_partitions(
     class_block: &Path,
     slot: Slot,
     mbr_root: Option<u32>,
     persist: Persist,
-    boot_disk: &mut dyn FnMut(&[String]) -> String,
+    boot_disk: &mut dyn FnMut(&[String], bool) -> Option<String>,
 ) -> Result<BTreeMap<String, Partition>, String> {
     let root_name = slot.root_partition_name();
     let names = [root_name, DATA_PARTITION_NAME, ESP_PARTITION_NAME];
@@ -799,10 +809,12 @@ fn wait_for_partitions(
                 .into_iter()
                 .filter(|r| !found.contains_key(*r))
                 .collect();
-            say!(
-                "waiting for partitions: {} not there yet",
-                missing.join(", ")
-            );
+            if !missing.is_empty() {
+                say!(
+                    "waiting for partitions: {} not there yet",
+                    missing.join(", ")
+                );
+            }
             events = Some(crate::sys::Uevents::open().map_err(|e| {
                 say!("warning wait-devices: no uevent socket ({e}), looking every {WAIT_POLL:?}");
             }).ok());
@@ -813,6 +825,8 @@ fn wait_for_partitions(
         Some(None) => std::thread::sleep(left.min(WAIT_POLL)),
     };
     let start = Instant::now();
+    // Since when the disks found are not the firmware's.
+    let mut not_booted_from: Option<Instant> = None;
     loop {
         let wait = match persist {
             Persist::Forever => WAIT_DEVICES,
@@ -820,6 +834,14 @@ fn wait_for_partitions(
         };
         match blockdev::wait_for_lookup(class_block, lookup, wait, &mut pause) {
             Ok(found) => {
+                let waited = not_booted_from.map(|t| t.elapsed());
+                let last = waited.is_some_and(|w| w >= WAIT_BOOT_DISK)
+                    || matches!(persist, Persist::Trial(l) if start.elapsed() >= l.devices);
+                let Some(disk) = boot_disk(&found.disks, last) else {
+                    let since = *not_booted_from.get_or_insert_with(Instant::now);
+                    pause(WAIT_BOOT_DISK.saturating_sub(since.elapsed()));
+                    continue;
+                };
                 // Only when the first look missed: disks that appear after
                 // their driver loaded (SCSI and USB scan asynchronously).
                 if events.is_some() {
@@ -831,7 +853,6 @@ fn wait_for_partitions(
                 if found.disks.len() < 2 {
                     return Ok(found.parts);
                 }
-                let disk = boot_disk(&found.disks);
                 let on = lookup.find_on(class_block, Some(&disk)).unwrap_or_default();
                 let roles = lookup.roles();
                 if let Some(r) = roles.iter().find(|r| !on.parts.contains_key(**r)) {
@@ -863,52 +884,99 @@ fn wait_for_partitions(
     }
 }
 
-/// The slot's root is on several `disks` (sorted by kernel name): which one
-/// the node booted from ([`crate::bootdisk`]), said on the console. On UEFI
-/// efivarfs is mounted for the look (its module loaded from the late
-/// modules when the kernel lacks it) and unmounted again; without EFI, the
-/// Raspberry Pi bootloader's `boot-mode`.
-fn choose_boot_disk(env: &mut Env<'_>, efivarfs_module: &[PathBuf], disks: &[String]) -> String {
-    let efivars = env.path("/sys/firmware/efi/efivars");
-    let hint = if !efivars.is_dir() {
-        crate::bootdisk::pi_boot_mode_hint(&env.path(crate::rpi::BOOTLOADER_DT_DIR), disks)
-    } else {
-        let flags =
-            MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC | MsFlags::MS_RDONLY;
-        let mount = |env: &mut Env<'_>| {
-            mounts::mount_fs(env.mounts, "efivarfs", &efivars, "efivarfs", flags, None)
-        };
-        let mut mounted = mount(env);
-        if mounted.is_err() && !efivarfs_module.is_empty() {
-            let report = modules::load_in_order(env.modules, efivarfs_module);
-            if report.failed.is_empty() {
-                mounted = mount(env);
-            }
+/// Which of the disks holding the slot's root the node booted from
+/// ([`crate::bootdisk`]). On UEFI efivarfs is mounted for the looks (its
+/// module loaded from the late modules when the kernel lacks it) and
+/// unmounted by `finish`; without EFI, the Raspberry Pi bootloader's
+/// `boot-mode`. Asked on every boot, one disk too: an internal disk with
+/// another Basalt install can appear before the USB disk the firmware
+/// started.
+struct BootDiskLook<'m> {
+    efivarfs_module: &'m [PathBuf],
+    /// `None` until the first look on UEFI; then whether efivarfs mounted.
+    efivarfs: Option<Result<(), String>>,
+    waiting_said: bool,
+}
+
+impl<'m> BootDiskLook<'m> {
+    fn new(efivarfs_module: &'m [PathBuf]) -> Self {
+        BootDiskLook {
+            efivarfs_module,
+            efivarfs: None,
+            waiting_said: false,
         }
-        match mounted {
-            Ok(()) => {
-                let hint = crate::bootdisk::loader_hint(
+    }
+
+    /// `None`: wait for another disk (said once).
+    fn decide(&mut self, env: &mut Env<'_>, disks: &[String], last: bool) -> Option<String> {
+        use crate::bootdisk::Decision;
+        let efivars = env.path("/sys/firmware/efi/efivars");
+        let hint = if !efivars.is_dir() {
+            crate::bootdisk::pi_boot_mode_hint(&env.path(crate::rpi::BOOTLOADER_DT_DIR), disks)
+        } else {
+            let module = self.efivarfs_module;
+            let mounted = self.efivarfs.get_or_insert_with(|| {
+                let flags = MsFlags::MS_NOSUID
+                    | MsFlags::MS_NODEV
+                    | MsFlags::MS_NOEXEC
+                    | MsFlags::MS_RDONLY;
+                let mount = |env: &mut Env<'_>| {
+                    mounts::mount_fs(env.mounts, "efivarfs", &efivars, "efivarfs", flags, None)
+                };
+                let mut mounted = mount(env);
+                if mounted.is_err() && !module.is_empty() {
+                    let report = modules::load_in_order(env.modules, module);
+                    if report.failed.is_empty() {
+                        mounted = mount(env);
+                    }
+                }
+                mounted.map_err(|e| format!("efivarfs: {e}"))
+            });
+            match mounted {
+                Ok(()) => crate::bootdisk::loader_hint(
                     &efivars,
                     &env.path("/dev"),
                     &env.path("/sys/class/block"),
                     disks,
-                );
-                if let Err(e) = env.mounts.umount(&efivars, MntFlags::MNT_DETACH) {
-                    console::error("umount", format_args!("{}: {e}", efivars.display()));
-                }
-                hint
+                ),
+                Err(e) => Err(e.clone()),
             }
-            Err(e) => Err(format!("efivarfs: {e}")),
+        };
+        match crate::bootdisk::decide(disks, hint, last) {
+            Decision::Wait(why) => {
+                if !self.waiting_said {
+                    say!(
+                        "storage: waiting for the disk the firmware started (up to {} s): {why}",
+                        WAIT_BOOT_DISK.as_secs()
+                    );
+                    self.waiting_said = true;
+                }
+                None
+            }
+            Decision::Use { disk, said } => {
+                match said {
+                    Some((line, true)) => say!("warning storage: {line}"),
+                    Some((line, false)) => say!("storage: {line}"),
+                    // The usual boot, unless it waited for this disk.
+                    None if self.waiting_said => {
+                        say!("storage: using {disk}, the disk the firmware started (it appeared)")
+                    }
+                    None => {}
+                }
+                Some(disk)
+            }
         }
-    };
-    let (disk, why, decided) = crate::bootdisk::choose(disks, hint);
-    let all = disks.join(", ");
-    if decided {
-        say!("storage: the slot's partitions are on {all}: using {disk}, {why}");
-    } else {
-        say!("warning storage: the slot's partitions are on {all}: using {disk}: {why}");
     }
-    disk
+
+    /// Unmount efivarfs if a look mounted it (stage 2 mounts it again).
+    fn finish(self, env: &mut Env<'_>) {
+        if let Some(Ok(())) = self.efivarfs {
+            let efivars = env.path("/sys/firmware/efi/efivars");
+            if let Err(e) = env.mounts.umount(&efivars, MntFlags::MNT_DETACH) {
+                console::error("umount", format_args!("{}: {e}", efivars.display()));
+            }
+        }
+    }
 }
 
 /// Where stage 1 mounts the config FAT (p1) for the trial rules.

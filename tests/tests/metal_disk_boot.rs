@@ -225,6 +225,78 @@ fn boots_from_the_disk_the_firmware_started_with_another_basalt_disk_in() -> Res
     Ok(())
 }
 
+/// The firmware starts a USB disk while an NVMe disk holds another Basalt
+/// install (another build: other GUIDs, the same partition names).
+/// usb-storage attaches a disk a second after it is detected (its
+/// `delay_use`), so at stage 1's first looks the NVMe disk is the only one
+/// with the slot's partitions: not the firmware's (`LoaderDevicePartUUID`
+/// names another ESP), so stage 1 waits until the USB disk appears and boots
+/// from it. Before, it booted the NVMe install. That disk is never written.
+#[test]
+fn waits_for_the_usb_disk_the_firmware_started_past_an_internal_basalt_disk() -> Result<()> {
+    let name = "metal_late_usb";
+    let assets = Assets::locate("amd64").context("the metal disk tests need the test assets")?;
+    let dir = work_dir(name)?;
+    build::ensure_binaries(&dir)?;
+    let img = build::build_image(&repo_root().join(DEFINITION), &dir.join("out"))?;
+    disk::set_size(&img, 4 << 30)?;
+    let other = build::build_image(
+        &repo_root().join("tests/images/x86_64.toml"),
+        &dir.join("other"),
+    )?;
+    let other_before = sha256(&other)?;
+    let esp = guids(&img)?[1].clone();
+
+    let mut cfg = VmConfig::new(name, &dir, &img);
+    cfg.disk_bus = DiskBus::Usb;
+    cfg.boot_index = Some(0);
+    cfg.extra_args = vec![
+        "-drive".into(),
+        format!("if=none,id=second,format=raw,file={}", other.display()),
+        "-device".into(),
+        "nvme,serial=second0,drive=second,bootindex=1".into(),
+    ];
+    cfg.lifetime = Duration::from_secs(900);
+    let mut vm = Vm::start(&cfg, &assets)?;
+    vm.expect("basalt: stage1 start", TO_KERNEL)?;
+    vm.expect(
+        format!(
+            "basalt: storage: waiting for the disk the firmware started (up to 30 s): nvme0n1 holds the slot's partitions, but not the ESP systemd-boot started from ({esp})"
+        )
+        .as_str(),
+        STEP,
+    )?;
+    vm.expect(
+        format!(
+            "basalt: storage: the slot's partitions are on nvme0n1, sda: using sda, the one matching the ESP systemd-boot started from ({esp})"
+        )
+        .as_str(),
+        STEP,
+    )?;
+    let line = vm.expect(report::READY_PREFIX, STEP)?;
+    let ready = report::parse_ready(&line)?;
+    ensure!(
+        ready.slot == "a" && ready.data_grown && ready.hostname == "basalt-metal",
+        "ready report: {line}"
+    );
+    ensure!(
+        !vm.console
+            .seen("EXT4-fs (sda4): mounted filesystem")
+            .is_empty()
+            && vm.console.seen("EXT4-fs (nvme0n1").is_empty(),
+        "the data filesystem must be mounted from sda4 only:\n{}",
+        vm.console.tail()
+    );
+    powers_off_cleanly(&mut vm)?;
+    disk::fsck_ext4(&img, "data")?;
+    ensure!(
+        sha256(&other)? == other_before,
+        "the other disk {} was written to",
+        other.display()
+    );
+    Ok(())
+}
+
 /// The disk GUID and every partition's unique GUID, as `sfdisk -J` reads them.
 fn guids(img: &std::path::Path) -> Result<Vec<String>> {
     let t = disk::partition_table(img)?;

@@ -93,7 +93,7 @@ fn boot(name: &str, dir: &Path, img: &Path, vars: &Path, assets: &Assets) -> Res
         "only {freed_kib} KiB of initramfs files deleted: {line}"
     );
     vm.expect_anywhere(
-        Pattern::regex(r"basalt: late modules watchdog softdog efivarfs loaded after the services started: \d+ ms, 0 failed"),
+        Pattern::regex(r"basalt: late modules watchdog softdog loaded after the services started: \d+ ms, 0 failed"),
         STEP,
     )?;
 

@@ -254,6 +254,7 @@ fn main() {
         Some("mode=0755"),
     );
     let mut exec: Vec<String> = Vec::new();
+    let mut efivarfs = None;
     let (mut modules, mut after) = (Vec::new(), Vec::new());
     for line in conf.lines() {
         match line.split_once(' ') {
@@ -265,11 +266,28 @@ fn main() {
                 }
             }
             Some(("exec", argv)) => exec = argv.split(' ').map(str::to_string).collect(),
+            Some(("efivarfs", path)) => efivarfs = Some(path.to_string()),
             _ => {}
         }
     }
     load_modules(&modules, &after);
     let (root, data, esp) = (wait_part("root-a"), wait_part("data"), wait_part("esp"));
+    // Which disk the firmware started, as stage 1 asks it on UEFI: efivarfs
+    // loaded and mounted, systemd-boot's LoaderDevicePartUUID read, unmounted.
+    let efivars = "/sys/firmware/efi/efivars";
+    if Path::new(efivars).is_dir() {
+        if let Some(m) = &efivarfs {
+            load_module(m);
+        }
+        let ro = nosuid | libc::MS_RDONLY;
+        mount("efivarfs", efivars, Some("efivarfs"), ro, None);
+        let var = format!("{efivars}/LoaderDevicePartUUID-4a67b082-0a4c-41cf-b6c7-440b29bb8c4f");
+        if let Err(e) = fs::read(&var) {
+            say(&format!("{var}: {e}"));
+        }
+        // SAFETY: a NUL-terminated path.
+        unsafe { libc::umount2(c(efivars).as_ptr(), libc::MNT_DETACH) };
+    }
     mount(&root, "/newroot", Some("squashfs"), libc::MS_RDONLY, None);
     mount(&data, "/newroot/var", Some("ext4"), libc::MS_NOATIME, None);
     let _ = fs::create_dir("/newetc");
