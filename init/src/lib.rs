@@ -23,6 +23,7 @@ pub mod cleanup;
 pub mod cmdline;
 pub mod console;
 pub mod control;
+pub mod controlconn;
 pub mod gpt;
 pub mod image;
 pub mod logs;

@@ -15,7 +15,7 @@ use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::os::fd::AsFd;
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixListener;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -204,6 +204,10 @@ pub struct Supervisor {
     signals: Signals,
     control: Option<UnixListener>,
     control_path: Option<PathBuf>,
+    /// Control connections being read or answered (crate::controlconn).
+    clients: Vec<crate::controlconn::Conn>,
+    /// A burst of connections over the limit was said.
+    clients_full_said: bool,
     base_env: Vec<(String, String)>,
     info: NodeInfo,
     proc_dir: PathBuf,
@@ -286,6 +290,8 @@ impl Supervisor {
             signals,
             control,
             control_path: config.control_socket,
+            clients: Vec::new(),
+            clients_full_said: false,
             base_env: config.base_env,
             info: config.info,
             proc_dir: config.proc_dir,
@@ -486,22 +492,29 @@ impl Supervisor {
                 return sd.kind;
             }
             let wait = self.next_wake(Instant::now());
-            let (readable, control_at, storage_at) = {
-                let mut fds = vec![self.signals.as_fd()];
+            let (readable, control_at, storage_at, logs_at) = {
+                let mut fds = vec![(self.signals.as_fd(), false)];
                 let control_at = self.control.as_ref().map(|l| {
-                    fds.push(l.as_fd());
+                    fds.push((l.as_fd(), false));
                     fds.len() - 1
                 });
                 let storage_at = self.storage.as_ref().map(|w| {
-                    fds.push(w.as_fd());
+                    fds.push((w.as_fd(), false));
                     fds.len() - 1
                 });
+                let logs_at = fds.len();
                 for u in &self.units {
                     if let Some((r, _)) = &u.log_pipe {
-                        fds.push(r.as_fd());
+                        fds.push((r.as_fd(), false));
                     }
                 }
-                let r = match sys::poll_readable(&fds, Some(wait.as_millis() as u32)) {
+                // Last: the connections only wake the loop; each is advanced
+                // below whatever poll said.
+                let logs_end = fds.len();
+                for c in &self.clients {
+                    fds.push((c.fd(), c.writing()));
+                }
+                let r = match sys::poll_ready(&fds, Some(wait.as_millis() as u32)) {
                     Ok(r) => r,
                     Err(e) => {
                         console::error("poll", e);
@@ -509,7 +522,7 @@ impl Supervisor {
                         Vec::new()
                     }
                 };
-                (r, control_at, storage_at)
+                (r, control_at, storage_at, logs_at..logs_end)
             };
             let is_readable =
                 |at: Option<usize>| at.and_then(|i| readable.get(i).copied()).unwrap_or(false);
@@ -518,12 +531,13 @@ impl Supervisor {
             if is_readable(storage_at) {
                 guarded("storage watch", || self.check_storage());
             }
-            let first_log =
-                1 + usize::from(control_at.is_some()) + usize::from(storage_at.is_some());
             if is_readable(control_at) {
                 guarded("control socket", || self.serve_control());
             }
-            if readable.iter().skip(first_log).any(|r| *r) {
+            if !self.clients.is_empty() {
+                guarded("control requests", || self.serve_clients(Instant::now()));
+            }
+            if readable.get(logs_at).is_some_and(|r| r.iter().any(|r| *r)) {
                 guarded("service logs", || self.drain_logs());
             }
         }
@@ -669,6 +683,9 @@ impl Supervisor {
         let mut next = now + MAX_SLEEP;
         for (period, last, _) in &self.periodic {
             next = next.min(*last + *period);
+        }
+        for c in &self.clients {
+            next = next.min(c.deadline());
         }
         if let Some(w) = &self.watchdog
             && !self.watchdog_stopped
@@ -967,7 +984,30 @@ impl Supervisor {
                 return;
             };
             match listener.accept() {
-                Ok((stream, _)) => self.answer(stream),
+                Ok((stream, _)) => {
+                    // Full: the oldest goes (a flood of silent clients must
+                    // not lock basaltctl out).
+                    if self.clients.len() >= crate::controlconn::MAX_CONNECTIONS {
+                        if !self.clients_full_said {
+                            console::error(
+                                "control-socket",
+                                format_args!(
+                                    "{} connections open at once, closing the oldest",
+                                    self.clients.len()
+                                ),
+                            );
+                            self.clients_full_said = true;
+                        }
+                        self.clients.remove(0);
+                    }
+                    match crate::controlconn::Conn::new(stream, Instant::now()) {
+                        Ok(c) => self.clients.push(c),
+                        Err(e) => console::error(
+                            "control-accept",
+                            format_args!("{} ({e})", self.path_shown()),
+                        ),
+                    }
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => {
@@ -981,6 +1021,31 @@ impl Supervisor {
         }
     }
 
+    /// Read, answer and write the open control connections as far as their
+    /// sockets allow (crate::controlconn); finished ones are dropped.
+    fn serve_clients(&mut self, now: Instant) {
+        use crate::controlconn::Step;
+        let mut clients = std::mem::take(&mut self.clients);
+        clients.retain_mut(|c| match c.advance(now) {
+            Step::Pending => true,
+            Step::Done => false,
+            Step::Request(line) => {
+                let (reply, then) = self.answer(&line);
+                let open = c.reply(reply, now) == Step::Pending;
+                if let Some(kind) = then {
+                    self.request_shutdown(kind);
+                }
+                open
+            }
+        });
+        // Connections accepted meanwhile (none: answer does not accept).
+        clients.append(&mut self.clients);
+        self.clients = clients;
+        if self.clients.len() < crate::controlconn::MAX_CONNECTIONS / 2 {
+            self.clients_full_said = false;
+        }
+    }
+
     fn path_shown(&self) -> String {
         self.control_path
             .as_deref()
@@ -988,18 +1053,10 @@ impl Supervisor {
             .unwrap_or_default()
     }
 
-    fn answer(&mut self, stream: UnixStream) {
-        // A client gets one second to send its line; the loop must not hang on it.
-        let _ = stream.set_nonblocking(false);
-        let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
-        let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
-        let mut line = String::new();
-        let mut reader = BufReader::new((&stream).take(512));
-        if reader.read_line(&mut line).is_err() {
-            return;
-        }
+    /// The reply to one request line, and the shutdown it asks for.
+    fn answer(&mut self, line: &str) -> (String, Option<ShutdownKind>) {
         let words: Vec<&str> = line.split_whitespace().collect();
-        let (reply, then) = match words.as_slice() {
+        match words.as_slice() {
             ["status"] => {
                 self.check_verity(Instant::now(), true);
                 (self.status_text(), None)
@@ -1044,11 +1101,6 @@ impl Supervisor {
                 (reply, None)
             }
             _ => (format!("error unknown command {:?}\n", line.trim()), None),
-        };
-        let _ = (&stream).write_all(reply.as_bytes());
-        drop(stream);
-        if let Some(kind) = then {
-            self.request_shutdown(kind);
         }
     }
 

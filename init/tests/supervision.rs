@@ -510,6 +510,82 @@ timeout_secs = 60
     run.finish(Duration::from_secs(20))
 }
 
+/// Clients of the control socket that connect and send nothing, more than
+/// it keeps open, and ones that ask for the logs and do not read the reply
+/// yet, cost the loop no time: `status` is answered at once all along
+/// (before, each silent client held the loop for its 1 s read timeout, in
+/// turn); over the limit the oldest connections are closed, and said; the
+/// silent ones left are closed after their deadline.
+fn silent_control_clients_do_not_block_the_loop() -> Result<(), String> {
+    let run = Run::start(&[(
+        "chatty",
+        r#"exec = ["/bin/sh", "-c", "i=0; while [ $i -lt 3000 ]; do echo line $i of a log that fills the reply; i=$((i+1)); done; exec sleep 1000"]"#.to_string(),
+    )]);
+    run.wait("service chatty started", Duration::from_secs(10))?;
+    std::thread::sleep(Duration::from_millis(300));
+    let connect = || UnixStream::connect(&run.socket).map_err(|e| e.to_string());
+    let mut held = Vec::new();
+    for _ in 0..40 {
+        held.push(connect()?);
+    }
+    // The newest are kept: the ones asking for the logs come last.
+    for _ in 0..3 {
+        let mut s = connect()?;
+        s.write_all(b"logs\n").map_err(|e| e.to_string())?;
+        held.push(s);
+    }
+    let mut worst = Duration::ZERO;
+    for _ in 0..10 {
+        let t = Instant::now();
+        let reply = run.control("status --json")?;
+        worst = worst.max(t.elapsed());
+        if !reply.contains("\"name\":\"chatty\"") {
+            return Err(format!("status: {reply}"));
+        }
+    }
+    if worst > Duration::from_millis(250) {
+        return Err(format!(
+            "status took {} ms with silent control clients: the loop blocked\n{}",
+            worst.as_millis(),
+            run.dump()
+        ));
+    }
+    run.wait(
+        "connections open at once, closing the oldest",
+        Duration::from_secs(2),
+    )?;
+    // The silent ones are closed at their deadline: their reads end.
+    std::thread::sleep(Duration::from_millis(1500));
+    let asked: Vec<UnixStream> = held.split_off(40);
+    for s in held.iter_mut() {
+        s.set_read_timeout(Some(Duration::from_secs(2)))
+            .map_err(|e| e.to_string())?;
+        let mut rest = Vec::new();
+        s.read_to_end(&mut rest)
+            .map_err(|e| format!("a silent client was not closed: {e}"))?;
+    }
+    // The logs were written to the ones that asked, as they read.
+    let logs = {
+        let mut s = asked.into_iter().next().ok_or("no client asked")?;
+        let mut text = String::new();
+        s.read_to_string(&mut text).map_err(|e| e.to_string())?;
+        text
+    };
+    if !logs.contains("line 2999 of a log") {
+        return Err(format!(
+            "logs reply: {} bytes, no last line\n{}",
+            logs.len(),
+            run.dump()
+        ));
+    }
+    drop(held);
+    let pid = run.supervisor_pid();
+    basalt_init::sys::kill(pid as i32, basalt_init::sys::Signal::SIGUSR2)
+        .map_err(|e| e.to_string())?;
+    run.wait("shutdown poweroff", Duration::from_secs(5))?;
+    run.finish(Duration::from_secs(20))
+}
+
 /// TCP and exec readiness gate `after`; basaltctl reports status; SIGUSR2 powers off.
 fn readiness_gates_dependents() -> Result<(), String> {
     let port = free_port();
@@ -996,6 +1072,10 @@ fn driver() {
         (
             "hung_probe_does_not_block_the_loop",
             hung_probe_does_not_block_the_loop,
+        ),
+        (
+            "silent_control_clients_do_not_block_the_loop",
+            silent_control_clients_do_not_block_the_loop,
         ),
         ("orphans_are_reaped", orphans_are_reaped),
         ("orphan_storm", orphan_storm),

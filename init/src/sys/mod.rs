@@ -345,10 +345,29 @@ pub fn poll_readable(
     fds: &[std::os::fd::BorrowedFd<'_>],
     timeout_ms: Option<u32>,
 ) -> Result<Vec<bool>, Errno> {
+    let fds: Vec<_> = fds.iter().map(|fd| (*fd, false)).collect();
+    poll_ready(&fds, timeout_ms)
+}
+
+/// `poll(2)` on `fds`, each for input or, with `true`, for room to write;
+/// returns which are ready (or hung up, or in error).
+pub fn poll_ready(
+    fds: &[(std::os::fd::BorrowedFd<'_>, bool)],
+    timeout_ms: Option<u32>,
+) -> Result<Vec<bool>, Errno> {
     use nix::poll::{PollFd, PollFlags, PollTimeout};
     let mut pfds: Vec<PollFd<'_>> = fds
         .iter()
-        .map(|fd| PollFd::new(*fd, PollFlags::POLLIN))
+        .map(|(fd, write)| {
+            PollFd::new(
+                *fd,
+                if *write {
+                    PollFlags::POLLOUT
+                } else {
+                    PollFlags::POLLIN
+                },
+            )
+        })
         .collect();
     let timeout = match timeout_ms {
         None => PollTimeout::NONE,
@@ -365,7 +384,12 @@ pub fn poll_readable(
         .iter()
         .map(|p| {
             p.revents().is_some_and(|r| {
-                r.intersects(PollFlags::POLLIN | PollFlags::POLLHUP | PollFlags::POLLERR)
+                r.intersects(
+                    PollFlags::POLLIN
+                        | PollFlags::POLLOUT
+                        | PollFlags::POLLHUP
+                        | PollFlags::POLLERR,
+                )
             })
         })
         .collect())
