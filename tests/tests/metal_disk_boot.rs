@@ -176,21 +176,10 @@ fn sata_then_nvme(
 #[test]
 fn boots_from_the_disk_the_firmware_started_with_another_basalt_disk_in() -> Result<()> {
     let name = "metal_two_disks";
-    let assets = Assets::locate("amd64").context("the metal disk tests need the test assets")?;
-    let dir = work_dir(name)?;
-    build::ensure_binaries(&dir)?;
-    let img = build::build_image(&repo_root().join(DEFINITION), &dir.join("out"))?;
-    disk::set_size(&img, 4 << 30)?;
-    // The other disk: the x86_64 test image (another build, so other GUIDs,
-    // the same partition names), on NVMe: nvme0n1 sorts before sda.
-    let other = build::build_image(
-        &repo_root().join("tests/images/x86_64.toml"),
-        &dir.join("other"),
-    )?;
-    let other_before = sha256(&other)?;
-
-    let cfg = sata_then_nvme(name, &dir, &img, &other);
-    let mut vm = Vm::start(&cfg, &assets)?;
+    let w = with_other(name)?;
+    // The other disk on NVMe: nvme0n1 sorts before sda.
+    let cfg = sata_then_nvme(name, &w.dir, &w.img, &w.other);
+    let mut vm = Vm::start(&cfg, &w.assets)?;
     vm.expect("basalt: stage1 start", TO_KERNEL)?;
     let chose = vm.expect(
         "basalt: storage: the slot's partitions are on nvme0n1, sda: using sda",
@@ -201,6 +190,44 @@ fn boots_from_the_disk_the_firmware_started_with_another_basalt_disk_in() -> Res
         "{chose}"
     );
     vm.expect("basalt: stage2 start", STEP)?;
+    boots_on_sda_leaving_the_other(&mut vm, &w)
+}
+
+/// The metal image grown to 4 GiB and another Basalt disk: the x86_64 test
+/// image (another build, so other GUIDs, the same partition names), with
+/// its sha256.
+struct WithOther {
+    assets: Assets,
+    dir: std::path::PathBuf,
+    img: std::path::PathBuf,
+    other: std::path::PathBuf,
+    other_before: String,
+}
+
+fn with_other(name: &str) -> Result<WithOther> {
+    let assets = Assets::locate("amd64").context("the metal disk tests need the test assets")?;
+    let dir = work_dir(name)?;
+    build::ensure_binaries(&dir)?;
+    let img = build::build_image(&repo_root().join(DEFINITION), &dir.join("out"))?;
+    disk::set_size(&img, 4 << 30)?;
+    let other = build::build_image(
+        &repo_root().join("tests/images/x86_64.toml"),
+        &dir.join("other"),
+    )?;
+    let other_before = sha256(&other)?;
+    Ok(WithOther {
+        assets,
+        dir,
+        img,
+        other,
+        other_before,
+    })
+}
+
+/// The rest of a boot from sda with the other disk on NVMe: ready on slot
+/// a, grown, `/var` mounted from sda4 only, a clean poweroff, the data
+/// filesystem clean (e2fsck), the other disk byte for byte unchanged.
+fn boots_on_sda_leaving_the_other(vm: &mut Vm, w: &WithOther) -> Result<()> {
     let line = vm.expect(report::READY_PREFIX, STEP)?;
     let ready = report::parse_ready(&line)?;
     ensure!(
@@ -215,12 +242,12 @@ fn boots_from_the_disk_the_firmware_started_with_another_basalt_disk_in() -> Res
         "the data filesystem must be mounted from sda4 only:\n{}",
         vm.console.tail()
     );
-    powers_off_cleanly(&mut vm)?;
-    disk::fsck_ext4(&img, "data")?;
+    powers_off_cleanly(vm)?;
+    disk::fsck_ext4(&w.img, "data")?;
     ensure!(
-        sha256(&other)? == other_before,
+        sha256(&w.other)? == w.other_before,
         "the other disk {} was written to",
-        other.display()
+        w.other.display()
     );
     Ok(())
 }
@@ -235,29 +262,19 @@ fn boots_from_the_disk_the_firmware_started_with_another_basalt_disk_in() -> Res
 #[test]
 fn waits_for_the_usb_disk_the_firmware_started_past_an_internal_basalt_disk() -> Result<()> {
     let name = "metal_late_usb";
-    let assets = Assets::locate("amd64").context("the metal disk tests need the test assets")?;
-    let dir = work_dir(name)?;
-    build::ensure_binaries(&dir)?;
-    let img = build::build_image(&repo_root().join(DEFINITION), &dir.join("out"))?;
-    disk::set_size(&img, 4 << 30)?;
-    let other = build::build_image(
-        &repo_root().join("tests/images/x86_64.toml"),
-        &dir.join("other"),
-    )?;
-    let other_before = sha256(&other)?;
-    let esp = guids(&img)?[1].clone();
-
-    let mut cfg = VmConfig::new(name, &dir, &img);
+    let w = with_other(name)?;
+    let esp = guids(&w.img)?[1].clone();
+    let mut cfg = VmConfig::new(name, &w.dir, &w.img);
     cfg.disk_bus = DiskBus::Usb;
     cfg.boot_index = Some(0);
     cfg.extra_args = vec![
         "-drive".into(),
-        format!("if=none,id=second,format=raw,file={}", other.display()),
+        format!("if=none,id=second,format=raw,file={}", w.other.display()),
         "-device".into(),
         "nvme,serial=second0,drive=second,bootindex=1".into(),
     ];
     cfg.lifetime = Duration::from_secs(900);
-    let mut vm = Vm::start(&cfg, &assets)?;
+    let mut vm = Vm::start(&cfg, &w.assets)?;
     vm.expect("basalt: stage1 start", TO_KERNEL)?;
     vm.expect(
         format!(
@@ -273,28 +290,7 @@ fn waits_for_the_usb_disk_the_firmware_started_past_an_internal_basalt_disk() ->
         .as_str(),
         STEP,
     )?;
-    let line = vm.expect(report::READY_PREFIX, STEP)?;
-    let ready = report::parse_ready(&line)?;
-    ensure!(
-        ready.slot == "a" && ready.data_grown && ready.hostname == "basalt-metal",
-        "ready report: {line}"
-    );
-    ensure!(
-        !vm.console
-            .seen("EXT4-fs (sda4): mounted filesystem")
-            .is_empty()
-            && vm.console.seen("EXT4-fs (nvme0n1").is_empty(),
-        "the data filesystem must be mounted from sda4 only:\n{}",
-        vm.console.tail()
-    );
-    powers_off_cleanly(&mut vm)?;
-    disk::fsck_ext4(&img, "data")?;
-    ensure!(
-        sha256(&other)? == other_before,
-        "the other disk {} was written to",
-        other.display()
-    );
-    Ok(())
+    boots_on_sda_leaving_the_other(&mut vm, &w)
 }
 
 /// The disk GUID and every partition's unique GUID, as `sfdisk -J` reads them.
