@@ -283,12 +283,8 @@ fn supervise(mut ctx: Context) -> Option<ShutdownKind> {
         if !late.is_empty() {
             let (t0, names) = (sys::boottime_ms(), late.names());
             let report = late.load();
-            say!(
-                "late modules {} loaded after the services started: {} ms, {} failed",
-                names.join(" "),
-                sys::boottime_ms().saturating_sub(t0),
-                report.failed.len()
-            );
+            let ms = sys::boottime_ms().saturating_sub(t0);
+            say!("{}", late_modules_line(&names, ms, &report));
         }
         let mounted = std::fs::read_to_string("/proc/self/mounts").is_ok_and(|t| {
             mounts::parse_mount_points(&t)
@@ -470,6 +466,21 @@ fn kernel_mounts(_ctx: &mut Context) -> Result<(), Stage2Error> {
         }
     }
     enable_cgroup_controllers(cg, sys::getpid())
+}
+
+/// The summary of the late modules' load (`names` as listed); the ENODEV
+/// ones were said one by one, and are counted here too.
+pub fn late_modules_line(names: &[String], ms: u64, report: &crate::modules::LoadReport) -> String {
+    let absent = if report.absent.is_empty() {
+        String::new()
+    } else {
+        format!(" ({} not for this machine)", report.absent.len())
+    };
+    format!(
+        "late modules {} loaded after the services started: {ms} ms, {} failed{absent}",
+        names.join(" "),
+        report.failed.len()
+    )
 }
 
 /// Where efivarfs is mounted (read-only).
@@ -885,6 +896,22 @@ pub fn unmount_targets(points: &[PathBuf]) -> Vec<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_late_modules_line_counts_the_absent_ones() {
+        let names = vec!["watchdog".to_string(), "i6300esb".to_string()];
+        let mut report = crate::modules::LoadReport::default();
+        assert_eq!(
+            late_modules_line(&names, 12, &report),
+            "late modules watchdog i6300esb loaded after the services started: 12 ms, 0 failed"
+        );
+        report.absent.push("i6300esb.ko".into());
+        report.failed.push("x.ko".into());
+        assert_eq!(
+            late_modules_line(&names, 12, &report),
+            "late modules watchdog i6300esb loaded after the services started: 12 ms, 1 failed (1 not for this machine)"
+        );
+    }
 
     #[test]
     fn machine_id_made_once_and_kept() {
