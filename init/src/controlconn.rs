@@ -76,8 +76,9 @@ impl Conn {
         }
         let mut buf = [0u8; MAX_REQUEST];
         loop {
+            // Below MAX_REQUEST here: a full buffer returned its request.
             let room = MAX_REQUEST - self.input.len();
-            match self.stream.read(&mut buf[..room.max(1)]) {
+            match self.stream.read(&mut buf[..room]) {
                 // The client closed its side: what it sent is the request.
                 Ok(0) if self.input.is_empty() => return Step::Done,
                 Ok(0) => return Step::Request(self.take_line()),

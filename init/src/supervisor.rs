@@ -1038,8 +1038,6 @@ impl Supervisor {
                 open
             }
         });
-        // Connections accepted meanwhile (none: answer does not accept).
-        clients.append(&mut self.clients);
         self.clients = clients;
         if self.clients.len() < crate::controlconn::MAX_CONNECTIONS / 2 {
             self.clients_full_said = false;
