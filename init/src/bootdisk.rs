@@ -22,7 +22,6 @@
 use std::path::Path;
 
 use crate::boottime::LOADER_GUID;
-use crate::say;
 
 /// systemd-boot's variable: the ESP's unique partition GUID as text.
 pub const LOADER_DEVICE_PART_UUID: &str = "LoaderDevicePartUUID";
@@ -56,12 +55,14 @@ pub fn loader_part_uuid(efivars: &Path) -> Result<String, String> {
 
 /// The disks among `disks` whose GPT (read from `dev`/<disk>, sector size
 /// from `class_block`/<disk>/queue) has a partition with unique GUID `uuid`.
-/// A disk whose table cannot be read is left out, and said.
+/// A disk whose table cannot be read is left out, and given to `warn`
+/// (`<device>: <why>`; the caller says it, once per boot).
 pub fn disks_with_partition(
     dev: &Path,
     class_block: &Path,
     disks: &[String],
     uuid: &str,
+    warn: &mut dyn FnMut(String),
 ) -> Vec<String> {
     disks
         .iter()
@@ -81,7 +82,7 @@ pub fn disks_with_partition(
             match gpt {
                 Ok(g) => g.partitions().iter().any(|p| p.unique_guid == uuid),
                 Err(e) => {
-                    say!("warning storage: {}: {e}", path.display());
+                    warn(format!("{}: {e}", path.display()));
                     false
                 }
             }
@@ -105,11 +106,12 @@ pub fn loader_hint(
     dev: &Path,
     class_block: &Path,
     disks: &[String],
+    warn: &mut dyn FnMut(String),
 ) -> Result<Hint, String> {
     let uuid = loader_part_uuid(efivars)?;
     let hint = Hint {
         what: format!("the ESP systemd-boot started from ({uuid})"),
-        matching: disks_with_partition(dev, class_block, disks, &uuid),
+        matching: disks_with_partition(dev, class_block, disks, &uuid, warn),
     };
     Ok(narrowed(hint, efivars, class_block))
 }
@@ -711,7 +713,19 @@ mod tests {
             assert!(child.wait().unwrap().success());
         }
         let disks = vec!["nvme0n1".to_string(), "sda".to_string(), "vdq".to_string()];
-        let got = disks_with_partition(t.path(), t.path(), &disks, &esp.to_ascii_lowercase());
+        let mut warned = Vec::new();
+        let got = disks_with_partition(
+            t.path(),
+            t.path(),
+            &disks,
+            &esp.to_ascii_lowercase(),
+            &mut |w| warned.push(w),
+        );
         assert_eq!(got, ["sda"], "vdq does not exist and is left out");
+        assert_eq!(warned.len(), 1, "{warned:?}");
+        assert!(
+            warned[0].starts_with(&format!("{}: ", t.path().join("vdq").display())),
+            "{warned:?}"
+        );
     }
 }

@@ -896,6 +896,9 @@ struct BootDiskLook<'m> {
     /// `None` until the first look on UEFI; then whether efivarfs mounted.
     efivarfs: Option<Result<(), String>>,
     waiting_said: bool,
+    /// The disks' unreadable GPTs warned about: the looks repeat every
+    /// <= 200 ms while stage 1 waits, the warning only once.
+    warned: std::collections::BTreeSet<String>,
 }
 
 impl<'m> BootDiskLook<'m> {
@@ -904,7 +907,18 @@ impl<'m> BootDiskLook<'m> {
             efivarfs_module,
             efivarfs: None,
             waiting_said: false,
+            warned: std::collections::BTreeSet::new(),
         }
+    }
+
+    /// Say `warning storage: <what>` unless this look's predecessors did.
+    fn warn_once(warned: &mut std::collections::BTreeSet<String>, what: String) -> bool {
+        if warned.contains(&what) {
+            return false;
+        }
+        say!("warning storage: {what}");
+        warned.insert(what);
+        true
     }
 
     /// `None`: wait for another disk (said once).
@@ -938,6 +952,9 @@ impl<'m> BootDiskLook<'m> {
                     &env.path("/dev"),
                     &env.path("/sys/class/block"),
                     disks,
+                    &mut |w| {
+                        Self::warn_once(&mut self.warned, w);
+                    },
                 ),
                 Err(e) => Err(e.clone()),
             }
@@ -2085,6 +2102,20 @@ mod tests {
         let args = boot_args(&p);
         assert_eq!(args.slot, None);
         assert_eq!(mbr_root_partition(&args, Slot::A), 5);
+    }
+
+    #[test]
+    fn an_unreadable_gpt_is_warned_about_once_per_boot() {
+        let mut warned = std::collections::BTreeSet::new();
+        let sda = "/dev/sda: GPT header CRC mismatch".to_string();
+        let sdb = "/dev/sdb: Input/output error (os error 5)".to_string();
+        assert!(BootDiskLook::warn_once(&mut warned, sda.clone()));
+        assert!(BootDiskLook::warn_once(&mut warned, sdb.clone()));
+        for _ in 0..150 {
+            assert!(!BootDiskLook::warn_once(&mut warned, sda.clone()));
+            assert!(!BootDiskLook::warn_once(&mut warned, sdb.clone()));
+        }
+        assert_eq!(warned.len(), 2);
     }
 
     #[test]
