@@ -913,12 +913,12 @@ impl<'m> BootDiskLook<'m> {
 
     /// Say `warning storage: <what>` unless this look's predecessors did.
     fn warn_once(warned: &mut std::collections::BTreeSet<String>, what: String) -> bool {
-        if warned.contains(&what) {
-            return false;
+        let new = !warned.contains(&what);
+        if new {
+            say!("warning storage: {what}");
+            warned.insert(what);
         }
-        say!("warning storage: {what}");
-        warned.insert(what);
-        true
+        new
     }
 
     /// `None`: wait for another disk (said once).
